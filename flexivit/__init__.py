@@ -1,0 +1,23 @@
+"""flexivit: train one vision transformer that works at every patch size (FlexiViT).
+
+Importing the package registers the ``flexi_vit_*`` variants with timm's model registry.
+"""
+
+from .model import FlexiViT, FlexiViTConfig
+from .patch_embed import FlexiPatchEmbed, PatchScheme, valid_patch_sizes
+from .resize import pi_resize, resample_posemb, resize_matrix
+from .variants import VARIANTS, create_variant
+
+__all__ = [
+    "FlexiViT",
+    "FlexiViTConfig",
+    "FlexiPatchEmbed",
+    "PatchScheme",
+    "valid_patch_sizes",
+    "pi_resize",
+    "resample_posemb",
+    "resize_matrix",
+    "VARIANTS",
+    "create_variant",
+]
+__version__ = "0.1.0"

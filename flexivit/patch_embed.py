@@ -1,0 +1,155 @@
+"""Patch schemes and the flexible patch embedding."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .resize import pi_resize
+
+__all__ = ["PatchScheme", "FlexiPatchEmbed", "valid_patch_sizes"]
+
+
+@dataclass(frozen=True)
+class PatchScheme:
+    """How an image is cut into tokens: square patches of ``patch`` pixels every ``stride`` pixels.
+
+    ``stride`` defaults to ``patch`` (non-overlapping tiles); ``stride < patch`` gives overlapping tiles.
+    """
+
+    patch: int
+    stride: int | None = None
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.patch, int) or self.patch < 1:
+            raise ValueError(f"patch size must be a positive integer, got {self.patch!r}")
+        if self.stride is None:
+            object.__setattr__(self, "stride", self.patch)
+        elif not isinstance(self.stride, int) or self.stride < 1:
+            raise ValueError(f"stride must be a positive integer, got {self.stride!r}")
+        elif self.stride > self.patch:
+            raise ValueError(
+                f"stride {self.stride} > patch {self.patch} would skip pixels; use stride <= patch "
+                f"(stride == patch for non-overlapping tiles)"
+            )
+
+    @classmethod
+    def of(cls, value: "PatchScheme | int | tuple[int, int]") -> "PatchScheme":
+        """A scheme from a scheme, a patch size, or a ``(patch, stride)`` pair."""
+        if isinstance(value, PatchScheme):
+            return value
+        if isinstance(value, (tuple, list)):
+            return cls(int(value[0]), int(value[1]))
+        return cls(int(value))
+
+    @property
+    def overlapping(self) -> bool:
+        return self.stride < self.patch
+
+    def grid_size(self, image_hw: tuple[int, int]) -> tuple[int, int]:
+        """Tokens along each axis for an image of ``image_hw``; raises if the tiles do not fit exactly."""
+        h, w = image_hw
+        if self.patch > min(h, w):
+            raise ValueError(f"patch size {self.patch} is larger than the image ({h}x{w})")
+        if (h - self.patch) % self.stride or (w - self.patch) % self.stride:
+            valid = valid_patch_sizes((h, w), stride=None if not self.overlapping else self.stride)
+            raise ValueError(
+                f"patch size {self.patch} with stride {self.stride} does not tile a {h}x{w} image; "
+                f"valid patch sizes for this image: {valid} (or build the model with pad=True)"
+            )
+        return ((h - self.patch) // self.stride + 1, (w - self.patch) // self.stride + 1)
+
+    def padding_for(self, image_hw: tuple[int, int]) -> tuple[int, int]:
+        """Pixels to add at the bottom and right so that the tiles fit exactly."""
+        h, w = image_hw
+
+        def pad(n: int) -> int:
+            if n <= self.patch:
+                return self.patch - n
+            return (-(n - self.patch)) % self.stride
+
+        return pad(h), pad(w)
+
+
+def valid_patch_sizes(image_hw: int | tuple[int, int], stride: int | None = None) -> list[int]:
+    """Patch sizes that tile an image exactly (with ``stride == patch`` unless a stride is given)."""
+    h, w = (image_hw, image_hw) if isinstance(image_hw, int) else image_hw
+    if stride is None:
+        return [p for p in range(1, min(h, w) + 1) if h % p == 0 and w % p == 0]
+    return [p for p in range(stride, min(h, w) + 1) if (h - p) % stride == 0 and (w - p) % stride == 0]
+
+
+class FlexiPatchEmbed(nn.Module):
+    """Patch embedding with one base kernel, PI-resized to the patch size of each call.
+
+    The base kernel and bias are the only parameters and are never modified by a forward. In eval mode
+    without autograd, the resized kernel is cached per scheme and recomputed when the weights change.
+    """
+
+    def __init__(
+        self,
+        *,
+        base_patch_size: int = 32,
+        in_chans: int = 3,
+        embed_dim: int = 768,
+        bias: bool = True,
+        antialias: bool = False,
+        pad: bool = False,
+    ) -> None:
+        super().__init__()
+        self.base_patch_size = base_patch_size
+        self.in_chans = in_chans
+        self.embed_dim = embed_dim
+        self.antialias = antialias
+        self.pad = pad
+        self.weight = nn.Parameter(torch.empty(embed_dim, in_chans, base_patch_size, base_patch_size))
+        self.bias = nn.Parameter(torch.zeros(embed_dim)) if bias else None
+        # patch -> (weight version key, resized kernel); a plain attribute so it never reaches state_dict.
+        self._kernel_cache: dict[int, tuple[tuple, torch.Tensor]] = {}
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        # LeCun normal over the base kernel's fan-in, as big_vision initialises its 32x32 kernel.
+        fan_in = self.in_chans * self.base_patch_size**2
+        nn.init.trunc_normal_(self.weight, std=1.0 / math.sqrt(fan_in))
+        if self.bias is not None:
+            nn.init.zeros_(self.bias)
+
+    def kernel(self, patch: int) -> torch.Tensor:
+        """The ``(D, C, patch, patch)`` kernel for ``patch``; cached in eval mode without autograd."""
+        if self.training or torch.is_grad_enabled():
+            return pi_resize(self.weight, patch, antialias=self.antialias)
+        w = self.weight
+        key = (w._version, w.data_ptr(), w.device, w.dtype, self.antialias)
+        hit = self._kernel_cache.get(patch)
+        if hit is None or hit[0] != key:
+            hit = (key, pi_resize(w, patch, antialias=self.antialias))
+            self._kernel_cache[patch] = hit
+        return hit[1]
+
+    def forward(self, x: torch.Tensor, scheme: PatchScheme) -> torch.Tensor:
+        """Embed ``x`` ``(B, C, H, W)`` into a token grid ``(B, gh, gw, D)``."""
+        if x.ndim != 4:
+            raise ValueError(f"expected a 4-D image batch (B, C, H, W), got shape {tuple(x.shape)}")
+        if x.shape[1] != self.in_chans:
+            raise ValueError(
+                f"expected {self.in_chans} input channels, got {x.shape[1]} (input shape {tuple(x.shape)}); "
+                f"convert the images or build the model with in_chans={x.shape[1]}"
+            )
+        if self.pad:
+            pad_h, pad_w = scheme.padding_for((x.shape[2], x.shape[3]))
+            if pad_h or pad_w:
+                x = F.pad(x, (0, pad_w, 0, pad_h))
+        scheme.grid_size((x.shape[2], x.shape[3]))  # validates, with a message naming valid sizes
+        tokens = F.conv2d(x, self.kernel(scheme.patch), self.bias, stride=scheme.stride)  # (B, D, gh, gw)
+        return tokens.permute(0, 2, 3, 1)  # (B, gh, gw, D)
+
+    def extra_repr(self) -> str:
+        return (
+            f"base_patch_size={self.base_patch_size}, in_chans={self.in_chans}, embed_dim={self.embed_dim}, "
+            f"antialias={self.antialias}, pad={self.pad}"
+        )
