@@ -1,0 +1,125 @@
+"""Turn a resolved ``Config`` into the objects a run needs: model, sampler, data, optimizer."""
+
+from __future__ import annotations
+
+import dataclasses
+import statistics
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from .config import Config, PatchConfig, StageConfig
+from .data import Splits, TransformedDataset, build_transform, load_source, make_loader
+from .model import FlexiViT
+from .patch_embed import PatchScheme
+from .sampler import Curriculum, Distribution, PatchSizeSampler, make_distribution
+from .variants import VARIANTS, create_variant
+
+__all__ = ["build_model", "build_sampler", "schemes_of", "default_patch", "RunData", "build_data", "preprocess_meta"]
+
+
+def schemes_of(patch: PatchConfig, sizes: list[int] | None = None) -> list[PatchScheme]:
+    sizes = patch.sizes if sizes is None else sizes
+    if patch.strides is not None and sizes is patch.sizes:
+        if len(patch.strides) != len(sizes):
+            raise ValueError(f"patch.strides has {len(patch.strides)} entries for {len(sizes)} patch.sizes")
+        return [PatchScheme(p, s) for p, s in zip(sizes, patch.strides)]
+    return [PatchScheme(p) for p in sizes]
+
+
+def default_patch(patch: PatchConfig) -> int:
+    """The deployment default: ``patch.default`` or the median training size."""
+    if patch.default is not None:
+        return patch.default
+    return int(statistics.median_low(sorted(patch.sizes)))
+
+
+def build_model(cfg: Config, *, channels: int, num_classes: int) -> FlexiViT:
+    overrides = {k: v for k, v in dataclasses.asdict(cfg.model).items() if k != "variant" and v is not None}
+    if cfg.model.variant not in VARIANTS:
+        raise ValueError(f"unknown model.variant {cfg.model.variant!r}; known: {sorted(VARIANTS)}")
+    return create_variant(
+        cfg.model.variant,
+        img_size=cfg.data.image_size,
+        patch_size=default_patch(cfg.patch),
+        in_chans=channels,
+        num_classes=num_classes,
+        **overrides,
+    )
+
+
+def _distribution(kind: str, weights: list[float] | None, center: float | None, width: float | None) -> Distribution:
+    return make_distribution(
+        kind, weights=tuple(weights) if weights is not None else None, center=center, width=width
+    )
+
+
+def _stage(stage: StageConfig) -> tuple[int, Distribution]:
+    return stage.until, _distribution(stage.distribution, stage.weights, stage.center, stage.width)
+
+
+def build_sampler(cfg: Config) -> PatchSizeSampler:
+    patch = cfg.patch
+    if patch.distribution == "curriculum":
+        if not patch.curriculum:
+            raise ValueError("patch.distribution='curriculum' needs patch.curriculum stages")
+        dist: Distribution = Curriculum(stages=tuple(_stage(s) for s in patch.curriculum))
+    else:
+        dist = _distribution(patch.distribution, patch.weights, patch.center, patch.width)
+    return PatchSizeSampler(
+        schemes=schemes_of(patch), distribution=dist, seed=cfg.train.seed, image_size=cfg.data.image_size
+    )
+
+
+@dataclass
+class RunData:
+    splits: Splits
+    channels: int
+    train: Dataset
+    test: Dataset
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.splits.class_names)
+
+
+def build_data(cfg: Config) -> RunData:
+    d = cfg.data
+    splits = load_source(
+        d.source, val_fraction=d.val_fraction, seed=cfg.train.seed, split_train=d.split_train,
+        split_test=d.split_test, image_column=d.image_column, label_column=d.label_column,
+    )
+    channels = d.channels or splits.channels
+    train_tf = build_transform(
+        image_size=d.image_size, channels=channels, train=True, scale=tuple(d.scale), hflip=d.hflip,
+        randaugment=d.randaugment,
+    )
+    eval_tf = build_transform(image_size=d.image_size, channels=channels, train=False, crop_pct=d.crop_pct)
+    test = splits.test
+    if d.eval_limit is not None:
+        test = test.select(range(min(d.eval_limit, len(test))))
+    return RunData(
+        splits=splits,
+        channels=channels,
+        train=TransformedDataset(splits.train, train_tf, on_corrupt=d.on_corrupt, seed=cfg.train.seed),
+        test=TransformedDataset(test, eval_tf, on_corrupt=d.on_corrupt),
+    )
+
+
+def eval_loader(cfg: Config, data: RunData) -> DataLoader:
+    return make_loader(
+        data.test, batch_size=cfg.data.eval_batch_size, shuffle=False, seed=cfg.train.seed,
+        num_workers=cfg.data.num_workers, drop_last=False,
+    )
+
+
+def preprocess_meta(cfg: Config, channels: int) -> dict[str, Any]:
+    """What a deployed model needs to prepare an image like the evaluation did."""
+    return {"image_size": cfg.data.image_size, "channels": channels, "crop_pct": cfg.data.crop_pct,
+            "mean": [0.5] * channels, "std": [0.5] * channels, "interpolation": "bilinear"}
+
+
+def param_count(model: torch.nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())

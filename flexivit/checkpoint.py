@@ -1,0 +1,179 @@
+"""Checkpoints: exportable model files and verified training states, written atomically.
+
+- ``model.safetensors``: the FlexiViT weights with its config, class names and preprocessing in the
+  safetensors metadata (one self-describing file, no pickle); ``model.json`` repeats it for people.
+- ``state/step_N/``: Accelerate's ``save_state`` (safetensors + weights-only tensors) plus our
+  ``trainer_state.json``; written to a temporary folder, fingerprinted (size + sha256 of every file) and
+  renamed into place, so a crash never leaves a half-written "latest" checkpoint, and a checkpoint
+  damaged later on disk is detected and skipped in favour of the previous one.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file, safe_open
+
+from .model import FlexiViT, FlexiViTConfig
+
+__all__ = [
+    "CheckpointError", "save_model", "load_model", "read_model_meta", "atomic_write_text",
+    "finalize_state_dir", "find_states", "latest_good_state", "verify_state", "prune_states",
+]
+
+MODEL_FILE = "model.safetensors"
+MANIFEST = "MANIFEST.json"
+FORMAT = "flexivit-model-v1"
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint that cannot be used; the message says why and what to do."""
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    with os.fdopen(fd, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def save_model(model: FlexiViT, path: str | Path, *, class_names: list[str], preprocess: dict[str, Any]) -> Path:
+    """Write ``model.safetensors`` (+ ``model.json``) into ``path`` (a folder) or to ``path`` (a file)."""
+    path = Path(path)
+    file = path / MODEL_FILE if path.suffix != ".safetensors" else path
+    file.parent.mkdir(parents=True, exist_ok=True)
+    meta = {"format": FORMAT, "config": model.config.to_dict(), "class_names": list(class_names),
+            "preprocess": preprocess}
+    tensors = {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()}
+    fd, tmp = tempfile.mkstemp(dir=file.parent, prefix=f".{file.name}.")
+    os.close(fd)
+    save_file(tensors, tmp, metadata={"flexivit": json.dumps(meta)})
+    os.replace(tmp, file)
+    atomic_write_text(file.with_suffix(".json"), json.dumps(meta, indent=2) + "\n")
+    return file
+
+
+def _model_file(path: str | Path) -> Path:
+    path = Path(path)
+    if path.is_dir():
+        file = path / MODEL_FILE
+        if not file.exists():
+            raise CheckpointError(
+                f"{path} holds no {MODEL_FILE}; pass a finished run directory or a .safetensors model file "
+                "(an unfinished run can be continued with `flexivit train ... --resume`)"
+            )
+        return file
+    if not path.exists():
+        raise CheckpointError(f"checkpoint {path} does not exist")
+    return path
+
+
+def read_model_meta(path: str | Path) -> dict[str, Any]:
+    """The metadata stored in a model file (config, class names, preprocessing)."""
+    file = _model_file(path)
+    try:
+        with safe_open(str(file), framework="pt") as f:
+            raw = (f.metadata() or {}).get("flexivit")
+    except (SafetensorError, OSError, ValueError) as err:
+        raise CheckpointError(f"{file} is not a readable safetensors model file ({err})") from None
+    if raw is None:
+        raise CheckpointError(f"{file} is a safetensors file but not a flexivit model (no 'flexivit' metadata)")
+    meta = json.loads(raw)
+    if meta.get("format") != FORMAT:
+        raise CheckpointError(f"{file}: unsupported model format {meta.get('format')!r} (expected {FORMAT})")
+    return meta
+
+
+def load_model(path: str | Path, map_location: str = "cpu") -> tuple[FlexiViT, dict[str, Any]]:
+    """Load a model file or a run directory's model; returns ``(model in eval mode, metadata)``."""
+    meta = read_model_meta(path)
+    model = FlexiViT(FlexiViTConfig.from_dict(meta["config"]))
+    try:
+        state = load_file(str(_model_file(path)), device=map_location)
+    except (SafetensorError, OSError) as err:
+        raise CheckpointError(f"cannot read the weights in {path}: {err}") from None
+    model.load_state_dict(state, strict=True)
+    return model.eval(), meta
+
+
+# ---- training states ---------------------------------------------------------------------------------
+def _fingerprint(folder: Path) -> dict[str, dict[str, Any]]:
+    files = {}
+    for file in sorted(p for p in folder.rglob("*") if p.is_file() and p.name != MANIFEST):
+        digest = hashlib.sha256(file.read_bytes()).hexdigest()
+        files[str(file.relative_to(folder))] = {"size": file.stat().st_size, "sha256": digest}
+    return files
+
+
+def finalize_state_dir(tmp: Path, final: Path, trainer_state: dict[str, Any]) -> Path:
+    """Seal a fully written temporary state folder and move it into place atomically."""
+    atomic_write_text(tmp / "trainer_state.json", json.dumps(trainer_state, indent=2) + "\n")
+    atomic_write_text(tmp / MANIFEST, json.dumps({"files": _fingerprint(tmp)}, indent=2) + "\n")
+    if final.exists():
+        shutil.rmtree(final)
+    os.replace(tmp, final)
+    return final
+
+
+def verify_state(folder: Path) -> str | None:
+    """``None`` if the state folder is complete and unchanged, else the reason it is not."""
+    manifest = folder / MANIFEST
+    if not manifest.is_file():
+        return "no manifest (the write did not finish)"
+    try:
+        expected = json.loads(manifest.read_text())["files"]
+    except (json.JSONDecodeError, KeyError):
+        return "unreadable manifest"
+    actual = _fingerprint(folder)
+    for name, want in expected.items():
+        got = actual.get(name)
+        if got is None:
+            return f"missing file {name}"
+        if got != want:
+            return f"{name} is damaged (size {got['size']} bytes, expected {want['size']})"
+    return None
+
+
+def find_states(root: Path) -> list[Path]:
+    """State folders ``step_N`` under ``root``, newest first."""
+    if not root.is_dir():
+        return []
+    states = [p for p in root.iterdir() if p.is_dir() and p.name.startswith("step_") and p.name[5:].isdigit()]
+    return sorted(states, key=lambda p: int(p.name[5:]), reverse=True)
+
+
+def latest_good_state(root: Path, warn=print) -> Path | None:
+    """The newest state that verifies; damaged ones are reported through ``warn`` and skipped."""
+    for folder in find_states(root):
+        problem = verify_state(folder)
+        if problem is None:
+            return folder
+        warn(f"skipping checkpoint {folder}: {problem}; falling back to the previous one")
+    return None
+
+
+def prune_states(root: Path, keep: int) -> None:
+    for folder in find_states(root)[max(keep, 1):]:
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+def load_weights_only(path: Path) -> Any:
+    """Read a ``.pth``/``.bin`` of plain tensors; refuses pickles that would run code."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # torch raises UnpicklingError, RuntimeError or others by format
+        raise CheckpointError(
+            f"{path} is not a plain-tensor checkpoint that can be loaded safely ({type(err).__name__}: "
+            f"{str(err).splitlines()[0] if str(err) else ''}); convert it to safetensors"
+        ) from None

@@ -1,0 +1,288 @@
+"""The one training loop (pretraining and fine-tuning), on Accelerate.
+
+Every step draws one patch scheme from ``PatchSizeSampler.at(step)`` (the same on every rank), and every
+random number derives from ``(seed, step, rank)`` (augmentations from ``(seed, epoch, sample)``), so a run
+resumed from a checkpoint continues bit-identically on CPU without saving RNG states.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import shutil
+import time
+from collections import defaultdict
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+import torch
+from accelerate import Accelerator, DataLoaderConfiguration
+from timm.data import Mixup
+from timm.loss import SoftTargetCrossEntropy
+from timm.optim import create_optimizer_v2
+from timm.scheduler import CosineLRScheduler
+from tqdm.auto import tqdm
+
+from . import checkpoint as ckpt
+from .builders import build_data, build_model, build_sampler, eval_loader, preprocess_meta, schemes_of
+from .config import Config
+from .data import make_loader
+from .evaluate import evaluate_schemes, format_table
+from .model import FlexiViT
+from .rng import mix, seed_all
+
+__all__ = ["train", "TrainingError", "RunResult", "StepInfo"]
+
+
+class TrainingError(RuntimeError):
+    """A run that cannot go on (diverged loss, incompatible checkpoint); the message says what to do."""
+
+
+@dataclass
+class StepInfo:
+    """What a step callback sees after each optimizer step (and its checkpoint, if one was due)."""
+
+    step: int
+    scheme: Any
+    loss: float
+    model: torch.nn.Module
+    process_index: int
+
+
+@dataclass
+class RunResult:
+    out_dir: Path
+    step: int
+    eval: list[dict[str, Any]] = field(default_factory=list)
+
+
+def _batches(loader, data, steps_per_epoch: int, start: int, skip: Callable) -> Iterator[dict]:
+    """Yield batches forever, starting at global batch index ``start`` (mid-epoch after a resume)."""
+    epoch, offset = divmod(start, steps_per_epoch)
+    while True:
+        data.set_epoch(epoch)
+        loader.set_epoch(epoch)
+        yield from (skip(loader, offset) if offset else loader)
+        epoch, offset = epoch + 1, 0
+
+
+class _Window:
+    """Per-patch-size running statistics between two log lines."""
+
+    def __init__(self) -> None:
+        self.stats: dict[int, dict[str, float]] = defaultdict(lambda: defaultdict(float))
+        self.wait = self.total = 0.0
+
+    def add(self, patch: int, loss: float, images: int, seconds: float, wait: float) -> None:
+        s = self.stats[patch]
+        s["steps"] += 1
+        s["loss"] += loss
+        s["images"] += images
+        s["seconds"] += seconds
+        self.wait += wait
+        self.total += seconds
+
+    def summary(self) -> dict[str, Any]:
+        per_patch = {
+            str(p): {"loss": s["loss"] / s["steps"], "img_s": s["images"] / max(s["seconds"], 1e-9), "steps": int(s["steps"])}
+            for p, s in sorted(self.stats.items())
+        }
+        return {"per_patch": per_patch, "data_wait_share": self.wait / max(self.total, 1e-9)}
+
+
+def _resume_state(accelerator: Accelerator, out: Path, model_config: dict) -> int:
+    """Load the newest good checkpoint; returns the step to continue from (0 if none)."""
+    state = ckpt.latest_good_state(out / "state", warn=accelerator.print)
+    if state is None:
+        accelerator.print(f"no usable checkpoint under {out / 'state'}; starting from step 0")
+        return 0
+    saved = json.loads((state / "trainer_state.json").read_text())
+    if saved["model_config"] != model_config:
+        diff = {k: (saved["model_config"].get(k), v) for k, v in model_config.items() if saved["model_config"].get(k) != v}
+        raise TrainingError(
+            f"checkpoint {state} was made for another model shape (saved vs now: {diff}); resume with the "
+            "recipe and overrides that made it, or train into a new --out directory"
+        )
+    accelerator.load_state(str(state))
+    accelerator.print(f"resumed from {state} (step {saved['step']})")
+    return int(saved["step"])
+
+
+def _save_state(accelerator: Accelerator, out: Path, step: int, model_config: dict, keep: int) -> None:
+    root = out / "state"
+    tmp = root / f".tmp-step_{step}"
+    if accelerator.is_main_process:
+        shutil.rmtree(tmp, ignore_errors=True)
+        root.mkdir(parents=True, exist_ok=True)
+    accelerator.wait_for_everyone()
+    accelerator.save_state(str(tmp))
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        ckpt.finalize_state_dir(tmp, root / f"step_{step}", {"step": step, "model_config": model_config})
+        ckpt.prune_states(root, keep)
+    accelerator.wait_for_everyone()
+
+
+def _trim_log(path: Path, step: int) -> None:
+    """Drop log lines written after the checkpoint a run resumes from (they will be written again)."""
+    if path.exists():
+        lines = [l for l in path.read_text().splitlines() if l and json.loads(l).get("step", 0) <= step]
+        ckpt.atomic_write_text(path, "".join(l + "\n" for l in lines))
+
+
+def train(
+    cfg: Config,
+    *,
+    out_dir: str | Path,
+    resume: bool = False,
+    init: Callable[[FlexiViT], None] | None = None,
+    accelerator: Accelerator | None = None,
+    on_step: Callable[[StepInfo], None] | None = None,
+) -> RunResult:
+    """Train ``cfg`` into ``out_dir``.
+
+    ``init`` may load weights into the fresh model (fine-tuning); ``on_step`` is called on every process
+    after each step, e.g. for custom logging or to stop a run.
+    """
+    out = Path(out_dir)
+    accelerator = accelerator or Accelerator(
+        mixed_precision=cfg.train.mixed_precision,
+        log_with="tensorboard",
+        project_dir=str(out),
+        dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True, data_seed=cfg.train.seed),
+    )
+    if accelerator.is_main_process:
+        out.mkdir(parents=True, exist_ok=True)
+        if not resume and ckpt.find_states(out / "state"):
+            raise TrainingError(f"{out} already holds checkpoints; pass --resume to continue it or choose a new --out")
+        cfg.save(out / "config.json")
+    seed_all(cfg.train.seed)  # identical initial weights on every rank
+
+    data = build_data(cfg)
+    model = build_model(cfg, channels=data.channels, num_classes=data.num_classes)
+    if init is not None:
+        init(model)
+    model_config = model.config.to_dict()
+    sampler = build_sampler(cfg)
+    loader = make_loader(data.train, batch_size=cfg.data.batch_size, shuffle=True, seed=cfg.train.seed,
+                         num_workers=cfg.data.num_workers, drop_last=True)
+    optimizer = create_optimizer_v2(model, opt=cfg.optim.opt, lr=cfg.optim.lr, weight_decay=cfg.optim.weight_decay)
+    # timm's scheduler is a pure function of the update count, so it needs no checkpointed state.
+    scheduler = CosineLRScheduler(
+        optimizer, t_initial=cfg.train.steps, lr_min=cfg.optim.min_lr, warmup_t=cfg.optim.warmup_steps,
+        warmup_lr_init=cfg.optim.lr * 1e-3, t_in_epochs=False,
+    )
+    model, optimizer, loader, test_loader = accelerator.prepare(model, optimizer, loader, eval_loader(cfg, data))
+    steps_per_epoch = len(loader)
+    if steps_per_epoch < cfg.train.grad_accum:
+        raise TrainingError(f"the training split gives {steps_per_epoch} batches per process; lower data.batch_size")
+
+    step = _resume_state(accelerator, out, model_config) if resume else 0
+    if accelerator.is_main_process:
+        _trim_log(out / "log.jsonl", step)
+    accelerator.init_trackers("tb", config={"name": cfg.name})
+
+    d = cfg.data
+    mixup = (
+        Mixup(mixup_alpha=d.mixup, cutmix_alpha=d.cutmix, label_smoothing=d.label_smoothing, num_classes=data.num_classes)
+        if d.mixup > 0 or d.cutmix > 0 else None
+    )
+    criterion = SoftTargetCrossEntropy() if mixup else torch.nn.CrossEntropyLoss(label_smoothing=d.label_smoothing)
+    eval_schemes = schemes_of(cfg.patch, cfg.patch.eval_sizes) if cfg.patch.eval_sizes else list(sampler.schemes)
+    image_hw = (d.image_size, d.image_size)
+
+    def run_eval() -> list[dict[str, Any]]:
+        return evaluate_schemes(model, test_loader, eval_schemes, image_hw=image_hw, gather=accelerator.gather_for_metrics)
+
+    accum = cfg.train.grad_accum
+    stream = _batches(loader, data.train, steps_per_epoch, step * accum, accelerator.skip_first_batches)
+    window, skipped, last_eval = _Window(), 0, []
+    bar = tqdm(total=cfg.train.steps, initial=step, disable=not accelerator.is_local_main_process, desc="train")
+    model.train()
+    while step < cfg.train.steps:
+        scheme = sampler.at(step)
+        t0 = time.perf_counter()
+        wait = 0.0
+        loss_value = 0.0
+        images_seen = 0
+        for micro in range(accum):
+            tw = time.perf_counter()
+            batch = next(stream)
+            wait += time.perf_counter() - tw
+            seed_all(mix(cfg.train.seed, step, micro, accelerator.process_index))  # dropout, mixup
+            images, labels = batch["image"], batch["label"]
+            skipped += int(batch.get("skipped", 0))
+            targets = labels
+            if mixup is not None:
+                images, targets = mixup(images, labels)
+            # Accumulation by hand (no_sync + loss / accum) rather than accelerator.accumulate, whose
+            # end-of-epoch sync would shift the update boundaries when epochs are not a multiple of accum.
+            sync = micro == accum - 1
+            with accelerator.no_sync(model) if not sync else contextlib.nullcontext():
+                with accelerator.autocast():
+                    loss = criterion(model(images, scheme.patch, scheme.stride), targets)
+                accelerator.backward(loss / accum)
+            loss_value += loss.detach().float() / accum
+            images_seen += images.shape[0]
+        mean_loss = accelerator.reduce(loss_value.reshape(1), reduction="mean")
+        if not torch.isfinite(mean_loss).all():
+            good = ckpt.latest_good_state(out / "state", warn=lambda *_: None)
+            raise TrainingError(
+                f"the loss became {mean_loss.item()} at step {step} (patch {scheme.patch}); stopping. The last good "
+                f"checkpoint is {good or 'none (no checkpoint yet)'}; lower optim.lr, keep optim.clip_grad on, or "
+                "use train.mixed_precision=no, then --resume"
+            )
+        if cfg.optim.clip_grad:
+            accelerator.clip_grad_norm_(model.parameters(), cfg.optim.clip_grad)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        step += 1
+        scheduler.step_update(step)
+        window.add(scheme.patch, mean_loss.item(), images_seen * accelerator.num_processes, time.perf_counter() - t0, wait)
+        bar.update(1)
+        bar.set_postfix(patch=scheme.patch, loss=f"{mean_loss.item():.3f}")
+
+        if step % cfg.train.log_every == 0 or step == cfg.train.steps:
+            record = {"step": step, "lr": optimizer.param_groups[0]["lr"], "skipped": skipped, **window.summary()}
+            _log(accelerator, out, record)
+            window = _Window()
+        if cfg.train.eval_every and step % cfg.train.eval_every == 0 and step < cfg.train.steps:
+            last_eval = run_eval()
+            _log(accelerator, out, {"step": step, "eval": last_eval})
+        if step % cfg.train.checkpoint_every == 0 or step == cfg.train.steps:
+            _save_state(accelerator, out, step, model_config, cfg.train.keep_checkpoints)
+        if on_step is not None:
+            on_step(StepInfo(step, scheme, mean_loss.item(), model, accelerator.process_index))
+    bar.close()
+
+    last_eval = run_eval() if cfg.train.steps > 0 or not last_eval else last_eval
+    if accelerator.is_main_process:
+        _log(accelerator, out, {"step": step, "eval": last_eval})
+        ckpt.save_model(
+            accelerator.unwrap_model(model), out, class_names=data.splits.class_names,
+            preprocess=preprocess_meta(cfg, data.channels),
+        )
+        ckpt.atomic_write_text(out / "eval.json", json.dumps({"checkpoint": str(out), "data": d.source, "results": last_eval}, indent=2) + "\n")
+        table = format_table(last_eval)
+        ckpt.atomic_write_text(out / "eval.md", table + "\n")
+        accelerator.print(f"\naccuracy at every patch size ({d.source}, {last_eval[0]['n'] if last_eval else 0} test images):\n{table}")
+    accelerator.end_training()
+    return RunResult(out_dir=out, step=step, eval=last_eval)
+
+
+def _log(accelerator: Accelerator, out: Path, record: dict[str, Any]) -> None:
+    if not accelerator.is_main_process:
+        return
+    with open(out / "log.jsonl", "a") as f:
+        f.write(json.dumps(record) + "\n")
+    scalars: dict[str, float] = {}
+    for p, s in record.get("per_patch", {}).items():
+        scalars[f"train/loss_p{p}"] = s["loss"]
+        scalars[f"train/img_s_p{p}"] = s["img_s"]
+    for row in record.get("eval", []):
+        scalars[f"eval/top1_p{row['patch_size']}"] = row["top1"]
+    if "data_wait_share" in record:
+        scalars["train/data_wait_share"] = record["data_wait_share"]
+    if scalars:
+        accelerator.log(scalars, step=record["step"])
