@@ -11,7 +11,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from .config import Config, PatchConfig, StageConfig
-from .data import Splits, TransformedDataset, build_transform, load_source, make_loader
+from .data import Splits, TransformedDataset, build_transform, load_source, make_loader, select_classes
 from .model import FlexiViT
 from .patch_embed import PatchScheme
 from .sampler import Curriculum, Distribution, PatchSizeSampler, make_distribution
@@ -91,6 +91,8 @@ def build_data(cfg: Config) -> RunData:
         d.source, val_fraction=d.val_fraction, seed=cfg.train.seed, split_train=d.split_train,
         split_test=d.split_test, image_column=d.image_column, label_column=d.label_column,
     )
+    if d.classes:
+        splits = select_classes(splits, d.classes)
     channels = d.channels or splits.channels
     train_tf = build_transform(
         image_size=d.image_size, channels=channels, train=True, scale=tuple(d.scale), hflip=d.hflip,

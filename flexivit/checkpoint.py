@@ -174,6 +174,7 @@ def load_weights_only(path: Path) -> Any:
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # torch raises UnpicklingError, RuntimeError or others by format
         raise CheckpointError(
-            f"{path} is not a plain-tensor checkpoint that can be loaded safely ({type(err).__name__}: "
-            f"{str(err).splitlines()[0] if str(err) else ''}); convert it to safetensors"
+            f"{path} cannot be loaded safely: it is not a file of plain tensors ({type(err).__name__}), and "
+            "reading it would mean running code stored in it, which flexivit never does. Convert it to "
+            "safetensors where you trust it (safetensors.torch.save_file(state_dict, 'model.safetensors'))"
         ) from None

@@ -19,7 +19,7 @@ from typing import Any
 
 __all__ = [
     "Config", "ModelConfig", "DataConfig", "PatchConfig", "StageConfig", "OptimConfig", "TrainConfig",
-    "DistillConfig", "load_recipe", "apply_overrides", "config_from_dict", "list_recipes", "RECIPES_DIR",
+    "DistillConfig", "FinetuneConfig", "load_recipe", "apply_overrides", "config_from_dict", "list_recipes", "RECIPES_DIR",
 ]
 
 RECIPES_DIR = Path(__file__).resolve().parent.parent / "recipes"  # shipped with the source tree
@@ -57,6 +57,7 @@ class DataConfig:
     split_test: str | None = None
     image_column: str = "image"
     label_column: str = "label"
+    classes: list[str] | None = None  # keep only these classes (relabelled in this order)
     scale: tuple[float, float] = (0.08, 1.0)  # random-resized-crop area range
     hflip: float = 0.5
     randaugment: str | None = None  # timm string, e.g. "rand-m9-mstd0.5"
@@ -100,16 +101,26 @@ class OptimConfig:
     warmup_steps: int = 100
     min_lr: float = 1e-5
     clip_grad: float | None = 1.0
+    pull: float = 0.0  # L2-SP: weight of ||theta - theta_start||^2 (fine-tuning keeps near the start)
 
 
 @dataclass
 class DistillConfig:
-    teacher: str | None = None  # a flexivit run dir / model file, or "timm:NAME=PATH" weights file
-    teacher_patch_size: int | None = None
+    teacher: str | None = None  # a flexivit run dir / model file, or "timm:NAME=WEIGHTS_FILE"
+    teacher_patch_size: int | None = None  # for a FlexiViT teacher; None: its default size
     temperature: float = 1.0
     label_weight: float = 0.0  # weight of label cross-entropy added to the distillation loss
     quantize: str = "none"  # "none" | "hard" | "topk:K" | "bits:B"
-    init_from_teacher: bool = True
+    init_from_teacher: bool = True  # the student starts from the teacher's weights
+    keep_student_base: bool = False  # resize the teacher's kernel/grid into model.base_* (lossy)
+
+
+@dataclass
+class FinetuneConfig:
+    """Adjustments for `flexivit finetune --patch-size N` (fine-tuning at one fixed size)."""
+
+    fixed_lr_scale: float = 1.0  # multiplies optim.lr
+    fixed_pull: float = 0.0  # becomes optim.pull (L2-SP toward the pretrained weights)
 
 
 @dataclass
@@ -133,6 +144,7 @@ class Config:
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     distill: DistillConfig = field(default_factory=DistillConfig)
+    finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

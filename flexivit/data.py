@@ -382,6 +382,24 @@ def load_source(
     return _load_folder(source, val_fraction, seed, cache_dir)
 
 
+def select_classes(splits: Splits, names: Sequence[str]) -> Splits:
+    """Keep only the classes ``names`` (in that order, relabelled 0..k-1): a downstream task made from
+    any source, e.g. the four upper-body garments of Fashion-MNIST."""
+    unknown = [n for n in names if n not in splits.class_names]
+    if unknown or len(set(names)) != len(names) or not names:
+        raise ValueError(f"data.classes must name distinct classes of the source; unknown {unknown}, "
+                         f"available: {splits.class_names}")
+    new_label = {splits.class_names.index(n): i for i, n in enumerate(names)}
+
+    def subset(ds: datasets.Dataset) -> datasets.Dataset:
+        labels = np.asarray(ds["label"])
+        keep = np.flatnonzero(np.isin(labels, list(new_label)))
+        mapped = [new_label[int(l)] for l in labels[keep]]
+        return ds.select(keep).remove_columns("label").add_column("label", mapped)
+
+    return Splits(train=subset(splits.train), test=subset(splits.test), class_names=list(names), channels=splits.channels)
+
+
 # --- loader -----------------------------------------------------------------------------------
 
 

@@ -28,6 +28,7 @@ from . import checkpoint as ckpt
 from .builders import build_data, build_model, build_sampler, eval_loader, preprocess_meta, schemes_of
 from .config import Config
 from .data import make_loader
+from .distill import Teacher, ViewSpec, distill_loss, load_teacher, student_from_teacher
 from .evaluate import evaluate_schemes, format_table
 from .model import FlexiViT
 from .rng import mix, seed_all
@@ -68,26 +69,27 @@ def _batches(loader, data, steps_per_epoch: int, start: int, skip: Callable) -> 
 
 
 class _Window:
-    """Per-patch-size running statistics between two log lines."""
+    """Per-patch-size running means of the step metrics between two log lines."""
 
     def __init__(self) -> None:
         self.stats: dict[int, dict[str, float]] = defaultdict(lambda: defaultdict(float))
         self.wait = self.total = 0.0
 
-    def add(self, patch: int, loss: float, images: int, seconds: float, wait: float) -> None:
+    def add(self, patch: int, metrics: dict[str, float], images: int, seconds: float, wait: float) -> None:
         s = self.stats[patch]
         s["steps"] += 1
-        s["loss"] += loss
+        for name, value in metrics.items():
+            s[name] += value
         s["images"] += images
         s["seconds"] += seconds
         self.wait += wait
         self.total += seconds
 
     def summary(self) -> dict[str, Any]:
-        per_patch = {
-            str(p): {"loss": s["loss"] / s["steps"], "img_s": s["images"] / max(s["seconds"], 1e-9), "steps": int(s["steps"])}
-            for p, s in sorted(self.stats.items())
-        }
+        per_patch = {}
+        for p, s in sorted(self.stats.items()):
+            row = {k: v / s["steps"] for k, v in s.items() if k not in ("steps", "images", "seconds")}
+            per_patch[str(p)] = {**row, "img_s": s["images"] / max(s["seconds"], 1e-9), "steps": int(s["steps"])}
         return {"per_patch": per_patch, "data_wait_share": self.wait / max(self.total, 1e-9)}
 
 
@@ -136,16 +138,16 @@ def train(
     *,
     out_dir: str | Path,
     resume: bool = False,
-    init: Callable[[FlexiViT], None] | None = None,
+    init: Callable[[FlexiViT], FlexiViT] | None = None,
     accelerator: Accelerator | None = None,
     on_step: Callable[[StepInfo], None] | None = None,
 ) -> RunResult:
     """Train ``cfg`` into ``out_dir``.
 
-    ``init`` may load weights into the fresh model (fine-tuning); ``on_step`` is called on every process
+    ``init`` maps the freshly built model to the one to train (fine-tuning loads a checkpoint); ``on_step`` is called on every process
     after each step, e.g. for custom logging or to stop a run.
     """
-    out = Path(out_dir)
+    out, d = Path(out_dir), cfg.data
     accelerator = accelerator or Accelerator(
         mixed_precision=cfg.train.mixed_precision,
         log_with="tensorboard",
@@ -161,8 +163,13 @@ def train(
 
     data = build_data(cfg)
     model = build_model(cfg, channels=data.channels, num_classes=data.num_classes)
+    teacher = load_teacher(cfg.distill.teacher, patch_size=cfg.distill.teacher_patch_size) if cfg.distill.teacher else None
+    if teacher is not None and cfg.distill.init_from_teacher:
+        model = student_from_teacher(model.config, teacher.model, keep_student_base=cfg.distill.keep_student_base)
     if init is not None:
-        init(model)
+        model = init(model)
+    pre = preprocess_meta(cfg, data.channels)
+    student_view = ViewSpec(d.image_size, data.channels, tuple(pre["mean"]), tuple(pre["std"]))
     model_config = model.config.to_dict()
     sampler = build_sampler(cfg)
     loader = make_loader(data.train, batch_size=cfg.data.batch_size, shuffle=True, seed=cfg.train.seed,
@@ -173,7 +180,13 @@ def train(
         optimizer, t_initial=cfg.train.steps, lr_min=cfg.optim.min_lr, warmup_t=cfg.optim.warmup_steps,
         warmup_lr_init=cfg.optim.lr * 1e-3, t_in_epochs=False,
     )
+    # Only the student is prepared: DDP/FSDP never wrap the teacher, and save_state never sees it.
     model, optimizer, loader, test_loader = accelerator.prepare(model, optimizer, loader, eval_loader(cfg, data))
+    if teacher is not None:
+        teacher.to(accelerator.device)
+    # L2-SP anchor: the starting weights of everything but the (new) head.
+    anchor = [(p, p.detach().clone()) for n, p in accelerator.unwrap_model(model).named_parameters()
+              if not n.startswith("head.")] if cfg.optim.pull else []
     steps_per_epoch = len(loader)
     if steps_per_epoch < cfg.train.grad_accum:
         raise TrainingError(f"the training split gives {steps_per_epoch} batches per process; lower data.batch_size")
@@ -183,7 +196,6 @@ def train(
         _trim_log(out / "log.jsonl", step)
     accelerator.init_trackers("tb", config={"name": cfg.name})
 
-    d = cfg.data
     mixup = (
         Mixup(mixup_alpha=d.mixup, cutmix_alpha=d.cutmix, label_smoothing=d.label_smoothing, num_classes=data.num_classes)
         if d.mixup > 0 or d.cutmix > 0 else None
@@ -204,7 +216,7 @@ def train(
         scheme = sampler.at(step)
         t0 = time.perf_counter()
         wait = 0.0
-        loss_value = 0.0
+        sums: dict[str, torch.Tensor] = defaultdict(lambda: torch.zeros((), device=accelerator.device))
         images_seen = 0
         for micro in range(accum):
             tw = time.perf_counter()
@@ -221,11 +233,18 @@ def train(
             sync = micro == accum - 1
             with accelerator.no_sync(model) if not sync else contextlib.nullcontext():
                 with accelerator.autocast():
-                    loss = criterion(model(images, scheme.patch, scheme.stride), targets)
+                    logits = model(images, scheme.patch, scheme.stride)
+                    loss, metrics = _objective(cfg, logits, targets, labels, criterion, teacher, images, student_view)
+                    if cfg.optim.pull:
+                        loss = loss + cfg.optim.pull * sum(((p - p0) ** 2).sum() for p, p0 in anchor)
                 accelerator.backward(loss / accum)
-            loss_value += loss.detach().float() / accum
+            for name, value in {"loss": loss.detach(), **metrics}.items():
+                sums[name] += value.float() / accum
             images_seen += images.shape[0]
-        mean_loss = accelerator.reduce(loss_value.reshape(1), reduction="mean")
+        names = sorted(sums)
+        reduced = accelerator.reduce(torch.stack([sums[n] for n in names]), reduction="mean")
+        step_metrics = {n: float(v) for n, v in zip(names, reduced)}
+        mean_loss = reduced[names.index("loss")]
         if not torch.isfinite(mean_loss).all():
             good = ckpt.latest_good_state(out / "state", warn=lambda *_: None)
             raise TrainingError(
@@ -239,7 +258,7 @@ def train(
         optimizer.zero_grad(set_to_none=True)
         step += 1
         scheduler.step_update(step)
-        window.add(scheme.patch, mean_loss.item(), images_seen * accelerator.num_processes, time.perf_counter() - t0, wait)
+        window.add(scheme.patch, step_metrics, images_seen * accelerator.num_processes, time.perf_counter() - t0, wait)
         bar.update(1)
         bar.set_postfix(patch=scheme.patch, loss=f"{mean_loss.item():.3f}")
 
@@ -259,16 +278,29 @@ def train(
     last_eval = run_eval() if cfg.train.steps > 0 or not last_eval else last_eval
     if accelerator.is_main_process:
         _log(accelerator, out, {"step": step, "eval": last_eval})
-        ckpt.save_model(
-            accelerator.unwrap_model(model), out, class_names=data.splits.class_names,
-            preprocess=preprocess_meta(cfg, data.channels),
-        )
+        ckpt.save_model(accelerator.unwrap_model(model), out, class_names=data.splits.class_names, preprocess=pre)
         ckpt.atomic_write_text(out / "eval.json", json.dumps({"checkpoint": str(out), "data": d.source, "results": last_eval}, indent=2) + "\n")
         table = format_table(last_eval)
         ckpt.atomic_write_text(out / "eval.md", table + "\n")
         accelerator.print(f"\naccuracy at every patch size ({d.source}, {last_eval[0]['n'] if last_eval else 0} test images):\n{table}")
     accelerator.end_training()
     return RunResult(out_dir=out, step=step, eval=last_eval)
+
+
+def _objective(cfg: Config, logits: torch.Tensor, targets: torch.Tensor, labels: torch.Tensor, criterion,
+               teacher: Teacher | None, images: torch.Tensor, view: ViewSpec) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """The loss of one micro-batch and what is logged about it per patch size."""
+    metrics: dict[str, torch.Tensor] = {}
+    if labels.shape == targets.shape:  # hard labels (no mixup): training accuracy is meaningful
+        metrics["acc"] = (logits.argmax(dim=1) == labels).float().mean().detach()
+    if teacher is None:
+        return criterion(logits, targets), metrics
+    teacher_logits = teacher(images, view)
+    kd = distill_loss(logits, teacher_logits, temperature=cfg.distill.temperature, quantize=cfg.distill.quantize)
+    metrics["distill"] = kd.detach()
+    metrics["agree"] = (logits.argmax(dim=1) == teacher_logits.argmax(dim=1)).float().mean().detach()
+    loss = kd + cfg.distill.label_weight * criterion(logits, targets) if cfg.distill.label_weight else kd
+    return loss, metrics
 
 
 def _log(accelerator: Accelerator, out: Path, record: dict[str, Any]) -> None:
@@ -278,8 +310,9 @@ def _log(accelerator: Accelerator, out: Path, record: dict[str, Any]) -> None:
         f.write(json.dumps(record) + "\n")
     scalars: dict[str, float] = {}
     for p, s in record.get("per_patch", {}).items():
-        scalars[f"train/loss_p{p}"] = s["loss"]
-        scalars[f"train/img_s_p{p}"] = s["img_s"]
+        for name, value in s.items():
+            if name != "steps":
+                scalars[f"train/{name}_p{p}"] = value
     for row in record.get("eval", []):
         scalars[f"eval/top1_p{row['patch_size']}"] = row["top1"]
     if "data_wait_share" in record:

@@ -1,0 +1,60 @@
+"""Fine-tuning a pretrained FlexiViT on a new task, keeping the patch size a deployment choice.
+
+By default patch schemes are sampled while fine-tuning, as in pretraining: measured here, a FlexiViT
+fine-tuned at one size loses the others (see docs/distillation.md). ``patch_size`` selects the
+fixed-size fine-tuning of the FlexiViT patent instead, with the recipe's ``finetune.fixed_*``
+adjustments (lower learning rate and an L2-SP pull toward the pretrained weights), which keep the other
+sizes usable for longer.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from .checkpoint import load_model
+from .config import Config
+from .model import FlexiViT, FlexiViTConfig
+from .patch_embed import PatchScheme
+from .train import RunResult, train
+
+__all__ = ["finetune", "fixed_size", "from_pretrained"]
+
+
+def fixed_size(cfg: Config, patch_size: int) -> Config:
+    """Fine-tune at one patch size (with ``cfg.finetune``'s adjustments) and still evaluate at every
+    size the recipe lists."""
+    PatchScheme(patch_size).grid_size((cfg.data.image_size,) * 2)  # a clear error for a size that does not fit
+    cfg.patch.eval_sizes = sorted(set(cfg.patch.eval_sizes or cfg.patch.sizes) | {patch_size})
+    cfg.patch.sizes, cfg.patch.strides, cfg.patch.default = [patch_size], None, patch_size
+    cfg.patch.distribution, cfg.patch.curriculum = "uniform", []
+    cfg.optim.lr *= cfg.finetune.fixed_lr_scale
+    cfg.optim.pull = cfg.finetune.fixed_pull
+    return cfg
+
+
+def from_pretrained(pretrained: FlexiViT, fresh: FlexiViT) -> FlexiViT:
+    """The pretrained network with ``fresh``'s image size, default patch and a new head for its classes."""
+    if pretrained.config.in_chans != fresh.config.in_chans:
+        raise ValueError(
+            f"the checkpoint takes {pretrained.config.in_chans}-channel images but the data gives "
+            f"{fresh.config.in_chans}; set data.channels={pretrained.config.in_chans}"
+        )
+    fields = {**pretrained.config.to_dict(), "img_size": fresh.config.img_size,
+              "patch_size": fresh.config.patch_size, "stride": fresh.config.stride,
+              "num_classes": fresh.config.num_classes}
+    model = FlexiViT(FlexiViTConfig.from_dict(fields))
+    body = {k: v for k, v in pretrained.state_dict().items() if not k.startswith("head.")}
+    missing, unexpected = model.load_state_dict(body, strict=False)
+    if unexpected or any(not k.startswith("head.") for k in missing):
+        raise ValueError(f"the checkpoint's weights do not fit its own config: missing {missing}, unexpected {unexpected}")
+    return model
+
+
+def finetune(checkpoint: str | Path, cfg: Config, *, out_dir: str | Path, resume: bool = False) -> RunResult:
+    """Train ``cfg`` starting from the FlexiViT in ``checkpoint`` (a run directory or model file).
+
+    The architecture comes from the checkpoint (the recipe's ``model`` section is not used); the head is
+    replaced for the classes of ``cfg``'s data.
+    """
+    pretrained, _ = load_model(checkpoint)
+    return train(cfg, out_dir=out_dir, resume=resume, init=lambda fresh: from_pretrained(pretrained, fresh))

@@ -1,0 +1,26 @@
+"""Downstream task: the four upper-body garments of Fashion-MNIST (T-shirt/top, Pullover, Coat, Shirt),
+the classes a Fashion-MNIST model confuses most, as a new 4-class problem built offline.
+
+    flexivit finetune runs/fashion_mnist fashion_mnist_finetune                 # sizes sampled (default)
+    flexivit finetune runs/fashion_mnist fashion_mnist_finetune --patch-size 7  # one fixed size
+
+The default keeps sampling patch sizes 2, 4, 7, 14 so the model stays flexible; `--patch-size`
+fine-tunes at one size with the `finetune.fixed_*` adjustments below. Measured results are in
+docs/distillation.md.
+"""
+
+from flexivit.config import Config, load_recipe
+
+TOPS = ["T-shirt/top", "Pullover", "Coat", "Shirt"]
+
+
+def get_config(arg: str | None = None) -> Config:
+    cfg = load_recipe(f"fashion_mnist:{arg}" if arg else "fashion_mnist")
+    cfg.name = "fashion_mnist_finetune" + (f"-{arg}" if arg else "")
+    cfg.data.classes = list(TOPS)
+    if arg is None:
+        cfg.train.steps, cfg.train.checkpoint_every = 400, 200
+    cfg.optim.lr, cfg.optim.warmup_steps = 1e-3, min(cfg.optim.warmup_steps, 50)
+    cfg.finetune.fixed_lr_scale = 0.3
+    cfg.finetune.fixed_pull = 0.0
+    return cfg

@@ -1,0 +1,156 @@
+"""Distillation: teacher loading and freezing, student initialisation, target quantisers, views."""
+
+import pickle
+
+import pytest
+import timm
+import torch
+from safetensors.torch import save_file
+from timm.models.vision_transformer import VisionTransformer
+
+from flexivit import FlexiViT, FlexiViTConfig
+from flexivit.checkpoint import CheckpointError, save_model
+from flexivit.distill import (Teacher, ViewSpec, convert_view, distill_loss, load_teacher, quantize_targets,
+                              student_from_teacher)
+from flexivit.transforms import build_transform
+
+STUDENT = FlexiViTConfig(img_size=28, patch_size=7, base_patch_size=14, base_grid=7, in_chans=1, num_classes=10,
+                         embed_dim=32, depth=2, num_heads=2)
+
+
+def _teacher_vit() -> VisionTransformer:
+    vit = VisionTransformer(img_size=28, patch_size=4, in_chans=1, num_classes=10, embed_dim=32, depth=2, num_heads=2)
+    with torch.no_grad():
+        for p in vit.parameters():
+            p.copy_(torch.randn_like(p) * 0.2)
+    return vit.eval()
+
+
+def test_student_from_teacher_reproduces_the_teacher_at_its_size():
+    vit = _teacher_vit()
+    student = student_from_teacher(STUDENT, vit).eval()
+    assert student.config.base_patch_size == 4 and student.config.base_grid == 7  # the teacher's, unchanged
+    x = torch.randn(4, 1, 28, 28)
+    teacher_logits, student_logits = vit(x), student(x, 4)
+    torch.testing.assert_close(student_logits, teacher_logits, rtol=1e-5, atol=1e-5)
+    assert distill_loss(student_logits, teacher_logits).item() < 1e-8  # KL at step 0 is ~0
+    for p in (2, 7, 14, 28):
+        assert torch.isfinite(student(x, p)).all()
+
+
+def test_student_base_kept_only_when_asked():
+    student = student_from_teacher(STUDENT, _teacher_vit(), keep_student_base=True)
+    assert student.patch_embed.weight.shape[-1] == 14
+
+
+def test_student_mismatch_lists_what_differs():
+    wider = VisionTransformer(img_size=28, patch_size=4, in_chans=1, num_classes=10, embed_dim=48, depth=3, num_heads=2)
+    with pytest.raises(ValueError, match=r"(?s)blocks\.0\.attn\.qkv\.weight: teacher \(144, 48\) vs student \(96, 32\).*blocks\.2\.norm1\.weight: not in the student"):
+        student_from_teacher(STUDENT, wider)
+
+
+def test_teacher_is_frozen_and_gets_no_gradient():
+    teacher = Teacher(_teacher_vit().train(), view=ViewSpec(28, 1, (0.5,), (0.5,)))
+    teacher.train()
+    assert not teacher.training and not teacher.model.training
+    student = FlexiViT(STUDENT)
+    x = torch.randn(2, 1, 28, 28)
+    loss = distill_loss(student(x, 7), teacher(x, ViewSpec(28, 1, (0.5,), (0.5,))))
+    loss.backward()
+    assert all(p.grad is None and not p.requires_grad for p in teacher.parameters())
+    assert all(p.grad is not None for p in student.parameters())
+
+
+def test_quantisers():
+    probs = torch.softmax(torch.randn(64, 10) * 2, dim=1)
+    hard = quantize_targets(probs, "hard")
+    assert torch.equal(hard, torch.nn.functional.one_hot(probs.argmax(1), 10).float())
+    top3 = quantize_targets(probs, "topk:3")
+    assert ((top3 > 0).sum(dim=1) == 3).all()
+    torch.testing.assert_close(top3.sum(dim=1), torch.ones(64))
+    assert torch.equal(top3.argmax(1), probs.argmax(1))
+    for bits in (1, 2, 4):
+        levels = 2**bits - 1
+        q = quantize_targets(probs, f"bits:{bits}")
+        torch.testing.assert_close(q * levels, (q * levels).round(), rtol=0, atol=1e-6)  # on the grid
+        torch.testing.assert_close(q.sum(dim=1), torch.ones(64), rtol=0, atol=1e-6)
+        top = q.gather(1, probs.argmax(1, keepdim=True)).squeeze(1)
+        assert torch.equal(top, q.max(dim=1).values)  # the teacher's class keeps a largest target
+    with pytest.raises(ValueError, match="none, hard, topk:K or bits:B"):
+        quantize_targets(probs, "bits:x")
+
+
+def test_teacher_sees_the_same_augmented_crop():
+    """Function matching: the teacher's view is the student's augmented view, re-expressed."""
+    from PIL import Image
+    import numpy as np
+
+    pixels = np.zeros((64, 64), dtype=np.uint8)
+    pixels[:32, :32], pixels[:32, 32:], pixels[32:, :32], pixels[32:, 32:] = 0, 85, 170, 255  # four quadrants
+    augment = build_transform(image_size=28, channels=1, train=True, scale=(0.2, 0.5))
+    torch.manual_seed(3)
+    student_view = augment(Image.fromarray(pixels))[None]
+    torch.manual_seed(4)
+    other_crop = augment(Image.fromarray(pixels))[None]
+    source = ViewSpec(28, 1, (0.5,), (0.5,))
+    target = ViewSpec(56, 3, (0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
+    teacher_view = convert_view(student_view, source, target)
+    assert teacher_view.shape == (1, 3, 56, 56)
+    back = convert_view(teacher_view, target, ViewSpec(28, 3, (0.5,) * 3, (0.5,) * 3))[:, :1]
+    same = (back - student_view).abs().mean()
+    assert same < 0.05  # the same crop (up to resampling at the quadrant edges)
+    assert (back - other_crop).abs().mean() > 5 * same  # a new crop would look different
+
+
+def test_load_teacher_from_flexivit_and_timm_files(tmp_path):
+    flexi = FlexiViT(STUDENT)
+    save_model(flexi, tmp_path / "run", class_names=[str(i) for i in range(10)],
+               preprocess={"image_size": 28, "channels": 1, "mean": [0.5], "std": [0.5]})
+    teacher = load_teacher(str(tmp_path / "run"), patch_size=4)
+    assert teacher.patch_size == 4 and isinstance(teacher.model, FlexiViT)
+    with pytest.raises(ValueError, match="valid patch sizes"):
+        load_teacher(str(tmp_path / "run"), patch_size=5)
+    vit = timm.create_model("vit_tiny_patch16_224", pretrained=False, num_classes=10, in_chans=1).eval()
+    save_file(vit.state_dict(), tmp_path / "vit.safetensors")
+    torch.save(vit.state_dict(), tmp_path / "vit.pth")
+    x = torch.randn(2, 1, 28, 28)
+    view = ViewSpec(28, 1, (0.5,), (0.5,))
+    with torch.no_grad():
+        expected = vit(convert_view(x, view, ViewSpec(224, 1, (0.5,), (0.5,))))
+    for file in ("vit.safetensors", "vit.pth"):
+        teacher = load_teacher(f"timm:vit_tiny_patch16_224={tmp_path / file}")
+        assert teacher.view.image_size == 224 and teacher.view.channels == 1
+        torch.testing.assert_close(teacher(x, view), expected)
+
+
+def test_bad_teacher_files(tmp_path):
+    with pytest.raises(CheckpointError, match="does not exist"):
+        load_teacher(str(tmp_path / "missing"))
+    with pytest.raises(CheckpointError, match="do not exist"):
+        load_teacher(f"timm:vit_tiny_patch16_224={tmp_path / 'missing.safetensors'}")
+    (tmp_path / "notes.txt").write_text("hello")
+    with pytest.raises(CheckpointError, match="unsupported format"):
+        load_teacher(f"timm:vit_tiny_patch16_224={tmp_path / 'notes.txt'}")
+    (tmp_path / "junk.safetensors").write_bytes(b"\x00" * 64)
+    with pytest.raises(CheckpointError, match="not a readable safetensors"):
+        load_teacher(f"timm:vit_tiny_patch16_224={tmp_path / 'junk.safetensors'}")
+    with pytest.raises(CheckpointError, match="not a readable safetensors model file"):
+        load_teacher(str(tmp_path / "junk.safetensors"))
+    (tmp_path / "evil.pth").write_bytes(pickle.dumps(_Payload(str(tmp_path / "pwned"))))
+    with pytest.raises(CheckpointError, match="cannot be loaded safely"):
+        load_teacher(f"timm:vit_tiny_patch16_224={tmp_path / 'evil.pth'}")
+    assert not (tmp_path / "pwned").exists()
+    with pytest.raises(ValueError, match="timm:MODEL_NAME=WEIGHTS_FILE"):
+        load_teacher("timm:vit_tiny_patch16_224")
+
+
+class _Payload:
+    """Unpickling this would run code (it must never happen)."""
+
+    def __init__(self, marker: str) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        import os
+
+        return (os.system, (f"touch {self.marker}",))

@@ -1,0 +1,59 @@
+"""Teacher → distilled FlexiViT → fine-tuned (flexible and fixed-size), all through the CLI on real data."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+from safetensors import safe_open
+
+from test_train import ROOT, _env
+
+
+def _cli(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "flexivit", *args], capture_output=True, text=True,
+                          env=_env(), cwd=ROOT, timeout=900)
+
+
+def _top1(run) -> dict[int, float]:
+    return {r["patch_size"]: r["top1"] for r in json.loads((run / "eval.json").read_text())["results"]}
+
+
+@pytest.mark.slow
+def test_teacher_distill_finetune_pipeline(tmp_path):
+    teacher, student = tmp_path / "teacher", tmp_path / "student"
+    quick = ["--set", "train.steps=120", "--set", "train.checkpoint_every=60"]
+    done = _cli("train", "fashion_mnist_teacher:smoke", "--out", str(teacher), *quick)
+    assert done.returncode == 0, done.stderr[-3000:]
+    done = _cli("train", "fashion_mnist_distill:smoke", "--out", str(student), "--set", f"distill.teacher={teacher}", *quick)
+    assert done.returncode == 0, done.stderr[-3000:]
+    log = [json.loads(l) for l in (student / "log.jsonl").read_text().splitlines()]
+    first = next(r for r in log if "per_patch" in r)["per_patch"]
+    assert {"distill", "agree", "acc", "loss"} <= set(first["4"])  # logged per patch size
+    assert first["4"]["agree"] > 0.9  # initialised from the teacher: agrees at its size from the start
+    with safe_open(str(student / "state" / "step_120" / "model.safetensors"), "pt") as f:
+        keys = list(f.keys())
+    assert keys and not any("teacher" in k for k in keys)  # the teacher is never checkpointed
+    with safe_open(str(student / "model.safetensors"), "pt") as f:
+        assert len(list(f.keys())) == len(keys)
+
+    flexible, fixed = tmp_path / "ft-flexible", tmp_path / "ft-fixed"
+    done = _cli("finetune", str(student), "fashion_mnist_finetune:smoke", "--out", str(flexible), *quick)
+    assert done.returncode == 0, done.stderr[-3000:]
+    done = _cli("finetune", str(student), "fashion_mnist_finetune:smoke", "--patch-size", "7", "--out", str(fixed), *quick)
+    assert done.returncode == 0, done.stderr[-3000:]
+    for run in (flexible, fixed):
+        assert sorted(_top1(run)) == [2, 4, 7, 14]  # evaluated at every size
+        assert json.loads((run / "model.json").read_text())["class_names"] == ["T-shirt/top", "Pullover", "Coat", "Shirt"]
+    for patch, top1 in _top1(flexible).items():
+        assert top1 > 0.45, f"flexible fine-tuning, patch {patch}: {top1:.3f} is not far above chance (0.25)"
+    assert json.loads((fixed / "config.json").read_text())["patch"]["sizes"] == [7]
+
+
+@pytest.mark.slow
+def test_finetune_bad_input(tmp_path):
+    bad = _cli("finetune", str(tmp_path / "nothing"), "fashion_mnist_finetune:smoke", "--out", str(tmp_path / "o"))
+    assert bad.returncode == 2 and "does not exist" in bad.stderr
+    (tmp_path / "junk.safetensors").write_bytes(b"junk")
+    bad = _cli("finetune", str(tmp_path / "junk.safetensors"), "fashion_mnist_finetune:smoke", "--out", str(tmp_path / "o"))
+    assert bad.returncode == 2 and "not a readable safetensors model file" in bad.stderr
