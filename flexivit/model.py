@@ -179,7 +179,7 @@ class FlexiViT(nn.Module):
 
     def posemb_grid(self, grid_hw: tuple[int, int]) -> torch.Tensor:
         """The position embedding resampled to ``grid_hw`` tokens: ``(1, gh, gw, D)``."""
-        if self.training or torch.is_grad_enabled():
+        if self.training or torch.is_grad_enabled() or torch.compiler.is_compiling():
             return self._resample_posemb(grid_hw)
         params = self._posemb_params()
         key = tuple((p._version, p.data_ptr(), p.device, p.dtype) for p in params)

@@ -121,7 +121,9 @@ class FlexiPatchEmbed(nn.Module):
 
     def kernel(self, patch: int) -> torch.Tensor:
         """The ``(D, C, patch, patch)`` kernel for ``patch``; cached in eval mode without autograd."""
-        if self.training or torch.is_grad_enabled():
+        # No cache while training, under autograd, or inside torch.compile (the key's data_ptr() would
+        # break the graph; a compiled graph recomputes the tiny resize for free).
+        if self.training or torch.is_grad_enabled() or torch.compiler.is_compiling():
             return pi_resize(self.weight, patch, antialias=self.antialias)
         w = self.weight
         key = (w._version, w.data_ptr(), w.device, w.dtype, self.antialias)
