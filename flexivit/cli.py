@@ -1,4 +1,12 @@
-"""Command line: ``flexivit train RECIPE[:ARG] [--data SRC] [--out DIR] [--set k=v ...] [--resume]``."""
+"""Command line.
+
+    flexivit train RECIPE[:ARG] [--data SRC] [--out DIR] [--set k=v ...] [--resume]
+    flexivit finetune CHECKPOINT RECIPE[:ARG] [--data SRC] [--patch-size N] [--out DIR] [--set k=v ...]
+    flexivit eval CHECKPOINT [--data SRC] [--patch-sizes 4,7,14 | all] [--out DIR] [--baseline CKPT[:PATCH]]
+                  [--max-latency-ms X] [--max-gflops X] [--min-accuracy X]
+    flexivit predict CHECKPOINT IMAGE... [--patch-size N | --budget-ms X] [--topk 5] [--json]
+    flexivit export CHECKPOINT --patch-size N --out DIR [--onnx] [--torch-export]
+"""
 
 from __future__ import annotations
 
@@ -34,7 +42,71 @@ def _parser() -> argparse.ArgumentParser:
     p = sub.add_parser("train", help="train a recipe", epilog=_recipe_help())
     _add_run_args(p)
     p.add_argument("--resume", action="store_true", help="continue from the newest good checkpoint in --out")
+    p = sub.add_parser("finetune", help="fine-tune a trained FlexiViT on a recipe's task (stays flexible)",
+                       epilog=_recipe_help())
+    p.add_argument("checkpoint", help="a run directory or a model .safetensors file")
+    _add_run_args(p)
+    p.add_argument("--patch-size", type=int, help="fine-tune at this one size (default: sample the recipe's sizes, "
+                   "which keeps every size usable)")
+    p.add_argument("--resume", action="store_true", help="continue from the newest good checkpoint in --out")
+    _add_eval_parser(sub)
+    _add_predict_parser(sub)
+    _add_export_parser(sub)
     return parser
+
+
+CHECKPOINT_HELP = "a run directory, a model .safetensors file, or a folder written by `flexivit export`"
+
+
+def _add_eval_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("eval", help="accuracy and measured cost at every patch size (eval.json/.md/.png)")
+    p.add_argument("checkpoint", help=CHECKPOINT_HELP)
+    p.add_argument("--data", help="fashion-mnist, an image folder or hf:NAME[:CONFIG] (default: the run's "
+                   "dataset, else fashion-mnist); its test split is evaluated")
+    p.add_argument("--patch-sizes", help="comma-separated sizes, or 'all' (every size that tiles the image); "
+                   "default: the run's training sizes")
+    p.add_argument("--out", type=Path, help="where eval.json/.md/.png go (default: the checkpoint's folder)")
+    p.add_argument("--baseline", action="append", default=[], metavar="CKPT[:PATCH]",
+                   help="also sweep a fixed-size model at PATCH (default: its own size); repeatable")
+    p.add_argument("--limit", type=int, help="evaluate the first N test images only")
+    p.add_argument("--device", help="cpu, cuda or cuda:N (default: cuda when available)")
+    p.add_argument("--batch-size", type=int, default=64, help="batch for img/s and peak memory (default 64)")
+    p.add_argument("--eval-batch-size", type=int, default=256, help="batch for the accuracy pass")
+    p.add_argument("--warmup", type=int, default=3, help="untimed calls before each timing (default 3)")
+    p.add_argument("--repeats", type=int, default=20, help="timed batch-1 calls per latency median (default 20)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    _add_budget_args(p)
+
+
+def _add_budget_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("budget", "print the patch size to deploy: the most accurate within the cost "
+                             "limits, or (accuracy floor alone) the cheapest that reaches it")
+    g.add_argument("--max-latency-ms", type=float, help="batch-1 latency limit in ms")
+    g.add_argument("--max-gflops", type=float, help="GFLOPs-per-image limit")
+    g.add_argument("--min-accuracy", help="top-1 floor: a fraction (0.85) or a percentage (85%%)")
+
+
+def _add_predict_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("predict", help="classify image files")
+    p.add_argument("checkpoint", help=CHECKPOINT_HELP)
+    p.add_argument("images", nargs="+", metavar="IMAGE", help="image files (any size, any mode)")
+    which = p.add_mutually_exclusive_group()
+    which.add_argument("--patch-size", type=int, help="patch size to run at (default: the model's)")
+    which.add_argument("--budget-ms", type=float, help="use the most accurate patch size whose batch-1 latency "
+                       "on this machine fits (from the run's eval.json, else measured now)")
+    p.add_argument("--topk", type=int, default=5, help="classes to show per image (default 5)")
+    p.add_argument("--json", action="store_true", help="print JSON instead of text")
+    p.add_argument("--device", help="cpu, cuda or cuda:N (default: cuda when available)")
+
+
+def _add_export_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("export", help="a plain timm VisionTransformer at one patch size (+ ONNX, torch.export)")
+    p.add_argument("checkpoint", help="a run directory or a model .safetensors file")
+    p.add_argument("--patch-size", type=int, required=True, help="the size to bake in")
+    p.add_argument("--out", type=Path, required=True, help="folder for config.json + model.safetensors")
+    p.add_argument("--onnx", action="store_true", help="also write model.onnx (needs onnx and onnxscript)")
+    p.add_argument("--torch-export", action="store_true", help="also write model.pt2 (torch.export.save)")
+    p.add_argument("--atol", type=float, default=1e-5, help="logit tolerance of the check (default 1e-5)")
 
 
 def _resolve(args: argparse.Namespace):
@@ -55,14 +127,126 @@ def _train(args: argparse.Namespace) -> None:
     train(cfg, out_dir=out, resume=args.resume)
 
 
+def _finetune(args: argparse.Namespace) -> None:
+    from .finetune import finetune, fixed_size
+
+    cfg, out = _resolve(args)
+    if args.patch_size is not None:
+        cfg = fixed_size(cfg, args.patch_size)
+    finetune(args.checkpoint, cfg, out_dir=out, resume=args.resume)
+
+
+def _device(name: str | None):
+    import torch
+
+    from .evaluate import default_device
+
+    if name and name.startswith("cuda") and not torch.cuda.is_available():
+        raise ValueError(f"--device {name}: CUDA is not available on this machine; use --device cpu")
+    if not name:
+        return default_device()
+    try:
+        return torch.device(name)
+    except RuntimeError:
+        raise ValueError(f"--device {name!r} is not a device; use cpu, cuda or cuda:N") from None
+
+
+def _budget(args: argparse.Namespace) -> dict | None:
+    from .deploy import parse_accuracy
+
+    budget = {"max_latency_ms": args.max_latency_ms, "max_gflops": args.max_gflops,
+              "min_accuracy": parse_accuracy(args.min_accuracy) if args.min_accuracy is not None else None}
+    return budget if any(v is not None for v in budget.values()) else None
+
+
+def _eval(args: argparse.Namespace) -> None:
+    from .deploy import BudgetError, choose_patch_size
+    from .evaluate import evaluate_checkpoint, format_table
+    from .measure import MeasureSettings
+    from .report import write_report
+
+    settings = MeasureSettings(batch_size=args.batch_size, warmup=args.warmup, repeats=args.repeats)
+    budget = _budget(args)  # parsed before the sweep, so a malformed flag fails fast
+    report = evaluate_checkpoint(
+        args.checkpoint, data=args.data, patch_sizes=args.patch_sizes, baselines=args.baseline,
+        settings=settings, device=_device(args.device), eval_batch_size=args.eval_batch_size, limit=args.limit,
+        progress=not args.no_progress,
+    )
+    failure = None
+    if budget:
+        try:
+            choice = choose_patch_size(report["results"], **budget)
+            report["choice"] = {"patch_size": choice.patch_size, "reason": choice.reason, "budget": budget}
+        except BudgetError as err:
+            failure = err
+    out = args.out or (Path(args.checkpoint) if Path(args.checkpoint).is_dir() else Path(args.checkpoint).parent)
+    files = write_report(report, out)
+    print(f"{report['checkpoint']} on {report['data']} ({report['n']} test images, {report['device_name']}):")
+    print(format_table(report["results"]))
+    for b in report.get("baselines", []):
+        print(f"\nbaseline {b['label']}:\n{format_table(b['results'])}")
+    print(f"\nwrote {', '.join(str(f) for f in files.values())}")
+    if failure is not None:
+        raise failure
+    if "choice" in report:
+        print(f"chosen patch size: {report['choice']['patch_size']} — {report['choice']['reason']}")
+
+
+def _predict(args: argparse.Namespace) -> None:
+    import json
+
+    from .deploy import Predictor
+
+    predictor = Predictor.from_checkpoint(args.checkpoint, _device(args.device))
+    patch, note = args.patch_size, None
+    if args.budget_ms is not None:
+        choice, source = predictor.choose_for_latency(args.budget_ms)
+        patch, note = choice.patch_size, f"{choice.reason} ({source})"
+    predictions = predictor.predict(args.images, patch, topk=args.topk)
+    if args.json:
+        print(json.dumps({"checkpoint": args.checkpoint, "patch_size": predictions[0].patch_size, "choice": note,
+                          "predictions": [p.to_dict() for p in predictions]}, indent=2))
+        return
+    if note:
+        print(f"patch size {patch} for {args.budget_ms:g} ms: {note}")
+    for p in predictions:
+        print(f"{p.image} (patch {p.patch_size})")
+        for _, name, prob in p.top:
+            print(f"  {100 * prob:6.2f}%  {name}")
+
+
+def _export(args: argparse.Namespace) -> None:
+    from .export import export_checkpoint
+
+    result = export_checkpoint(args.checkpoint, args.patch_size, args.out, onnx=args.onnx,
+                               torch_export=args.torch_export, atol=args.atol)
+    diffs = ", ".join(f"{k} {v:.2g}" for k, v in result.max_abs_diff.items())
+    print(f"exported patch size {args.patch_size} to {result.out_dir}: {', '.join(result.files)}")
+    print(f"checked against the flexible model on a sample batch (max |logit diff|: {diffs})")
+    print("load with timm alone: VisionTransformer(**json.load(open('config.json'))['model_args']) + "
+          "load_state_dict(safetensors.torch.load_file('model.safetensors')); see docs/deploy.md")
+
+
+def _user_errors(command: str) -> tuple[type[BaseException], ...]:
+    from .checkpoint import CheckpointError
+    from .transforms import CorruptImageError
+
+    errors: tuple[type[BaseException], ...] = (*USER_ERRORS, CheckpointError, CorruptImageError)
+    if command in ("train", "finetune"):
+        from .train import TrainingError
+
+        errors += (TrainingError,)
+    return errors
+
+
+COMMANDS = {"train": _train, "finetune": _finetune, "eval": _eval, "predict": _predict, "export": _export}
+
+
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
-    from .checkpoint import CheckpointError
-    from .train import TrainingError
-
     try:
-        {"train": _train}[args.command](args)
-    except (*USER_ERRORS, CheckpointError, TrainingError) as err:
+        COMMANDS[args.command](args)
+    except _user_errors(args.command) as err:
         message = err.args[0] if isinstance(err, KeyError) and err.args else str(err)
         print(f"flexivit {args.command}: error: {message}", file=sys.stderr)
         return 2

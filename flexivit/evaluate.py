@@ -1,18 +1,40 @@
-"""Evaluation of one model at many patch schemes."""
+"""Evaluation of one model at many patch schemes: accuracy, and what each size costs on this machine.
+
+``evaluate_schemes`` (used by the trainer) computes top-1, top-5 and loss per scheme. ``sweep`` adds the
+measured costs of ``flexivit.measure`` (GFLOPs, parameters, img/s, latency, peak memory), and
+``evaluate_checkpoint`` runs it for a run directory, a model file or a timm export folder (plus
+fixed-size baselines) on a dataset's test split; ``flexivit.report`` writes the results.
+"""
 
 from __future__ import annotations
 
-from typing import Any, Callable, Iterable, Sequence
+import json
+import platform
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Iterable, Iterator, Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+from tqdm.auto import tqdm
 
-from .patch_embed import PatchScheme
+from .checkpoint import load_model
+from .data import Splits, TransformedDataset, build_transform, load_source, make_loader, select_classes
+from .export import default_preprocess, is_export_dir, load_export
+from .measure import MeasureSettings, measure_costs, param_count, peak_mem_kind
+from .model import FlexiViT
+from .patch_embed import PatchScheme, valid_patch_sizes
 
-__all__ = ["evaluate_schemes", "format_table"]
+__all__ = [
+    "evaluate_schemes", "format_table", "EvalSubject", "FixedSizeViT", "load_subject", "run_config_of",
+    "resolve_patch_sizes", "load_eval_splits", "eval_dataset", "sweep", "evaluate_checkpoint",
+    "parse_baseline", "default_device", "MAX_AUTO_TOKENS",
+]
 
 Gather = Callable[[torch.Tensor], torch.Tensor]
+MAX_AUTO_TOKENS = 1024  # default sweep without a run config: the sizes giving at most this many tokens
+CACHE_BYTES = 512 * 2**20  # keep decoded test batches in memory between patch sizes up to this size
 
 
 @torch.no_grad()
@@ -36,9 +58,12 @@ def evaluate_schemes(
     results = []
     for scheme in schemes:
         correct1 = correct5 = loss_sum = count = 0.0
+        num_classes = 0
         data = batches() if callable(batches) else batches
         for batch in data:
             images, labels = batch["image"], batch["label"]
+            if labels.numel() == 0:  # every image of the batch was skipped as corrupt
+                continue
             if device is not None:
                 images, labels = images.to(device), labels.to(device)
             logits = model(images, scheme.patch, scheme.stride).float()
@@ -69,13 +94,300 @@ def evaluate_schemes(
     return results
 
 
+def _pct(v: float) -> str:
+    return f"{100 * v:.2f}"
+
+
+_COLUMNS: list[tuple[str, str, Callable[[Any], str]]] = [
+    ("patch", "patch_size", str), ("stride", "stride", str), ("tokens", "tokens", str),
+    ("top-1 (%)", "top1", _pct), ("top-5 (%)", "top5", _pct), ("loss", "loss", "{:.4f}".format),
+    ("GFLOPs", "gflops", "{:.4g}".format), ("params", "params", "{:,}".format),
+    ("img/s", "img_per_s", "{:.1f}".format), ("latency (ms)", "latency_ms", "{:.3g}".format),
+    ("peak mem (MB)", "peak_mem_mb", "{:.1f}".format),
+]
+
+
 def format_table(rows: Sequence[dict[str, Any]]) -> str:
-    """A Markdown table of per-scheme results."""
-    has_top5 = any("top5" in r for r in rows)
-    head = "| patch | stride | tokens | top-1 (%) |" + (" top-5 (%) |" if has_top5 else "") + " loss |"
-    sep = "|---:|---:|---:|---:|" + ("---:|" if has_top5 else "") + "---:|"
-    lines = [head, sep]
+    """A Markdown table of per-scheme results; cost columns appear when the rows have them."""
+    columns = [c for c in _COLUMNS if any(r.get(c[1]) is not None for r in rows)]
+    lines = ["| " + " | ".join(h for h, _, _ in columns) + " |", "|" + "---:|" * len(columns)]
     for r in rows:
-        top5 = f" {100 * r['top5']:.2f} |" if has_top5 and "top5" in r else (" |" if has_top5 else "")
-        lines.append(f"| {r['patch_size']} | {r['stride']} | {r['tokens']} | {100 * r['top1']:.2f} |{top5} {r['loss']:.4f} |")
+        cells = [fmt(r[key]) if r.get(key) is not None else "" for _, key, fmt in columns]
+        lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
+
+
+# ---- what is evaluated -------------------------------------------------------------------------------
+class FixedSizeViT(nn.Module):
+    """A timm ``VisionTransformer`` behind FlexiViT's ``forward(x, patch_size, stride)`` (its one size)."""
+
+    def __init__(self, vit: nn.Module, patch_size: int) -> None:
+        super().__init__()
+        self.vit = vit
+        self.patch_size = patch_size
+
+    def forward(self, x: torch.Tensor, patch_size: int | None = None, stride: int | None = None) -> torch.Tensor:
+        if patch_size not in (None, self.patch_size) or stride not in (None, self.patch_size):
+            raise ValueError(f"this exported model runs at patch size {self.patch_size} only, not {patch_size}")
+        return self.vit(x)
+
+
+@dataclass
+class EvalSubject:
+    """A model to sweep, with what is needed to feed it and to label its results."""
+
+    checkpoint: str
+    label: str
+    model: nn.Module  # forward(x, patch_size, stride)
+    meta: dict[str, Any]  # class_names, preprocess
+    valid_sizes: list[int]
+    default_sizes: list[int]
+    run_config: dict[str, Any] | None = None
+
+    @property
+    def preprocess(self) -> dict[str, Any]:
+        return self.meta["preprocess"]
+
+
+def run_config_of(checkpoint: str | Path) -> dict[str, Any] | None:
+    """The resolved recipe (``config.json``) of the run a checkpoint belongs to, if there is one."""
+    path = Path(checkpoint)
+    file = (path if path.is_dir() else path.parent) / "config.json"
+    try:
+        config = json.loads(file.read_text())
+    except (OSError, json.JSONDecodeError):
+        return None
+    return config if isinstance(config, dict) and "data" in config and "patch" in config else None
+
+
+def _fixed_params(model: FlexiViT, patch: int) -> int:
+    """Parameters of the timm ViT that ``model.to_fixed(patch)`` (and ``flexivit export``) gives."""
+    cfg = model.config
+    flexible_stem = model.patch_embed.weight.numel() + sum(p.numel() for p in model._posemb_params())
+    tokens = (cfg.img_size // patch) ** 2
+    return param_count(model) - flexible_stem + cfg.embed_dim * (cfg.in_chans * patch * patch + tokens)
+
+
+def load_subject(checkpoint: str | Path, patch_size: int | None = None, *, single: bool = False) -> EvalSubject:
+    """A FlexiViT run directory / model file, or a timm export folder (which runs at its one size).
+
+    ``patch_size`` (or, with ``single``, the model's configured size) makes it a one-size subject.
+    """
+    path = str(checkpoint)
+    if is_export_dir(checkpoint):
+        vit, config = load_export(checkpoint)
+        patch = int(config["patch_size"])
+        if patch_size not in (None, patch):
+            raise ValueError(f"{path} is an export at patch size {patch}; it cannot run at {patch_size}")
+        meta = {"class_names": config["class_names"], "preprocess": config["preprocess"]}
+        return EvalSubject(path, f"{Path(path).name} (timm, p{patch})", FixedSizeViT(vit, patch), meta,
+                           [patch], [patch])
+    model, meta = load_model(checkpoint)
+    meta = {**meta, "preprocess": meta.get("preprocess") or default_preprocess(model)}
+    valid = valid_patch_sizes(model.config.img_size)
+    run_config = run_config_of(checkpoint)
+    patch_cfg = (run_config or {}).get("patch") or {}
+    trained = patch_cfg.get("eval_sizes") or patch_cfg.get("sizes")
+    if trained:
+        default = sorted({int(p) for p in trained})
+    else:
+        default = [p for p in valid if (model.config.img_size // p) ** 2 <= MAX_AUTO_TOKENS]
+    label = Path(path).name if Path(path).is_dir() else Path(path).parent.name or Path(path).name
+    if patch_size is None and single:
+        patch_size = model.config.patch_size
+    if patch_size is not None:
+        default = resolve_patch_sizes([patch_size], valid)
+        label = f"{label} (p{patch_size})"
+    return EvalSubject(path, label, model, meta, valid, default, run_config)
+
+
+def resolve_patch_sizes(spec: str | Sequence[int] | None, valid: Sequence[int],
+                        default: Sequence[int] | None = None) -> list[int]:
+    """``None`` → ``default``; ``"all"`` → every valid size; ``"4,7,14"`` or ints → checked sizes."""
+    if spec is None:
+        return list(default if default is not None else valid)
+    if isinstance(spec, str):
+        if spec.strip().lower() == "all":
+            return list(valid)
+        try:
+            spec = [int(s) for s in spec.split(",") if s.strip()]
+        except ValueError:
+            raise ValueError(f"patch sizes must look like 4,7,14 or 'all', got {spec!r}") from None
+    bad = [p for p in spec if p not in valid]
+    if bad or not spec:
+        raise ValueError(
+            f"patch size(s) {bad or spec} cannot be used by this model; valid patch sizes: "
+            f"{', '.join(map(str, valid))}"
+        )
+    return sorted(set(int(p) for p in spec))
+
+
+def parse_baseline(spec: str) -> tuple[str, int | None]:
+    """``CKPT[:PATCH]`` → (checkpoint, patch size or None)."""
+    path, sep, patch = spec.rpartition(":")
+    if sep and patch.isdigit() and path:
+        return path, int(patch)
+    return spec, None
+
+
+# ---- data --------------------------------------------------------------------------------------------
+def load_eval_splits(source: str | None, run_config: dict[str, Any] | None) -> tuple[str, Splits]:
+    """The dataset to evaluate on: ``source``, else the run's, else Fashion-MNIST; split as in training."""
+    data = (run_config or {}).get("data") or {}
+    seed = ((run_config or {}).get("train") or {}).get("seed", 0)
+    source = source or data.get("source") or "fashion-mnist"
+    same = source == data.get("source")
+    options = {k: data[k] for k in ("split_train", "split_test", "image_column", "label_column", "val_fraction")
+               if same and data.get(k) is not None}
+    return source, load_source(source, seed=seed, **options)
+
+
+def eval_dataset(subject: EvalSubject, splits: Splits, limit: int | None = None) -> TransformedDataset:
+    """The test split with ``subject``'s stored evaluation preprocessing.
+
+    The model's classes must be the data's, or some of them (a fine-tuned model on its source dataset:
+    the images of its classes are kept and relabelled as in ``data.classes``).
+    """
+    names = list(subject.meta.get("class_names") or [])
+    if names and names != list(splits.class_names) and set(names) < set(splits.class_names):
+        splits = select_classes(splits, names)
+    if names and names != list(splits.class_names):
+        raise ValueError(
+            f"{subject.checkpoint} was trained on classes {list(names)[:10]} ({len(names)}) but the data has "
+            f"{list(splits.class_names)[:10]} ({len(splits.class_names)}); pass the matching --data"
+        )
+    pre = subject.preprocess
+    transform = build_transform(
+        image_size=pre["image_size"], channels=pre["channels"], train=False, crop_pct=pre.get("crop_pct", 1.0),
+        mean=pre.get("mean"), std=pre.get("std"), interpolation=pre.get("interpolation", "bilinear"),
+    )
+    test = splits.test if limit is None else splits.test.select(range(min(limit, len(splits.test))))
+    on_corrupt = ((subject.run_config or {}).get("data") or {}).get("on_corrupt", "error")
+    return TransformedDataset(test, transform, on_corrupt=on_corrupt)
+
+
+class _BatchCache:
+    """Re-iterable batches: kept in memory after the first pass if they fit in ``max_bytes``.
+
+    Evaluation transforms are deterministic, so later patch sizes reuse the decoded batches.
+    """
+
+    def __init__(self, loader: Iterable[dict[str, Any]], max_bytes: int = CACHE_BYTES) -> None:
+        self.loader = loader
+        self.max_bytes = max_bytes
+        self.kept: list[dict[str, Any]] | None = None
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        if self.kept is not None:
+            yield from self.kept
+            return
+        kept: list[dict[str, Any]] | None = []
+        size = 0
+        for batch in self.loader:
+            if kept is not None:
+                size += batch["image"].numel() * batch["image"].element_size()
+                if size <= self.max_bytes:
+                    kept.append(batch)
+                else:
+                    kept = None
+            yield batch
+        self.kept = kept
+
+
+def _ticking(batches: Iterable[dict[str, Any]], bar: tqdm) -> Iterator[dict[str, Any]]:
+    for batch in batches:
+        yield batch
+        bar.update(1)
+
+
+def default_device() -> torch.device:
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def sweep(
+    subject: EvalSubject, data: torch.utils.data.Dataset, patch_sizes: Sequence[int], *,
+    settings: MeasureSettings = MeasureSettings(), device: torch.device | None = None,
+    eval_batch_size: int = 256, progress: bool = True,
+) -> list[dict[str, Any]]:
+    """Accuracy and measured costs of ``subject`` at each patch size, one row per size."""
+    device = device or default_device()
+    model = subject.model.to(device).eval()
+    pre = subject.preprocess
+    shape = (pre["channels"], pre["image_size"], pre["image_size"])
+    loader = make_loader(data, batch_size=eval_batch_size, shuffle=False, seed=0, drop_last=False)
+    batches = _BatchCache(loader)
+    rows = []
+    with tqdm(total=len(patch_sizes) * (len(loader) + 1), desc=f"eval {subject.label}", disable=not progress,
+              unit="step", leave=False) as bar:
+        for patch in patch_sizes:
+            bar.set_postfix(patch=patch)
+            scheme = PatchScheme(int(patch))
+            row = evaluate_schemes(model, _ticking(batches, bar), [scheme], image_hw=shape[1:], device=device)[0]
+            row.update(measure_costs(lambda x: model(x, scheme.patch), shape, settings, device=device))
+            row["params"] = param_count(model)
+            if isinstance(model, FlexiViT):
+                row["params_fixed"] = _fixed_params(model, scheme.patch)
+            rows.append(row)
+            bar.update(1)
+    return rows
+
+
+def _baseline(spec: str) -> EvalSubject:
+    """A ``CKPT[:PATCH]`` baseline, evaluated at PATCH (default: the size the model was configured for)."""
+    path, patch = parse_baseline(spec)
+    return load_subject(path, patch, single=True)
+
+
+def _device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def evaluate_checkpoint(
+    checkpoint: str | Path, *, data: str | None = None, patch_sizes: str | Sequence[int] | None = None,
+    baselines: Sequence[str] = (), settings: MeasureSettings = MeasureSettings(),
+    device: torch.device | None = None, eval_batch_size: int = 256, limit: int | None = None,
+    progress: bool = True,
+) -> dict[str, Any]:
+    """The ``eval.json`` report of ``checkpoint`` (and of ``CKPT[:PATCH]`` baselines) on a test split."""
+    device = device or default_device()
+    subject = load_subject(checkpoint)
+    sizes = resolve_patch_sizes(patch_sizes, subject.valid_sizes, subject.default_sizes)
+    others = [_baseline(spec) for spec in baselines]
+    source, splits = load_eval_splits(data, subject.run_config)
+
+    def run(s: EvalSubject, s_sizes: Sequence[int]) -> list[dict[str, Any]]:
+        return sweep(s, eval_dataset(s, splits, limit), s_sizes, settings=settings, device=device,
+                     eval_batch_size=eval_batch_size, progress=progress)
+
+    results = run(subject, sizes)
+    report: dict[str, Any] = {
+        "checkpoint": str(checkpoint),
+        "data": source,
+        "split": "test",
+        "n": results[0]["n"] if results else 0,
+        "device": str(device),
+        "device_name": _device_name(device),
+        "torch_threads": torch.get_num_threads(),
+        "torch": torch.__version__,
+        "batch_size": settings.batch_size,
+        "latency_batch_size": 1,
+        "warmup": settings.warmup,
+        "repeats": settings.repeats,
+        "peak_mem_kind": peak_mem_kind(device),
+        "image_size": subject.preprocess["image_size"],
+        "num_classes": len(subject.meta.get("class_names") or []),
+        "results": results,
+    }
+    if others:
+        report["baselines"] = [
+            {"checkpoint": o.checkpoint, "label": o.label, "results": run(o, o.default_sizes)} for o in others
+        ]
+    return report
