@@ -33,7 +33,7 @@ from .evaluate import evaluate_schemes, format_table
 from .model import FlexiViT
 from .rng import mix, seed_all
 
-__all__ = ["train", "TrainingError", "RunResult", "StepInfo"]
+__all__ = ["train", "TrainingError", "RunResult", "StepInfo", "loader_batches"]
 
 
 class TrainingError(RuntimeError):
@@ -91,6 +91,14 @@ class _Window:
             row = {k: v / s["steps"] for k, v in s.items() if k not in ("steps", "images", "seconds")}
             per_patch[str(p)] = {**row, "img_s": s["images"] / max(s["seconds"], 1e-9), "steps": int(s["steps"])}
         return {"per_patch": per_patch, "data_wait_share": self.wait / max(self.total, 1e-9)}
+
+
+def loader_batches(scheme: Any, image_hw: tuple[int, int], batch_size: int, token_budget: int) -> int:
+    """Loader batches one micro-step of ``scheme`` takes: 1, or the token-budget share (``train.token_budget``)."""
+    if token_budget <= 0:
+        return 1
+    gh, gw = scheme.grid_size(image_hw)
+    return max(1, token_budget // (batch_size * gh * gw))
 
 
 def _resume_state(accelerator: Accelerator, out: Path, model_config: dict) -> int:
@@ -207,8 +215,11 @@ def train(
     def run_eval() -> list[dict[str, Any]]:
         return evaluate_schemes(model, test_loader, eval_schemes, image_hw=image_hw, gather=accelerator.gather_for_metrics)
 
-    accum = cfg.train.grad_accum
-    stream = _batches(loader, data.train, steps_per_epoch, step * accum, accelerator.skip_first_batches)
+    def micro_steps(at: int) -> int:  # loader batches of step ``at``: a function of the step alone
+        return cfg.train.grad_accum * loader_batches(sampler.at(at), image_hw, d.batch_size, cfg.train.token_budget)
+
+    consumed = sum(micro_steps(s) for s in range(step)) if cfg.train.token_budget else step * cfg.train.grad_accum
+    stream = _batches(loader, data.train, steps_per_epoch, consumed, accelerator.skip_first_batches)
     window, skipped, last_eval = _Window(), 0, []
     bar = tqdm(total=cfg.train.steps, initial=step, disable=not accelerator.is_local_main_process, desc="train")
     model.train()
@@ -218,6 +229,7 @@ def train(
         wait = 0.0
         sums: dict[str, torch.Tensor] = defaultdict(lambda: torch.zeros((), device=accelerator.device))
         images_seen = 0
+        accum = micro_steps(step)
         for micro in range(accum):
             tw = time.perf_counter()
             batch = next(stream)
