@@ -317,15 +317,21 @@ def test_make_loader_order_follows_seed() -> None:
     assert batch["label"].tolist() == list(range(8))
 
 
-def test_make_loader_with_workers_repeats_augmentations() -> None:
+def test_seeded_augmentations_follow_sample_and_epoch_not_workers() -> None:
+    """With ``seed`` set, a sample's augmented view depends on (seed, epoch, index) only: the same with
+    0 or 1 workers, and new at the next epoch (workers are not persistent, so they see set_epoch)."""
     ds = labelled_dataset(16)
+    ds.seed = 7
 
-    def first_epoch(seed: int) -> torch.Tensor:
-        loader = make_loader(ds, batch_size=8, shuffle=True, seed=seed, num_workers=1, drop_last=False)
-        assert loader.persistent_workers
+    def epoch(n: int, workers: int) -> torch.Tensor:
+        ds.set_epoch(n)
+        loader = make_loader(ds, batch_size=8, shuffle=False, seed=0, num_workers=workers, drop_last=False)
+        assert not loader.persistent_workers
         return torch.cat([b["image"] for b in loader])
 
-    assert torch.equal(first_epoch(5), first_epoch(5))
+    assert torch.equal(epoch(0, 0), epoch(0, 1))
+    assert torch.equal(epoch(1, 0), epoch(1, 1))
+    assert not torch.equal(epoch(0, 1), epoch(1, 1))
 
 
 @needs_fashion_mnist
