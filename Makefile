@@ -15,6 +15,8 @@ PYTEST_ARGS ?=
 .PHONY: setup data quickstart test test-fast clean-venv
 
 $(VENV)/.complete: constraints.txt pyproject.toml
+	# Venvs built from older constraints/pyproject are ~6 GB each: keep only the one being built.
+	find "$(CACHE_DIR)" -maxdepth 1 -name 'venv-*' ! -name 'venv-$(VENV_KEY)' -exec rm -rf {} + 2>/dev/null || true
 	rm -rf "$(VENV)"
 	$(PYTHON) -m venv "$(VENV)"
 	# One resolver pass over everything, with torch/torchvision pinned by constraints.txt.

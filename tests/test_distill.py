@@ -154,3 +154,36 @@ class _Payload:
         import os
 
         return (os.system, (f"touch {self.marker}",))
+
+
+def test_only_the_student_is_prepared_and_saved(tmp_path):
+    """The trainer hands Accelerate the student alone: DDP/FSDP never wrap the teacher, save_state never
+    sees it."""
+    from accelerate import Accelerator
+
+    from flexivit.config import load_recipe
+    from flexivit.distill import Teacher
+    from flexivit.train import train
+
+    teacher_model = FlexiViT(FlexiViTConfig(img_size=28, patch_size=4, base_patch_size=4, base_grid=7, in_chans=1,
+                                            num_classes=10, embed_dim=32, depth=1, num_heads=2, class_token=False,
+                                            global_pool="avg"))
+    save_model(teacher_model, tmp_path / "teacher", class_names=[str(i) for i in range(10)],
+               preprocess={"image_size": 28, "channels": 1, "mean": [0.5], "std": [0.5]})
+    prepared = []
+
+    class Recording(Accelerator):
+        def prepare(self, *objects, **kw):
+            prepared.extend(objects)
+            return super().prepare(*objects, **kw)
+
+    cfg = load_recipe("fashion_mnist_distill:smoke", [
+        f"distill.teacher={tmp_path / 'teacher'}", "model.embed_dim=32", "model.depth=1", "train.steps=2",
+        "train.checkpoint_every=2", "data.batch_size=8", "data.eval_limit=16", "patch.sizes=4,7"])
+    train(cfg, out_dir=tmp_path / "run", accelerator=Recording(cpu=True))
+    models = [o for o in prepared if isinstance(o, torch.nn.Module)]
+    assert len(models) == 1 and isinstance(models[0], FlexiViT) and not any(isinstance(o, Teacher) for o in prepared)
+    from safetensors.torch import load_file
+
+    saved = load_file(str(tmp_path / "run" / "state" / "step_2" / "model.safetensors"))
+    assert set(saved) == set(models[0].state_dict())
