@@ -3,7 +3,11 @@
     flexivit train fashion_mnist            # full run
     flexivit train fashion_mnist:smoke      # a few steps, for tests
 
-Hardware and results are filled in from measured runs (see README, "Quickstart").
+Measured (2026-11-24, seed 0, full test set): top-1 74.4 / 77.2 / 77.0 / 78.1 % at patch 2 / 4 / 7 /
+14, in 11.7 CPU-minutes on one thread of the development machine's x86_64 CPU (the old 14x14 base
+kernel: 72.0 / 75.4 / 75.7 / 76.0 %). The issue's target, >= 80 % at every size within 10 minutes on 2
+cores, is not met yet; `--set train.token_budget=6272` lifted the worst size another 4.7 points in the
+400-step ablation (docs/ablation.md, docs/LOG.md).
 """
 
 from flexivit.config import Config, DataConfig, ModelConfig, OptimConfig, PatchConfig, TrainConfig
@@ -12,7 +16,10 @@ from flexivit.config import Config, DataConfig, ModelConfig, OptimConfig, PatchC
 def get_config(arg: str | None = None) -> Config:
     cfg = Config(
         name="fashion_mnist",
-        model=ModelConfig(variant="flexi_vit_micro", base_patch_size=14, base_grid=7, kernel_antialias=True),
+        # Base kernel 4x4, not 14x14: Adam moves every base weight by ~lr per step, and the area-like
+        # PI-resize to patch 2 sums (base/2)^2 of them, so a 14x14 base made patch-2 kernel steps 49x
+        # larger (4x with base 4). Base 4 lifted the worst size 5.8 points at 400 steps (docs/LOG.md).
+        model=ModelConfig(variant="flexi_vit_micro", base_patch_size=4, base_grid=7, kernel_antialias=True),
         data=DataConfig(source="fashion-mnist", image_size=28, batch_size=128, scale=(0.8, 1.0)),
         patch=PatchConfig(sizes=[2, 4, 7, 14], distribution="uniform"),
         optim=OptimConfig(lr=3e-3, weight_decay=0.05, warmup_steps=100),

@@ -3,9 +3,9 @@
     flexivit train fashion_mnist_teacher        # writes runs/fashion_mnist_teacher
     flexivit train fashion_mnist_teacher:smoke
 
-It is a plain fixed-patch ViT in function: every step uses patch 4 (its kernel is stored at 14x14 and
-PI-resized, so a student initialised from it gets the same base kernel shape). Measured results are in
-docs/distillation.md.
+It is a plain fixed-patch ViT in function: every step uses patch 4 (its kernel is stored at the
+quickstart's base size, 4x4, so a student initialised from it gets the same base kernel shape).
+Measured results are in docs/distillation.md.
 """
 
 from flexivit.config import Config, load_recipe
