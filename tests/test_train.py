@@ -40,13 +40,15 @@ def _weights(run: Path) -> dict:
 
 
 @pytest.mark.slow
-def test_kill_and_resume_is_bit_identical(tmp_path):
+@pytest.mark.parametrize("extra", [[], ["train.token_budget=1568"]], ids=["plain", "token-budget"])
+def test_kill_and_resume_is_bit_identical(tmp_path, extra):
     straight, killed = tmp_path / "straight", tmp_path / "killed"
-    assert _run([sys.executable, str(PROBE), str(straight), *_sets(TINY)]).returncode == 0
-    crash = _run([sys.executable, str(PROBE), str(killed), "--kill-after", "6", *_sets(TINY)])
+    tiny = TINY + extra  # token budget 32 x 49: patch 7 steps take 3 batches, patch 14 twelve
+    assert _run([sys.executable, str(PROBE), str(straight), *_sets(tiny)]).returncode == 0
+    crash = _run([sys.executable, str(PROBE), str(killed), "--kill-after", "6", *_sets(tiny)])
     assert crash.returncode == -9  # SIGKILL mid-epoch, two steps after the step-4 checkpoint
     assert [p.name for p in find_states(killed / "state")] == ["step_4"]
-    resumed = _run([sys.executable, str(PROBE), str(killed), "--resume", *_sets(TINY)])
+    resumed = _run([sys.executable, str(PROBE), str(killed), "--resume", *_sets(tiny)])
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     a, b = _weights(straight), _weights(killed)
     assert a.keys() == b.keys()
