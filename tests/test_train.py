@@ -15,7 +15,8 @@ ROOT = Path(__file__).resolve().parent.parent
 PROBE = ROOT / "tests" / "scripts" / "train_probe.py"
 # A tiny, fast configuration of the smoke recipe for the mechanics tests.
 TINY = ["model.embed_dim=32", "model.depth=1", "data.batch_size=32", "data.eval_limit=256",
-        "train.steps=12", "train.checkpoint_every=4", "train.keep_checkpoints=3", "train.log_every=4"]
+        "train.steps=12", "train.checkpoint_every=4", "train.keep_checkpoints=3", "train.log_every=4",
+        "train.token_budget=0"]
 
 
 def _env() -> dict[str, str]:

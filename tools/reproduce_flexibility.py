@@ -43,7 +43,7 @@ from flexivit.model import FlexiViT  # noqa: E402
 from flexivit.patch_embed import PatchScheme  # noqa: E402
 
 SMOKE = ["train.steps=30", "train.log_every=10", "train.checkpoint_every=15", "optim.warmup_steps=5",
-         "data.batch_size=64"]
+         "data.batch_size=64", "train.token_budget=3136"]
 
 
 @dataclass(frozen=True)
