@@ -7,7 +7,6 @@ import statistics
 from dataclasses import dataclass
 from typing import Any
 
-import torch
 from torch.utils.data import DataLoader, Dataset
 
 from .config import Config, PatchConfig, StageConfig
@@ -121,7 +120,3 @@ def preprocess_meta(cfg: Config, channels: int) -> dict[str, Any]:
     """What a deployed model needs to prepare an image like the evaluation did."""
     return {"image_size": cfg.data.image_size, "channels": channels, "crop_pct": cfg.data.crop_pct,
             "mean": [0.5] * channels, "std": [0.5] * channels, "interpolation": "bilinear"}
-
-
-def param_count(model: torch.nn.Module) -> int:
-    return sum(p.numel() for p in model.parameters())
