@@ -128,10 +128,10 @@ class TrainConfig:
     steps: int = 1600
     seed: int = 0
     grad_accum: int = 1
-    # Token-budget batches (0 = off): a step whose batch holds fewer tokens than this takes
-    # max(1, budget // (batch_size * tokens per image)) loader batches (times grad_accum), so large
-    # patches see more images per step for about the same compute; e.g. 128 * 49 = 6272 gives patch 4
-    # one batch, 7 three, 14 twelve.
+    # Token-budget batches (0 = off): a step whose batch holds fewer tokens than this joins
+    # max(1, budget // (batch_size * tokens per image)) loader batches into one forward (per grad_accum
+    # micro-step), so large patches see more images per step for about the same compute and memory;
+    # e.g. 128 * 49 = 6272 gives patch 4 one batch, 7 three, 14 twelve.
     token_budget: int = 0
     mixed_precision: str = "no"  # "no" | "bf16" | "fp16"
     log_every: int = 50

@@ -101,6 +101,17 @@ def loader_batches(scheme: Any, image_hw: tuple[int, int], batch_size: int, toke
     return max(1, token_budget // (batch_size * gh * gw))
 
 
+def _join(parts: list[dict]) -> dict:
+    """Loader batches concatenated into one micro-batch (a token-budget step runs them as one forward)."""
+    if len(parts) == 1:
+        return parts[0]
+    kept = [b for b in parts if b["label"].numel()]
+    joined = {"skipped": sum(int(b.get("skipped", 0)) for b in parts)}
+    if not kept:
+        return {**parts[0], **joined}
+    return {"image": torch.cat([b["image"] for b in kept]), "label": torch.cat([b["label"] for b in kept]), **joined}
+
+
 def _resume_state(accelerator: Accelerator, out: Path, model_config: dict) -> int:
     """Load the newest good checkpoint; returns the step to continue from (0 if none)."""
     state = ckpt.latest_good_state(out / "state", warn=accelerator.print)
@@ -215,8 +226,11 @@ def train(
     def run_eval() -> list[dict[str, Any]]:
         return evaluate_schemes(model, test_loader, eval_schemes, image_hw=image_hw, gather=accelerator.gather_for_metrics)
 
+    def per_micro(at: int) -> int:  # loader batches joined into each micro-batch of step ``at``
+        return loader_batches(sampler.at(at), image_hw, d.batch_size, cfg.train.token_budget)
+
     def micro_steps(at: int) -> int:  # loader batches of step ``at``: a function of the step alone
-        return cfg.train.grad_accum * loader_batches(sampler.at(at), image_hw, d.batch_size, cfg.train.token_budget)
+        return cfg.train.grad_accum * per_micro(at)
 
     consumed = sum(micro_steps(s) for s in range(step)) if cfg.train.token_budget else step * cfg.train.grad_accum
     stream = _batches(loader, data.train, steps_per_epoch, consumed, accelerator.skip_first_batches)
@@ -229,10 +243,13 @@ def train(
         wait = 0.0
         sums: dict[str, torch.Tensor] = defaultdict(lambda: torch.zeros((), device=accelerator.device))
         images_seen = 0
-        accum = micro_steps(step)
+        accum, joined = cfg.train.grad_accum, per_micro(step)
         for micro in range(accum):
             tw = time.perf_counter()
-            batch = next(stream)
+            # A token-budget step's loader batches run as one forward: it holds about the budget's tokens,
+            # so it needs no more memory than one batch at the budget's patch size, and is faster than
+            # accumulating many small micro-batches.
+            batch = _join([next(stream) for _ in range(joined)])
             wait += time.perf_counter() - tw
             seed_all(mix(cfg.train.seed, step, micro, accelerator.process_index))  # dropout, mixup
             images, labels = batch["image"], batch["label"]

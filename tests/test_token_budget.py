@@ -21,3 +21,42 @@ def test_token_budget_off_is_one_batch_and_the_quickstart_uses_one_patch4_batch(
     assert budget == 128 * 49
     assert [loader_batches(PatchScheme(p), (28, 28), 128, budget) for p in (2, 4, 7, 14)] == [1, 1, 3, 12]
     assert load_recipe("fashion_mnist", ["train.token_budget=0"]).train.token_budget == 0
+
+
+def test_join_concatenates_loader_batches_and_counts_skipped():
+    import torch
+
+    from flexivit.train import _join
+
+    a = {"image": torch.randn(3, 1, 4, 4), "label": torch.tensor([0, 1, 2]), "skipped": 1}
+    empty = {"image": torch.empty(0), "label": torch.empty(0, dtype=torch.long), "skipped": 2}
+    b = {"image": torch.randn(2, 1, 4, 4), "label": torch.tensor([3, 4]), "skipped": 0}
+    joined = _join([a, empty, b])
+    assert joined["image"].equal(torch.cat([a["image"], b["image"]]))
+    assert joined["label"].tolist() == [0, 1, 2, 3, 4]
+    assert joined["skipped"] == 3
+    assert _join([a]) is a
+    assert _join([empty, empty])["skipped"] == 4 and _join([empty, empty])["label"].numel() == 0
+
+
+def test_a_token_budget_step_runs_its_loader_batches_as_one_forward(tmp_path):
+    """Every training forward holds budget // tokens images (joined), never one loader batch at a time."""
+    from flexivit.train import train
+
+    seen: list[tuple[int, int]] = []  # (patch, images) of every training forward
+
+    def record(model):
+        def hook(module, args, kwargs):
+            if module.training:
+                seen.append((args[1] if len(args) > 1 else kwargs["patch_size"], args[0].shape[0]))
+        model.register_forward_pre_hook(hook, with_kwargs=True)
+        return model
+
+    cfg = load_recipe("fashion_mnist:smoke", [
+        "model.embed_dim=16", "model.depth=1", "data.batch_size=8", "train.token_budget=392",  # 8 x 49
+        "train.steps=8", "train.checkpoint_every=100", "data.eval_limit=16", "patch.eval_sizes=14",
+    ])
+    train(cfg, out_dir=tmp_path / "run", init=record)
+    assert len(seen) == 8  # one forward per step
+    expected = {2: 8, 4: 8, 7: 24, 14: 96}  # 8 images x max(1, 392 // (8 x tokens))
+    assert all(n == expected[p] for p, n in seen), seen
