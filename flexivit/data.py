@@ -410,10 +410,17 @@ def make_loader(
     shuffle: bool,
     seed: int,
     num_workers: int = 0,
+    prefetch_batches: int = 2,
     drop_last: bool,
 ) -> torch.utils.data.DataLoader:
-    """A DataLoader whose order (and, with workers, augmentation) is fixed by ``seed``."""
+    """A DataLoader whose order (and, with workers, augmentation) is fixed by ``seed``.
+
+    ``prefetch_batches`` is how many batches the workers keep ready in all (ignored without workers):
+    a step that joins many batches (token budget) then finds them prepared while earlier, compute-heavy
+    steps ran.
+    """
     generator = torch.Generator().manual_seed(seed)
+    extra = {"prefetch_factor": max(2, -(-prefetch_batches // num_workers))} if num_workers > 0 else {}
     return torch.utils.data.DataLoader(
         dataset,
         batch_size=batch_size,
@@ -424,4 +431,5 @@ def make_loader(
         collate_fn=collate,
         # Not persistent: workers must pick up set_epoch() on the dataset at each new epoch.
         persistent_workers=False,
+        **extra,
     )

@@ -77,7 +77,8 @@ class Weighted(Distribution):
         if len(self.weights) != len(schemes):
             raise ValueError(
                 f"got {len(self.weights)} weights for {len(schemes)} schemes "
-                f"(patch sizes {[s.patch for s in schemes]}); give one weight per scheme"
+                f"(patch sizes {[s.patch for s in schemes]}); give one weight per scheme "
+                "(--set patch.weights=...), or draw uniformly (--set patch.distribution=uniform --set patch.weights=none)"
             )
 
     def probs(self, schemes: Sequence[PatchScheme], step: int) -> torch.Tensor:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 import shutil
 import time
 from collections import defaultdict
@@ -101,6 +102,15 @@ def loader_batches(scheme: Any, image_hw: tuple[int, int], batch_size: int, toke
     return max(1, token_budget // (batch_size * gh * gw))
 
 
+def _share_cores(accelerator: Accelerator, num_workers: int) -> None:
+    """On CPU, leave the data workers their cores: torch's threads busy-wait for work, so a process with
+    one thread per core starves its own workers. ``OMP_NUM_THREADS``, when set, wins."""
+    if accelerator.device.type != "cpu" or num_workers == 0 or "OMP_NUM_THREADS" in os.environ:
+        return
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    torch.set_num_threads(max(1, cores // accelerator.num_processes - num_workers))
+
+
 def _join(parts: list[dict]) -> dict:
     """Loader batches concatenated into one micro-batch (a token-budget step runs them as one forward)."""
     if len(parts) == 1:
@@ -191,8 +201,10 @@ def train(
     student_view = ViewSpec(d.image_size, data.channels, tuple(pre["mean"]), tuple(pre["std"]))
     model_config = model.config.to_dict()
     sampler = build_sampler(cfg)
-    loader = make_loader(data.train, batch_size=cfg.data.batch_size, shuffle=True, seed=cfg.train.seed,
-                         num_workers=cfg.data.num_workers, drop_last=True)
+    most = max(loader_batches(s, (d.image_size, d.image_size), d.batch_size, cfg.train.token_budget) for s in sampler.schemes)
+    loader = make_loader(data.train, batch_size=d.batch_size, shuffle=True, seed=cfg.train.seed,
+                         num_workers=d.num_workers, prefetch_batches=2 * most * cfg.train.grad_accum, drop_last=True)
+    _share_cores(accelerator, d.num_workers)
     optimizer = create_optimizer_v2(model, opt=cfg.optim.opt, lr=cfg.optim.lr, weight_decay=cfg.optim.weight_decay)
     # timm's scheduler is a pure function of the update count, so it needs no checkpointed state.
     scheduler = CosineLRScheduler(

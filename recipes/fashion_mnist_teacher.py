@@ -15,5 +15,6 @@ def get_config(arg: str | None = None) -> Config:
     cfg = load_recipe(f"fashion_mnist:{arg}" if arg else "fashion_mnist")
     cfg.name = "fashion_mnist_teacher" + (f"-{arg}" if arg else "")
     cfg.patch.sizes, cfg.patch.default = [4], 4
+    cfg.patch.distribution, cfg.patch.weights = "uniform", None  # one size: nothing to weight
     cfg.patch.eval_sizes = [2, 4, 7, 14]  # to show how a fixed-size model fares elsewhere
     return cfg

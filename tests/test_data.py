@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import gzip
 import random
-import time
 from pathlib import Path
 
 import datasets
@@ -334,21 +333,10 @@ def test_seeded_augmentations_follow_sample_and_epoch_not_workers() -> None:
     assert not torch.equal(epoch(0, 1), epoch(1, 1))
 
 
-@needs_fashion_mnist
-def test_fashion_mnist_throughput(capsys: pytest.CaptureFixture) -> None:
-    """Prints per-sample load + transform time (batched fetch, as the DataLoader does); no assert."""
-    splits = load_source("fashion-mnist")
-    n, batch = 2048, 256
-    lines = []
-    for size in (28, 32):
-        for train, augment in ((True, None), (True, "rand-m9-mstd0.5"), (False, None)):
-            transform = build_transform(image_size=size, channels=1, train=train, randaugment=augment)
-            ds = TransformedDataset(splits.train, transform)
-            start = time.perf_counter()
-            for i in range(0, n, batch):
-                collate(ds.__getitems__(list(range(i, i + batch))))
-            us = (time.perf_counter() - start) / n * 1e6
-            kind = "train" if train else "eval"
-            lines.append(f"{size}px {kind:5} ra={augment or '-':16} {us:6.1f} us/img  {1e6 / us:7.0f} img/s")
-    with capsys.disabled():
-        print("\nFashion-MNIST load+transform+collate, one core:\n  " + "\n  ".join(lines))
+def test_workers_keep_enough_batches_ready_for_a_token_budget_step() -> None:
+    ds = labelled_dataset(16)
+    assert make_loader(ds, batch_size=4, shuffle=False, seed=0, num_workers=2, prefetch_batches=10,
+                       drop_last=False).prefetch_factor == 5  # 2 workers x 5 = the 10 batches asked for
+    assert make_loader(ds, batch_size=4, shuffle=False, seed=0, num_workers=1, prefetch_batches=1,
+                       drop_last=False).prefetch_factor == 2  # never below torch's default
+    assert make_loader(ds, batch_size=4, shuffle=False, seed=0, drop_last=False).prefetch_factor is None

@@ -60,3 +60,30 @@ def test_a_token_budget_step_runs_its_loader_batches_as_one_forward(tmp_path):
     assert len(seen) == 8  # one forward per step
     expected = {2: 8, 4: 8, 7: 24, 14: 96}  # 8 images x max(1, 392 // (8 x tokens))
     assert all(n == expected[p] for p, n in seen), seen
+
+
+def test_cpu_training_with_workers_leaves_them_a_core(monkeypatch):
+    """torch's threads busy-wait: with data workers on CPU the trainer takes cores minus workers."""
+    import os
+
+    import torch
+    from accelerate import Accelerator
+
+    from flexivit.train import _share_cores
+
+    cores = len(os.sched_getaffinity(0))
+    before = torch.get_num_threads()
+    try:
+        monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+        torch.set_num_threads(cores + 2)
+        _share_cores(Accelerator(cpu=True), num_workers=1)
+        assert torch.get_num_threads() == max(1, cores - 1)
+        torch.set_num_threads(cores + 2)
+        monkeypatch.setenv("OMP_NUM_THREADS", "1")
+        _share_cores(Accelerator(cpu=True), num_workers=1)  # the user's choice wins
+        assert torch.get_num_threads() == cores + 2
+        monkeypatch.delenv("OMP_NUM_THREADS")
+        _share_cores(Accelerator(cpu=True), num_workers=0)  # no workers: nothing to leave room for
+        assert torch.get_num_threads() == cores + 2
+    finally:
+        torch.set_num_threads(before)

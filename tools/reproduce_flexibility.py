@@ -2,6 +2,7 @@
 
     python tools/reproduce_flexibility.py                       # 3 seeds, recipe budget (hours on 2 CPU cores)
     python tools/reproduce_flexibility.py --steps 400           # the reduced budget of docs/ablation.md
+    python tools/reproduce_flexibility.py --jobs 2              # two runs at a time (one per core)
     python tools/reproduce_flexibility.py --smoke --out /tmp/r --results /tmp/r   # CI: 1 seed x 30 steps
 
 For every seed it trains, with the same recipe and number of steps (``recipes/fashion_mnist.py``):
@@ -25,6 +26,7 @@ import statistics
 import subprocess
 import sys
 import time
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
@@ -37,7 +39,7 @@ sys.path.insert(0, str(ROOT))
 
 from flexivit.builders import build_data, eval_loader  # noqa: E402
 from flexivit.checkpoint import find_states, load_model  # noqa: E402
-from flexivit.config import Config, config_from_dict  # noqa: E402
+from flexivit.config import Config, config_from_dict, load_recipe  # noqa: E402
 from flexivit.evaluate import evaluate_schemes  # noqa: E402
 from flexivit.model import FlexiViT  # noqa: E402
 from flexivit.patch_embed import PatchScheme  # noqa: E402
@@ -66,19 +68,26 @@ class Run:
 def plan(seeds: list[int], small: int, large: int, sizes: list[int]) -> list[Run]:
     """Every run, in dependency order (the small baseline before the student distilled from it)."""
     runs = []
+    uniform = ("patch.distribution=uniform", "patch.weights=none")
+    # The recipe's own sampling weights hold for its own sizes only; other sizes are drawn uniformly.
+    own = sizes == load_recipe("fashion_mnist").patch.sizes
     for seed in seeds:
         for p in (small, large):
-            fixed = (f"train.seed={seed}", f"patch.sizes={p}", f"patch.default={p}", f"patch.eval_sizes={p}")
+            fixed = (f"train.seed={seed}", f"patch.sizes={p}", f"patch.default={p}", f"patch.eval_sizes={p}",
+                     *uniform)
             runs.append(Run(f"fixed-p{p}", "fixed", seed, "fashion_mnist", fixed, p))
-        flexi = (f"train.seed={seed}", f"patch.sizes={','.join(map(str, sizes))}")
+        flexi = (f"train.seed={seed}", f"patch.sizes={','.join(map(str, sizes))}", *(() if own else uniform))
         runs.append(Run("flexi", "flexi", seed, "fashion_mnist", flexi))
         runs.append(Run("flexi-distilled", "flexi-distilled", seed, "fashion_mnist_distill", flexi,
                         teacher=f"fixed-p{small}"))
     return runs
 
 
-def train_run(run: Run, out: Path, extra: list[str], index: int, total: int) -> float:
-    """Train ``run`` into ``out/run.dir_name`` unless it is done; returns the wall time spent (s)."""
+def train_run(run: Run, out: Path, extra: list[str], index: int, total: int, *, quiet: bool = False) -> float:
+    """Train ``run`` into ``out/run.dir_name`` unless it is done; returns the wall time spent (s).
+
+    ``quiet`` sends the run's own output to ``train.log`` in its directory (for concurrent runs).
+    """
     run_dir = out / run.dir_name
     if (run_dir / "eval.json").exists():
         print(f"[{index}/{total}] {run.dir_name}: done already, skipped", flush=True)
@@ -93,10 +102,38 @@ def train_run(run: Run, out: Path, extra: list[str], index: int, total: int) -> 
     print(f"[{index}/{total}] {run.dir_name}: {' '.join(cmd[2:])}", flush=True)
     t0 = time.perf_counter()
     env = {**os.environ, "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", "")}
-    subprocess.run(cmd, cwd=ROOT, env=env, check=True)
+    if quiet:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        with open(run_dir / "train.log", "a") as log:
+            subprocess.run(cmd, cwd=ROOT, env=env, check=True, stdout=log, stderr=subprocess.STDOUT)
+    else:
+        subprocess.run(cmd, cwd=ROOT, env=env, check=True)
     seconds = time.perf_counter() - t0
     (run_dir / "wall_time.json").write_text(json.dumps({"train_seconds": seconds}) + "\n")
+    print(f"[{index}/{total}] {run.dir_name}: trained in {seconds / 60:.1f} min", flush=True)
     return seconds
+
+
+def train_all(runs: list[Run], out: Path, extra: list[str], jobs: int) -> None:
+    """Train every run, ``jobs`` at a time; a distilled run starts once its teacher has finished."""
+    if jobs <= 1:
+        for i, run in enumerate(runs, 1):
+            train_run(run, out, extra, i, len(runs))
+        return
+    # Concurrent runs share the cores: one torch thread each unless the caller chose otherwise.
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    done: dict[str, Future] = {}
+
+    def job(i: int, run: Run) -> float:
+        if run.teacher:
+            done[f"{run.teacher}-seed{run.seed}"].result()  # submitted earlier, so running or finished
+        return train_run(run, out, extra, i, len(runs), quiet=True)
+
+    with ThreadPoolExecutor(max_workers=jobs) as pool:
+        for i, run in enumerate(runs, 1):
+            done[run.dir_name] = pool.submit(job, i, run)
+        for future in done.values():
+            future.result()  # re-raise the first failure
 
 
 # ---- evaluation -------------------------------------------------------------------------------------
@@ -251,6 +288,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--eval-limit", type=int, help="evaluate on the first N test images (default: all)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="a recipe override applied to every run")
+    p.add_argument("--jobs", type=int, default=1,
+                   help="runs trained at once (one torch thread each unless OMP_NUM_THREADS is set); "
+                        "2 uses both cores of a 2-core machine")
     p.add_argument("--smoke", action="store_true", help="tiny budget for CI: 1 seed x 30 steps, 300 test images")
     args = p.parse_args(argv)
 
@@ -269,8 +309,7 @@ def main(argv: list[str] | None = None) -> int:
     args.out.mkdir(parents=True, exist_ok=True)
     args.results.mkdir(parents=True, exist_ok=True)
 
-    for i, run in enumerate(runs, 1):
-        train_run(run, args.out, extra, i, len(runs))
+    train_all(runs, args.out, extra, args.jobs)
     per_run = {}
     for i, run in enumerate(runs, 1):
         print(f"[eval {i}/{len(runs)}] {run.dir_name} at patch sizes {sizes}", flush=True)
