@@ -26,7 +26,7 @@ def fixed_size(cfg: Config, patch_size: int) -> Config:
     PatchScheme(patch_size).grid_size((cfg.data.image_size,) * 2)  # a clear error for a size that does not fit
     cfg.patch.eval_sizes = sorted(set(cfg.patch.eval_sizes or cfg.patch.sizes) | {patch_size})
     cfg.patch.sizes, cfg.patch.strides, cfg.patch.default = [patch_size], None, patch_size
-    cfg.patch.distribution, cfg.patch.curriculum = "uniform", []
+    cfg.patch.distribution, cfg.patch.weights, cfg.patch.curriculum = "uniform", None, []
     cfg.optim.lr *= cfg.finetune.fixed_lr_scale
     cfg.optim.pull = cfg.finetune.fixed_pull
     return cfg

@@ -179,7 +179,8 @@ def test_only_the_student_is_prepared_and_saved(tmp_path):
 
     cfg = load_recipe("fashion_mnist_distill:smoke", [
         f"distill.teacher={tmp_path / 'teacher'}", "model.embed_dim=32", "model.depth=1", "train.steps=2",
-        "train.checkpoint_every=2", "data.batch_size=8", "data.eval_limit=16", "patch.sizes=4,7"])
+        "train.checkpoint_every=2", "data.batch_size=8", "data.eval_limit=16", "patch.sizes=4,7",
+        "patch.distribution=uniform", "patch.weights=none"])
     train(cfg, out_dir=tmp_path / "run", accelerator=Recording(cpu=True))
     models = [o for o in prepared if isinstance(o, torch.nn.Module)]
     assert len(models) == 1 and isinstance(models[0], FlexiViT) and not any(isinstance(o, Teacher) for o in prepared)
@@ -187,3 +188,20 @@ def test_only_the_student_is_prepared_and_saved(tmp_path):
 
     saved = load_file(str(tmp_path / "run" / "state" / "step_2" / "model.safetensors"))
     assert set(saved) == set(models[0].state_dict())
+
+
+def test_fixed_size_finetuning_draws_one_size_whatever_the_recipe_weights():
+    """`flexivit finetune --patch-size P` on a recipe that weights its sizes: one size, no stale weights."""
+    from flexivit.builders import build_sampler
+    from flexivit.config import load_recipe
+    from flexivit.finetune import fixed_size
+
+    cfg = load_recipe("fashion_mnist_finetune")
+    assert cfg.patch.distribution == "weighted" and len(cfg.patch.weights) == 4
+    lr = cfg.optim.lr
+    fixed = fixed_size(cfg, 7)
+    assert [s.patch for s in build_sampler(fixed).schemes] == [7]
+    assert fixed.patch.eval_sizes == [2, 4, 7, 14] and fixed.patch.weights is None
+    assert fixed.optim.lr == pytest.approx(lr * fixed.finetune.fixed_lr_scale)
+    with pytest.raises(ValueError, match="valid patch sizes"):
+        fixed_size(load_recipe("fashion_mnist_finetune"), 5)

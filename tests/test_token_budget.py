@@ -12,14 +12,15 @@ def test_token_budget_gives_large_patches_more_batches_for_the_same_tokens():
     assert all(counts[p] * 128 * (28 // p) ** 2 <= max(budget, 128 * (28 // p) ** 2) for p in counts)
 
 
-def test_token_budget_off_is_one_batch_and_the_quickstart_uses_one_patch4_batch():
+def test_token_budget_off_is_one_batch_and_the_quickstart_uses_one_patch2_batch():
     from flexivit.config import Config
 
     assert Config().train.token_budget == 0  # off unless a recipe asks for it
     assert loader_batches(PatchScheme(14), (28, 28), 128, 0) == 1
-    budget = load_recipe("fashion_mnist").train.token_budget
-    assert budget == 128 * 49
-    assert [loader_batches(PatchScheme(p), (28, 28), 128, budget) for p in (2, 4, 7, 14)] == [1, 1, 3, 12]
+    cfg = load_recipe("fashion_mnist")
+    assert cfg.train.token_budget == cfg.data.batch_size * 196 == 16 * 196
+    counts = [loader_batches(PatchScheme(p), (28, 28), 16, cfg.train.token_budget) for p in (2, 4, 7, 14)]
+    assert counts == [1, 4, 12, 49]  # 16, 64, 192, 784 images: the same 3136 tokens per step
     assert load_recipe("fashion_mnist", ["train.token_budget=0"]).train.token_budget == 0
 
 

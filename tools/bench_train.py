@@ -42,9 +42,11 @@ def _img_s(windows: list[dict[str, Any]], patch: int) -> list[float]:
 
 
 def measure(*, recipe: str, sizes: list[int], steps: int, repeats: int, batch: int, work: Path) -> dict[str, Any]:
-    # One batch per step for both: the comparison is the cost of sampling, not of token budgets.
+    # One batch per step for both, sizes drawn uniformly: the comparison is the cost of sampling, not of
+    # token budgets or of the recipe's weights.
     common = [f"data.batch_size={batch}", "data.eval_limit=64", "train.checkpoint_every=1000000", "train.token_budget=0",
-              f"train.log_every={max(steps // 8, 1)}", f"patch.sizes={','.join(map(str, sizes))}"]
+              f"train.log_every={max(steps // 8, 1)}", f"patch.sizes={','.join(map(str, sizes))}",
+              "patch.distribution=uniform", "patch.weights=none"]
     flexi: dict[int, list[float]] = {p: [] for p in sizes}
     fixed: dict[int, list[float]] = {p: [] for p in sizes}
     waits: list[float] = []

@@ -83,6 +83,12 @@ def plan(seeds: list[int], small: int, large: int, sizes: list[int]) -> list[Run
     return runs
 
 
+def _say(line: str) -> None:
+    """One whole line per write, so that concurrent runs' messages do not interleave."""
+    sys.stdout.write(line + "\n")
+    sys.stdout.flush()
+
+
 def train_run(run: Run, out: Path, extra: list[str], index: int, total: int, *, quiet: bool = False) -> float:
     """Train ``run`` into ``out/run.dir_name`` unless it is done; returns the wall time spent (s).
 
@@ -90,7 +96,7 @@ def train_run(run: Run, out: Path, extra: list[str], index: int, total: int, *, 
     """
     run_dir = out / run.dir_name
     if (run_dir / "eval.json").exists():
-        print(f"[{index}/{total}] {run.dir_name}: done already, skipped", flush=True)
+        _say(f"[{index}/{total}] {run.dir_name}: done already, skipped")
         return 0.0
     overrides = [*run.overrides, *extra]
     if run.teacher:
@@ -99,7 +105,7 @@ def train_run(run: Run, out: Path, extra: list[str], index: int, total: int, *, 
     cmd += [a for o in overrides for a in ("--set", o)]
     if find_states(run_dir / "state"):
         cmd.append("--resume")
-    print(f"[{index}/{total}] {run.dir_name}: {' '.join(cmd[2:])}", flush=True)
+    _say(f"[{index}/{total}] {run.dir_name}: {' '.join(cmd[2:])}")
     t0 = time.perf_counter()
     env = {**os.environ, "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", "")}
     if quiet:
@@ -110,7 +116,7 @@ def train_run(run: Run, out: Path, extra: list[str], index: int, total: int, *, 
         subprocess.run(cmd, cwd=ROOT, env=env, check=True)
     seconds = time.perf_counter() - t0
     (run_dir / "wall_time.json").write_text(json.dumps({"train_seconds": seconds}) + "\n")
-    print(f"[{index}/{total}] {run.dir_name}: trained in {seconds / 60:.1f} min", flush=True)
+    _say(f"[{index}/{total}] {run.dir_name}: trained in {seconds / 60:.1f} min")
     return seconds
 
 
