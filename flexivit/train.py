@@ -102,13 +102,16 @@ def loader_batches(scheme: Any, image_hw: tuple[int, int], batch_size: int, toke
     return max(1, token_budget // (batch_size * gh * gw))
 
 
-def _share_cores(accelerator: Accelerator, num_workers: int) -> None:
+def _share_cores(accelerator: Accelerator, num_workers: int) -> int:
     """On CPU, leave the data workers their cores: torch's threads busy-wait for work, so a process with
-    one thread per core starves its own workers. ``OMP_NUM_THREADS``, when set, wins."""
+    one thread per core starves its own workers. ``OMP_NUM_THREADS``, when set, wins. Returns the thread
+    count to restore when training ends."""
+    before = torch.get_num_threads()
     if accelerator.device.type != "cpu" or num_workers == 0 or "OMP_NUM_THREADS" in os.environ:
-        return
+        return before
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
     torch.set_num_threads(max(1, cores // accelerator.num_processes - num_workers))
+    return before
 
 
 def _join(parts: list[dict]) -> dict:
@@ -204,7 +207,7 @@ def train(
     most = max(loader_batches(s, (d.image_size, d.image_size), d.batch_size, cfg.train.token_budget) for s in sampler.schemes)
     loader = make_loader(data.train, batch_size=d.batch_size, shuffle=True, seed=cfg.train.seed,
                          num_workers=d.num_workers, prefetch_batches=2 * most * cfg.train.grad_accum, drop_last=True)
-    _share_cores(accelerator, d.num_workers)
+    threads = _share_cores(accelerator, d.num_workers)
     optimizer = create_optimizer_v2(model, opt=cfg.optim.opt, lr=cfg.optim.lr, weight_decay=cfg.optim.weight_decay)
     # timm's scheduler is a pure function of the update count, so it needs no checkpointed state.
     scheduler = CosineLRScheduler(
@@ -325,6 +328,7 @@ def train(
         ckpt.atomic_write_text(out / "eval.md", table + "\n")
         accelerator.print(f"\naccuracy at every patch size ({d.source}, {last_eval[0]['n'] if last_eval else 0} test images):\n{table}")
     accelerator.end_training()
+    torch.set_num_threads(threads)
     return RunResult(out_dir=out, step=step, eval=last_eval)
 
 

@@ -77,7 +77,7 @@ def test_cpu_training_with_workers_leaves_them_a_core(monkeypatch):
     try:
         monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
         torch.set_num_threads(cores + 2)
-        _share_cores(Accelerator(cpu=True), num_workers=1)
+        assert _share_cores(Accelerator(cpu=True), num_workers=1) == cores + 2  # to restore afterwards
         assert torch.get_num_threads() == max(1, cores - 1)
         torch.set_num_threads(cores + 2)
         monkeypatch.setenv("OMP_NUM_THREADS", "1")
