@@ -204,7 +204,8 @@ def train(
     student_view = ViewSpec(d.image_size, data.channels, tuple(pre["mean"]), tuple(pre["std"]))
     model_config = model.config.to_dict()
     sampler = build_sampler(cfg)
-    most = max(loader_batches(s, (d.image_size, d.image_size), d.batch_size, cfg.train.token_budget) for s in sampler.schemes)
+    image_hw = (d.image_size, d.image_size)
+    most = max(loader_batches(s, image_hw, d.batch_size, cfg.train.token_budget) for s in sampler.schemes)
     loader = make_loader(data.train, batch_size=d.batch_size, shuffle=True, seed=cfg.train.seed,
                          num_workers=d.num_workers, prefetch_batches=2 * most * cfg.train.grad_accum, drop_last=True)
     threads = _share_cores(accelerator, d.num_workers)
@@ -236,7 +237,6 @@ def train(
     )
     criterion = SoftTargetCrossEntropy() if mixup else torch.nn.CrossEntropyLoss(label_smoothing=d.label_smoothing)
     eval_schemes = schemes_of(cfg.patch, cfg.patch.eval_sizes) if cfg.patch.eval_sizes else list(sampler.schemes)
-    image_hw = (d.image_size, d.image_size)
 
     def run_eval() -> list[dict[str, Any]]:
         return evaluate_schemes(model, test_loader, eval_schemes, image_hw=image_hw, gather=accelerator.gather_for_metrics)
