@@ -238,7 +238,7 @@ def write_markdown(result: dict[str, Any], path: Path) -> None:
         "",
         f"Mean ± std over seeds {result['seeds']}; {result['steps']} training steps per model, same recipe "
         f"(`{result['command']}`); {result['eval_images']} test images; {result['train_minutes']:.1f} minutes "
-        "of training (wall time) in all.",
+        "of training, the sum of every run's wall time (runs started with --jobs overlap).",
         "",
         "| model | kind | trained at | resize | " + " | ".join(f"p={p}" for p in sizes) + " |",
         "|---|---|---:|---|" + "---:|" * len(sizes),
