@@ -14,6 +14,7 @@ from .data import Splits, TransformedDataset, build_transform, load_source, make
 from .model import FlexiViT
 from .patch_embed import PatchScheme
 from .sampler import Curriculum, Distribution, PatchSizeSampler, make_distribution
+from .transforms import eval_transform, preprocess_spec
 from .variants import VARIANTS, create_variant
 
 __all__ = ["build_model", "build_sampler", "schemes_of", "default_patch", "RunData", "build_data", "preprocess_meta"]
@@ -97,7 +98,7 @@ def build_data(cfg: Config) -> RunData:
         image_size=d.image_size, channels=channels, train=True, scale=tuple(d.scale), hflip=d.hflip,
         randaugment=d.randaugment,
     )
-    eval_tf = build_transform(image_size=d.image_size, channels=channels, train=False, crop_pct=d.crop_pct)
+    eval_tf = eval_transform(preprocess_meta(cfg, channels))  # exactly what a saved model stores
     test = splits.test
     if d.eval_limit is not None:
         test = test.select(range(min(d.eval_limit, len(test))))
@@ -118,5 +119,4 @@ def eval_loader(cfg: Config, data: RunData) -> DataLoader:
 
 def preprocess_meta(cfg: Config, channels: int) -> dict[str, Any]:
     """What a deployed model needs to prepare an image like the evaluation did."""
-    return {"image_size": cfg.data.image_size, "channels": channels, "crop_pct": cfg.data.crop_pct,
-            "mean": [0.5] * channels, "std": [0.5] * channels, "interpolation": "bilinear"}
+    return preprocess_spec(image_size=cfg.data.image_size, channels=channels, crop_pct=cfg.data.crop_pct)

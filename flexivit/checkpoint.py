@@ -25,7 +25,7 @@ from safetensors.torch import load_file, save_file, safe_open
 from .model import FlexiViT, FlexiViTConfig
 
 __all__ = [
-    "CheckpointError", "save_model", "load_model", "read_model_meta", "atomic_write_text",
+    "CheckpointError", "save_model", "load_model", "read_model_meta", "atomic_write_text", "run_dir",
     "finalize_state_dir", "find_states", "latest_good_state", "verify_state", "prune_states",
 ]
 
@@ -62,6 +62,13 @@ def save_model(model: FlexiViT, path: str | Path, *, class_names: list[str], pre
     os.replace(tmp, file)
     atomic_write_text(file.with_suffix(".json"), json.dumps(meta, indent=2) + "\n")
     return file
+
+
+def run_dir(checkpoint: str | Path) -> Path:
+    """The folder a checkpoint belongs to (its config.json and eval.json live there): a run directory
+    itself, or the folder of a model file."""
+    path = Path(checkpoint)
+    return path if path.is_dir() else path.parent
 
 
 def _model_file(path: str | Path) -> Path:

@@ -160,6 +160,7 @@ def _budget(args: argparse.Namespace) -> dict | None:
 
 
 def _eval(args: argparse.Namespace) -> None:
+    from .checkpoint import run_dir
     from .deploy import BudgetError, choose_patch_size
     from .evaluate import evaluate_checkpoint, format_table
     from .measure import MeasureSettings
@@ -179,7 +180,7 @@ def _eval(args: argparse.Namespace) -> None:
             report["choice"] = {"patch_size": choice.patch_size, "reason": choice.reason, "budget": budget}
         except BudgetError as err:
             failure = err
-    out = args.out or (Path(args.checkpoint) if Path(args.checkpoint).is_dir() else Path(args.checkpoint).parent)
+    out = args.out or run_dir(args.checkpoint)
     files = write_report(report, out)
     print(f"{report['checkpoint']} on {report['data']} ({report['n']} test images, {report['device_name']}):")
     print(format_table(report["results"]))

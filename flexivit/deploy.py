@@ -28,9 +28,10 @@ from typing import Any, Sequence
 import torch
 from PIL import Image
 
+from .checkpoint import run_dir
 from .evaluate import EvalSubject, FixedSizeViT, default_device, load_subject, resolve_patch_sizes
 from .measure import MeasureSettings, latency_ms
-from .transforms import build_transform, open_image
+from .transforms import eval_transform, open_image
 
 __all__ = ["BudgetError", "Choice", "Prediction", "Predictor", "choose_patch_size", "load_profile",
            "parse_accuracy"]
@@ -150,12 +151,8 @@ class Predictor:
         self.subject = subject
         self.device = device or default_device()
         self.model = subject.model.to(self.device).eval()
-        pre = subject.preprocess
         self.class_names = list(subject.meta.get("class_names") or [])
-        self.transform = build_transform(
-            image_size=pre["image_size"], channels=pre["channels"], train=False, crop_pct=pre.get("crop_pct", 1.0),
-            mean=pre.get("mean"), std=pre.get("std"), interpolation=pre.get("interpolation", "bilinear"),
-        )
+        self.transform = eval_transform(subject.preprocess)
 
     @classmethod
     def from_checkpoint(cls, checkpoint: str | Path, device: torch.device | None = None) -> "Predictor":
@@ -217,8 +214,7 @@ class Predictor:
     def profile_for_latency(self) -> tuple[list[dict[str, Any]], str]:
         """A latency profile for this machine: the run's ``eval.json`` when it was measured on this kind
         of device, else latencies measured now (with the accuracies of an ``eval.json`` when there is one)."""
-        folder = Path(self.subject.checkpoint)
-        file = (folder if folder.is_dir() else folder.parent) / "eval.json"
+        file = run_dir(self.subject.checkpoint) / "eval.json"
         saved = json.loads(file.read_text()) if file.is_file() else {}
         rows = saved.get("results") or []
         same_device = saved.get("device", "").split(":")[0] == self.device.type

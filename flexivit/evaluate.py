@@ -19,12 +19,13 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
-from .checkpoint import load_model
-from .data import Splits, TransformedDataset, build_transform, load_source, make_loader, select_classes
+from .checkpoint import load_model, run_dir
+from .data import Splits, TransformedDataset, load_source, make_loader, select_classes
 from .export import default_preprocess, is_export_dir, load_export
 from .measure import MeasureSettings, measure_costs, param_count, peak_mem_kind
 from .model import FlexiViT
 from .patch_embed import PatchScheme, valid_patch_sizes
+from .transforms import eval_transform
 
 __all__ = [
     "evaluate_schemes", "format_table", "EvalSubject", "FixedSizeViT", "load_subject", "run_config_of",
@@ -151,8 +152,7 @@ class EvalSubject:
 
 def run_config_of(checkpoint: str | Path) -> dict[str, Any] | None:
     """The resolved recipe (``config.json``) of the run a checkpoint belongs to, if there is one."""
-    path = Path(checkpoint)
-    file = (path if path.is_dir() else path.parent) / "config.json"
+    file = run_dir(checkpoint) / "config.json"
     try:
         config = json.loads(file.read_text())
     except (OSError, json.JSONDecodeError):
@@ -192,7 +192,7 @@ def load_subject(checkpoint: str | Path, patch_size: int | None = None, *, singl
         default = sorted({int(p) for p in trained})
     else:
         default = [p for p in valid if (model.config.img_size // p) ** 2 <= MAX_AUTO_TOKENS]
-    label = Path(path).name if Path(path).is_dir() else Path(path).parent.name or Path(path).name
+    label = run_dir(path).name or Path(path).name
     if patch_size is None and single:
         patch_size = model.config.patch_size
     if patch_size is not None:
@@ -256,11 +256,7 @@ def eval_dataset(subject: EvalSubject, splits: Splits, limit: int | None = None)
             f"{subject.checkpoint} was trained on classes {list(names)[:10]} ({len(names)}) but the data has "
             f"{list(splits.class_names)[:10]} ({len(splits.class_names)}); pass the matching --data"
         )
-    pre = subject.preprocess
-    transform = build_transform(
-        image_size=pre["image_size"], channels=pre["channels"], train=False, crop_pct=pre.get("crop_pct", 1.0),
-        mean=pre.get("mean"), std=pre.get("std"), interpolation=pre.get("interpolation", "bilinear"),
-    )
+    transform = eval_transform(subject.preprocess)
     test = splits.test if limit is None else splits.test.select(range(min(limit, len(splits.test))))
     on_corrupt = ((subject.run_config or {}).get("data") or {}).get("on_corrupt", "error")
     return TransformedDataset(test, transform, on_corrupt=on_corrupt)

@@ -40,6 +40,7 @@ from .checkpoint import load_model
 from .model import FlexiViT
 from .patch_embed import valid_patch_sizes
 from .timm_interop import timm_vit_kwargs
+from .transforms import preprocess_spec
 
 __all__ = [
     "ExportError", "ExportResult", "EXPORT_FORMAT", "export_model", "export_checkpoint", "load_export",
@@ -77,9 +78,7 @@ def check_patch_size(model: FlexiViT, patch_size: int) -> int:
 
 def default_preprocess(model: FlexiViT) -> dict[str, Any]:
     """Preprocessing for a model file saved without any: the model's size and channels, pixels in [-1, 1]."""
-    c = model.config.in_chans
-    return {"image_size": model.config.img_size, "channels": c, "crop_pct": 1.0, "mean": [0.5] * c,
-            "std": [0.5] * c, "interpolation": "bilinear"}
+    return preprocess_spec(image_size=model.config.img_size, channels=model.config.in_chans)
 
 
 def _missing(*modules: str) -> list[str]:

@@ -39,7 +39,9 @@ __all__ = [
     "TransformedDataset",
     "build_transform",
     "collate",
+    "eval_transform",
     "open_image",
+    "preprocess_spec",
     "per_channel",
     "undecoded",
 ]
@@ -161,6 +163,21 @@ def build_transform(
         steps.append(augment)
     steps += [target, T.ToTensor(), T.Normalize(mean_c, std_c)]
     return T.Compose(steps)
+
+
+def preprocess_spec(*, image_size: int, channels: int, crop_pct: float = 1.0) -> dict[str, Any]:
+    """How to prepare an image for a model, as stored with it (``preprocess``): the evaluation transform's
+    arguments, with the default pixel scaling."""
+    return {"image_size": image_size, "channels": channels, "crop_pct": crop_pct,
+            "mean": [DEFAULT_MEAN] * channels, "std": [DEFAULT_STD] * channels, "interpolation": "bilinear"}
+
+
+def eval_transform(pre: dict[str, Any]) -> Transform:
+    """The evaluation transform a stored ``preprocess`` describes (missing optional keys take defaults)."""
+    return build_transform(
+        image_size=pre["image_size"], channels=pre["channels"], train=False, crop_pct=pre.get("crop_pct", 1.0),
+        mean=pre.get("mean"), std=pre.get("std"), interpolation=pre.get("interpolation", "bilinear"),
+    )
 
 
 # --- decoding and batching ---------------------------------------------------------------------
