@@ -244,10 +244,8 @@ def train(
     def per_micro(at: int) -> int:  # loader batches joined into each micro-batch of step ``at``
         return loader_batches(sampler.at(at), image_hw, d.batch_size, cfg.train.token_budget)
 
-    def micro_steps(at: int) -> int:  # loader batches of step ``at``: a function of the step alone
-        return cfg.train.grad_accum * per_micro(at)
-
-    consumed = sum(micro_steps(s) for s in range(step)) if cfg.train.token_budget else step * cfg.train.grad_accum
+    # Loader batches the steps before ``step`` took: a function of the step numbers alone.
+    consumed = cfg.train.grad_accum * sum(per_micro(s) for s in range(step))
     stream = _batches(loader, data.train, steps_per_epoch, consumed, accelerator.skip_first_batches)
     window, skipped, last_eval = _Window(), 0, []
     bar = tqdm(total=cfg.train.steps, initial=step, disable=not accelerator.is_local_main_process, desc="train")
