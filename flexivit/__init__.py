@@ -3,9 +3,10 @@
 Importing the package registers the ``flexi_vit_*`` variants with timm's model registry.
 """
 
-from .model import FlexiViT, FlexiViTConfig
-from .patch_embed import FlexiPatchEmbed, PatchScheme, valid_patch_sizes
-from .resize import pi_resize, resample_posemb, resize_matrix
+from .architecture import FlexiViTConfig
+from .model import FlexiViT
+from .patch_embed import FlexiPatchEmbed, PatchScheme, check_patch_sizes, valid_patch_sizes
+from .resize import RESIZE_METHODS, kernel_rank, pi_resize, resample_posemb, resize_matrix
 from .variants import VARIANTS, create_variant
 
 __all__ = [
@@ -14,6 +15,9 @@ __all__ = [
     "FlexiPatchEmbed",
     "PatchScheme",
     "valid_patch_sizes",
+    "check_patch_sizes",
+    "RESIZE_METHODS",
+    "kernel_rank",
     "pi_resize",
     "resample_posemb",
     "resize_matrix",

@@ -165,7 +165,8 @@ class Predictor:
         return model.patch_size if isinstance(model, FixedSizeViT) else int(model.config.patch_size)
 
     def check_patch_size(self, patch_size: int) -> int:
-        return resolve_patch_sizes([int(patch_size)], self.subject.valid_sizes)[0]
+        s = self.subject
+        return resolve_patch_sizes([int(patch_size)], s.valid_sizes, image_size=s.preprocess["image_size"])[0]
 
     def load(self, image: str | Path | Image.Image) -> torch.Tensor:
         """One image as the model's input ``(C, H, W)``; files of any size and mode, like evaluation."""

@@ -23,6 +23,7 @@ from torch import nn
 
 from .checkpoint import CheckpointError, load_model, load_weights_only
 from .model import FlexiViT, FlexiViTConfig
+from .patch_embed import check_patch_sizes
 from .resize import pi_resize, resample_posemb
 
 __all__ = ["Teacher", "load_teacher", "quantize_targets", "distill_loss", "student_from_teacher"]
@@ -117,7 +118,7 @@ def load_teacher(spec: str, *, patch_size: int | None = None) -> Teacher:
     pre = meta["preprocess"]
     view = ViewSpec(int(pre["image_size"]), int(pre["channels"]), tuple(pre["mean"]), tuple(pre["std"]))
     patch = patch_size or model.config.patch_size
-    model.scheme(patch).grid_size((view.image_size, view.image_size))  # a clear error for a bad size
+    check_patch_sizes([model.scheme(patch)], view.image_size)
     return Teacher(model, view=view, patch_size=patch)
 
 

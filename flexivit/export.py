@@ -38,13 +38,13 @@ from timm.models.vision_transformer import VisionTransformer
 
 from .checkpoint import load_model
 from .model import FlexiViT
-from .patch_embed import valid_patch_sizes
+from .patch_embed import check_patch_sizes
 from .timm_interop import timm_vit_kwargs
 from .transforms import preprocess_spec
 
 __all__ = [
     "ExportError", "ExportResult", "EXPORT_FORMAT", "export_model", "export_checkpoint", "load_export",
-    "is_export_dir", "check_patch_size", "default_preprocess",
+    "is_export_dir", "default_preprocess",
 ]
 
 EXPORT_FORMAT = "flexivit-timm-export-v1"
@@ -62,18 +62,6 @@ class ExportResult:
     out_dir: Path
     files: dict[str, Path] = field(default_factory=dict)
     max_abs_diff: dict[str, float] = field(default_factory=dict)  # per checked artefact
-
-
-def check_patch_size(model: FlexiViT, patch_size: int) -> int:
-    """``patch_size`` if it tiles the model's images, else a ``ValueError`` listing the sizes that do."""
-    size = model.config.img_size
-    valid = valid_patch_sizes(size)
-    if int(patch_size) not in valid:
-        raise ValueError(
-            f"patch size {patch_size} cannot be used by this model ({size}x{size} images); "
-            f"valid patch sizes: {', '.join(map(str, valid))}"
-        )
-    return int(patch_size)
 
 
 def default_preprocess(model: FlexiViT) -> dict[str, Any]:
@@ -203,7 +191,7 @@ def export_model(
     torch_export: bool = False, atol: float = 1e-5, rtol: float = 1e-5, source: str | None = None,
 ) -> ExportResult:
     """Write ``model`` at ``patch_size`` as a timm ViT into ``out_dir`` after checking its logits."""
-    patch = check_patch_size(model, patch_size)
+    patch = check_patch_sizes([int(patch_size)], model.config.img_size)[0].patch
     if onnx:
         _require_onnx()
     model = model.eval().to("cpu")

@@ -14,7 +14,7 @@ from pathlib import Path
 from .checkpoint import load_model
 from .config import Config
 from .model import FlexiViT, FlexiViTConfig
-from .patch_embed import PatchScheme
+from .patch_embed import check_patch_sizes
 from .train import RunResult, train
 
 __all__ = ["finetune", "fixed_size", "from_pretrained"]
@@ -23,7 +23,7 @@ __all__ = ["finetune", "fixed_size", "from_pretrained"]
 def fixed_size(cfg: Config, patch_size: int) -> Config:
     """Fine-tune at one patch size (with ``cfg.finetune``'s adjustments) and still evaluate at every
     size the recipe lists."""
-    PatchScheme(patch_size).grid_size((cfg.data.image_size,) * 2)  # a clear error for a size that does not fit
+    check_patch_sizes([patch_size], cfg.data.image_size)
     cfg.patch.eval_sizes = sorted(set(cfg.patch.eval_sizes or cfg.patch.sizes) | {patch_size})
     cfg.patch.sizes, cfg.patch.strides, cfg.patch.default = [patch_size], None, patch_size
     cfg.patch.distribution, cfg.patch.weights, cfg.patch.curriculum = "uniform", None, []

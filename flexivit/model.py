@@ -4,84 +4,31 @@ The transformer is built from timm's ``Block``s and mirrors timm's ``VisionTrans
 (``cls_token``, ``norm_pre``, ``blocks``, ``norm``, ``fc_norm``, ``head``) so weights move between the two
 by renaming two keys. What differs is the stem: one base patch-embedding kernel, PI-resized to the patch
 size of each call, and one learned position-embedding grid, resampled bilinearly to the token grid.
+timm's model API is there too (``group_matcher``, ``set_grad_checkpointing``, ``forward_intermediates``,
+``no_weight_decay``), so ``timm.optim.create_optimizer_v2(model, layer_decay=...)`` works.
 """
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
 from functools import partial
-from typing import Any
+from typing import Any, Sequence
 
 import torch
+from einops import rearrange
 from timm.layers import trunc_normal_
+from timm.models import checkpoint, checkpoint_seq
+from timm.models._features import feature_take_indices  # timm's own index rule for forward_intermediates
 from timm.models.vision_transformer import Block
 from torch import nn
 
+from .architecture import FlexiViTConfig
 from .patch_embed import FlexiPatchEmbed, PatchScheme
-from .resize import resample_posemb
+from .resize import pi_resize, resample_posemb
+from .timm_interop import flexivit_to_timm, timm_to_flexivit
 
 __all__ = ["FlexiViT", "FlexiViTConfig"]
 
-GLOBAL_POOLS = ("token", "avg")
-
-
-@dataclass(frozen=True)
-class FlexiViTConfig:
-    """Everything that defines a FlexiViT's architecture; stored next to its weights."""
-
-    img_size: int = 224
-    patch_size: int = 16  # the default for forward(); any size that tiles the image works
-    stride: int | None = None  # default stride (None = patch_size, non-overlapping)
-    base_patch_size: int = 32  # stored kernel size
-    base_grid: int = 7  # stored position-embedding grid (base_grid x base_grid)
-    in_chans: int = 3
-    num_classes: int = 1000
-    embed_dim: int = 768
-    depth: int = 12
-    num_heads: int = 12
-    mlp_ratio: float = 4.0
-    qkv_bias: bool = True
-    qk_norm: bool = False
-    init_values: float | None = None  # layer scale
-    class_token: bool = True
-    global_pool: str = "token"  # "token" (class token) or "avg" (mean of patch tokens)
-    fc_norm: bool | None = None  # None: as timm, norm after pooling iff global_pool == "avg"
-    pre_norm: bool = False  # LayerNorm before the blocks (CLIP-style; disables the patch bias)
-    final_norm: bool = True
-    posemb: str = "learn"  # "learn" (one H x W grid) or "factorized" (one row + one column)
-    posemb_antialias: bool = False
-    kernel_antialias: bool = False  # area-like PI-resize when downsampling the kernel
-    pad: bool = False  # pad images whose size the patch does not tile (instead of an error)
-    drop_rate: float = 0.0
-    pos_drop_rate: float = 0.0
-    attn_drop_rate: float = 0.0
-    drop_path_rate: float = 0.0
-
-    def __post_init__(self) -> None:
-        if self.global_pool not in GLOBAL_POOLS:
-            raise ValueError(f"global_pool must be one of {GLOBAL_POOLS}, got {self.global_pool!r}")
-        if self.global_pool == "token" and not self.class_token:
-            raise ValueError("global_pool='token' needs class_token=True; use global_pool='avg' without it")
-        if self.posemb not in ("learn", "factorized"):
-            raise ValueError(f"posemb must be 'learn' or 'factorized', got {self.posemb!r}")
-        if self.embed_dim % self.num_heads:
-            raise ValueError(f"embed_dim {self.embed_dim} is not divisible by num_heads {self.num_heads}")
-        PatchScheme(self.patch_size, self.stride).grid_size((self.img_size, self.img_size))
-
-    @property
-    def use_fc_norm(self) -> bool:
-        return self.global_pool == "avg" if self.fc_norm is None else self.fc_norm
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
-
-    @classmethod
-    def from_dict(cls, values: dict[str, Any]) -> "FlexiViTConfig":
-        known = set(cls.__dataclass_fields__)
-        unknown = sorted(set(values) - known)
-        if unknown:
-            raise ValueError(f"unknown FlexiViT config keys {unknown}; valid keys: {sorted(known)}")
-        return cls(**values)
+Intermediates = list[torch.Tensor] | list[tuple[torch.Tensor, torch.Tensor]]
 
 
 class FlexiViT(nn.Module):
@@ -105,7 +52,7 @@ class FlexiViT(nn.Module):
             in_chans=cfg.in_chans,
             embed_dim=dim,
             bias=not cfg.pre_norm,
-            antialias=cfg.kernel_antialias,
+            resize=cfg.kernel_resize,
             pad=cfg.pad,
         )
         self.cls_token = nn.Parameter(torch.zeros(1, 1, dim)) if cfg.class_token else None
@@ -149,6 +96,7 @@ class FlexiViT(nn.Module):
             "num_classes": cfg.num_classes,
         }
         self._posemb_cache: dict[tuple[int, int], tuple[tuple, torch.Tensor]] = {}
+        self.grad_checkpointing = False
         self._init_weights()
 
     def _init_weights(self) -> None:
@@ -199,17 +147,64 @@ class FlexiViT(nn.Module):
         return rows + cols  # (1, gh, gw, D)
 
     # ---- forward ---------------------------------------------------------------------------------
+    def _embed(self, x: torch.Tensor, scheme: PatchScheme) -> tuple[torch.Tensor, tuple[int, int]]:
+        """Tokens entering the blocks ``(B, prefix + gh*gw, D)`` and the token grid ``(gh, gw)``."""
+        tokens = self.patch_embed(x, scheme)  # (B, gh, gw, D)
+        b, gh, gw, _ = tokens.shape
+        tokens = (tokens + self.posemb_grid((gh, gw))).flatten(1, 2)  # (B, N, D); per step, so not einops
+        if self.cls_token is not None:
+            tokens = torch.cat([self.cls_token.expand(b, -1, -1), tokens], dim=1)  # (B, 1 + N, D)
+        return self.norm_pre(self.pos_drop(tokens)), (gh, gw)
+
     def forward_features(
         self, x: torch.Tensor, patch_size: int | PatchScheme | None = None, stride: int | None = None
     ) -> torch.Tensor:
         """Tokens after the final norm: ``(B, prefix + gh*gw, D)``."""
-        tokens = self.patch_embed(x, self.scheme(patch_size, stride))  # (B, gh, gw, D)
-        b, gh, gw, d = tokens.shape
-        tokens = (tokens + self.posemb_grid((gh, gw))).reshape(b, gh * gw, d)  # (B, N, D)
-        if self.cls_token is not None:
-            tokens = torch.cat([self.cls_token.expand(b, -1, -1), tokens], dim=1)  # (B, 1 + N, D)
-        tokens = self.norm_pre(self.pos_drop(tokens))
-        return self.norm(self.blocks(tokens))
+        tokens, _ = self._embed(x, self.scheme(patch_size, stride))
+        if self.grad_checkpointing and torch.is_grad_enabled():
+            tokens = checkpoint_seq(self.blocks, tokens)
+        else:
+            tokens = self.blocks(tokens)
+        return self.norm(tokens)
+
+    def forward_intermediates(
+        self,
+        x: torch.Tensor,
+        indices: int | Sequence[int] | None = None,
+        return_prefix_tokens: bool = False,
+        norm: bool = False,
+        stop_early: bool = False,
+        output_fmt: str = "NCHW",
+        intermediates_only: bool = False,
+        *,
+        patch_size: int | PatchScheme | None = None,
+        stride: int | None = None,
+    ) -> Intermediates | tuple[torch.Tensor, Intermediates]:
+        """Block outputs as timm's ``VisionTransformer.forward_intermediates`` gives them, at any scheme.
+
+        ``indices``: the last n blocks (int), every block (None) or these blocks (negative from the end).
+        ``norm`` applies the final norm to each; ``output_fmt`` is ``NCHW`` ``(B, D, gh, gw)`` or ``NLC``
+        ``(B, gh*gw, D)`` (patch tokens only; ``return_prefix_tokens`` pairs each with its ``(B, 1, D)``
+        class token). Returns ``(forward_features(x), intermediates)``, or the list alone with
+        ``intermediates_only``; ``stop_early`` skips the blocks after the last one taken.
+        """
+        if output_fmt not in ("NCHW", "NLC"):
+            raise ValueError(f"output_fmt must be 'NCHW' or 'NLC', got {output_fmt!r}")
+        take, last = feature_take_indices(len(self.blocks), indices)
+        tokens, (gh, gw) = self._embed(x, self.scheme(patch_size, stride))
+        blocks = self.blocks[: last + 1] if stop_early or intermediates_only else self.blocks
+        taken = []
+        for i, block in enumerate(blocks):
+            use_ckpt = self.grad_checkpointing and torch.is_grad_enabled()
+            tokens = checkpoint(block, tokens) if use_ckpt else block(tokens)
+            if i in take:
+                taken.append(self.norm(tokens) if norm else tokens)
+        n = self.num_prefix_tokens
+        spatial = [t[:, n:] for t in taken]  # (B, gh*gw, D) each
+        if output_fmt == "NCHW":
+            spatial = [rearrange(t, "b (h w) d -> b d h w", h=gh, w=gw).contiguous() for t in spatial]
+        out: Intermediates = list(zip(spatial, [t[:, :n] for t in taken])) if return_prefix_tokens and n else spatial
+        return out if intermediates_only else (self.norm(tokens), out)
 
     def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
         """Pool the tokens of ``forward_features`` and apply the classifier."""
@@ -221,6 +216,11 @@ class FlexiViT(nn.Module):
         self, x: torch.Tensor, patch_size: int | PatchScheme | None = None, stride: int | None = None
     ) -> torch.Tensor:
         return self.forward_head(self.forward_features(x, patch_size, stride))
+
+    def kernel_rank(self, patch_size: int) -> int:
+        """Rank of the patch-embedding kernel at ``patch_size`` as a ``(D, C*p*p)`` matrix: how many
+        independent directions of a patch the tokens can see, at most ``min(D, C*p*p, C*base**2)``."""
+        return self.patch_embed.kernel_rank(patch_size)
 
     # ---- timm-style helpers ----------------------------------------------------------------------
     def get_classifier(self) -> nn.Module:
@@ -240,10 +240,23 @@ class FlexiViT(nn.Module):
             nn.init.zeros_(self.head.bias)
 
     def no_weight_decay(self) -> set[str]:
+        """Names of the parameters timm's optimizer factory keeps out of weight decay (as timm's ViT)."""
         names = {"cls_token", "pos_embed", "pos_embed_h", "pos_embed_w"}
         return {n for n, _ in self.named_parameters() if n in names}
 
-    # ---- interop (implemented in flexivit.timm_interop) ----------------------------------------
+    def group_matcher(self, coarse: bool = False) -> dict[str, Any]:
+        """Parameter groups for timm's layer-wise learning-rate decay, as timm's ``VisionTransformer``:
+        the stem, then one group per block (the final norm joins the last), then the head."""
+        return dict(
+            stem=r"^cls_token|pos_embed|patch_embed|norm_pre",  # pos_embed also matches pos_embed_h/_w
+            blocks=[(r"^blocks\.(\d+)", None), (r"^norm", (99999,))],
+        )
+
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        """Recompute each block's activations in the backward pass instead of storing them."""
+        self.grad_checkpointing = enable
+
+    # ---- interop (the conversions live in flexivit.timm_interop) -------------------------------
     @classmethod
     def from_timm(
         cls,
@@ -260,14 +273,29 @@ class FlexiViT(nn.Module):
         own size: resize round trips are lossy. ``overrides`` set other config fields (for a state_dict,
         ``num_heads`` defaults to ``embed_dim // 64`` and ``global_pool`` to what the keys suggest).
         """
-        from .timm_interop import flexivit_from_timm
-
-        return flexivit_from_timm(
+        config, state = timm_to_flexivit(
             model_or_state_dict, base_patch_size=base_patch_size, base_grid=base_grid, **overrides
         )
+        model = cls(config)
+        result = model.load_state_dict(state, strict=False)
+        if result.missing_keys or result.unexpected_keys:
+            raise ValueError(
+                "timm weights do not match the FlexiViT built from them: "
+                f"missing {result.missing_keys}, unexpected {result.unexpected_keys}"
+            )
+        return model
 
     def to_fixed(self, patch_size: int | None = None, *, img_size: int | None = None) -> nn.Module:
         """A plain timm ``VisionTransformer`` at ``patch_size`` whose outputs equal this model's there."""
-        from .timm_interop import fixed_vit_from_flexivit
-
-        return fixed_vit_from_flexivit(self, patch_size, img_size=img_size)
+        cfg = self.config
+        if patch_size is None:
+            patch_size = cfg.patch_size
+            if cfg.stride is not None and cfg.stride != cfg.patch_size:
+                raise ValueError("to_fixed cannot bake an overlapping scheme (stride < patch) into a timm ViT")
+        img_size = img_size or cfg.img_size
+        grid = PatchScheme(int(patch_size)).grid_size((img_size, img_size))
+        with torch.no_grad():
+            kernel = pi_resize(self.patch_embed.weight, int(patch_size), cfg.kernel_resize)  # (D, C, p, p)
+            pos_embed = self._resample_posemb(grid)  # (1, gh, gw, D)
+        vit = flexivit_to_timm(cfg, self.state_dict(), kernel=kernel, pos_embed=pos_embed, img_size=img_size)
+        return vit.train(self.training)

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .patch_embed import PatchScheme, valid_patch_sizes
+from .patch_embed import PatchScheme, check_patch_sizes
 
 __all__ = [
     "Distribution",
@@ -199,13 +199,6 @@ def _pick(probs: Sequence[float], u: float) -> int:
     return max(i for i, p in enumerate(probs) if p > 0)
 
 
-def _image_hw(image_size: int | tuple[int, int]) -> tuple[int, int]:
-    if isinstance(image_size, int):
-        return image_size, image_size
-    h, w = image_size
-    return int(h), int(w)
-
-
 class PatchSizeSampler:
     """Draws the patch scheme for each training step from a distribution, as a pure function of ``(seed, step)``.
 
@@ -239,7 +232,7 @@ class PatchSizeSampler:
             )
         distribution.check(ordered)
         if image_size is not None:
-            _check_tiling(ordered, _image_hw(image_size))
+            check_patch_sizes(ordered, image_size)
         self.schemes: tuple[PatchScheme, ...] = tuple(ordered)
         self.distribution = distribution
         self.seed = operator.index(seed)
@@ -270,21 +263,3 @@ def _check_step(step: int) -> int:
     if step < 0:
         raise ValueError(f"step must be non-negative, got {step}")
     return step
-
-
-def _check_tiling(schemes: Sequence[PatchScheme], image_hw: tuple[int, int]) -> None:
-    """Raise, naming the valid patch sizes, if some scheme does not tile an ``image_hw`` image exactly."""
-    h, w = image_hw
-    bad = []
-    for s in schemes:
-        try:
-            s.grid_size(image_hw)
-        except ValueError:
-            bad.append(s)
-    if not bad:
-        return
-    named = [s.patch if not s.overlapping else f"{s.patch} (stride {s.stride})" for s in bad]
-    valid = f"valid patch sizes for this image: {valid_patch_sizes(image_hw)}"
-    for stride in sorted({s.stride for s in bad if s.overlapping}):
-        valid += f"; with stride {stride}: {valid_patch_sizes(image_hw, stride=stride)}"
-    raise ValueError(f"patch sizes {named} do not tile a {h}x{w} image; {valid}")

@@ -1,8 +1,9 @@
-"""Moving weights between timm's ``VisionTransformer`` and ``FlexiViT``.
+"""Moving weights between timm's ``VisionTransformer`` and ``FlexiViT``, as configs and state dicts.
 
 The two share module names, so a conversion renames the stem's keys and reshapes the position
 embedding; every other tensor is copied as is and loaded strictly (a mismatch is an error that lists the
-keys, never a silent partial load).
+keys, never a silent partial load). This module never builds a ``FlexiViT``: ``FlexiViT.from_timm`` and
+``FlexiViT.to_fixed`` (in ``model.py``, which imports this one) do, from what these functions return.
 """
 
 from __future__ import annotations
@@ -11,14 +12,14 @@ import math
 from typing import Any
 
 import torch
+from einops import rearrange
 from timm.models.vision_transformer import VisionTransformer
 from torch import nn
 
-from .model import FlexiViT, FlexiViTConfig
-from .patch_embed import PatchScheme
+from .architecture import FlexiViTConfig
 from .resize import pi_resize, resample_posemb
 
-__all__ = ["flexivit_from_timm", "fixed_vit_from_flexivit", "timm_vit_kwargs"]
+__all__ = ["timm_to_flexivit", "flexivit_to_timm", "timm_vit_kwargs"]
 
 _STEM_KEYS = ("patch_embed.proj.weight", "patch_embed.proj.bias", "pos_embed", "cls_token")
 
@@ -55,14 +56,18 @@ def _square(name: str, hw: tuple[int, int]) -> int:
     return hw[0]
 
 
-def flexivit_from_timm(
+def timm_to_flexivit(
     model_or_state_dict: nn.Module | dict[str, torch.Tensor],
     *,
     base_patch_size: int | None = None,
     base_grid: int | None = None,
     **overrides: Any,
-) -> FlexiViT:
-    """See ``FlexiViT.from_timm``."""
+) -> tuple[FlexiViTConfig, dict[str, torch.Tensor]]:
+    """The config and state_dict of the FlexiViT holding a timm ViT's weights (see ``FlexiViT.from_timm``).
+
+    A kernel moved to another base is PI-resized with the config's ``kernel_resize``; the state_dict
+    holds every parameter of that FlexiViT (its load is checked by the caller).
+    """
     if overrides.get("posemb", "learn") != "learn":
         raise ValueError("from_timm builds a FlexiViT with posemb='learn': timm stores one full grid")
     hints: dict[str, Any] = {}
@@ -116,29 +121,20 @@ def flexivit_from_timm(
         pre_norm="norm_pre.weight" in state,
         final_norm=has_norm or has_fc_norm,
     )
-    fields.update(hints)
-    fields.update(overrides)
-    model = FlexiViT(FlexiViTConfig(**fields))
+    config = FlexiViTConfig.from_dict({**fields, **hints, **overrides})
 
     new_state = {k: v for k, v in state.items() if k not in _STEM_KEYS}
     with torch.no_grad():
-        new_state["patch_embed.weight"] = pi_resize(kernel, model.config.base_patch_size)
+        new_state["patch_embed.weight"] = pi_resize(kernel, config.base_patch_size, config.kernel_resize)
         if "patch_embed.proj.bias" in state:
             new_state["patch_embed.bias"] = state["patch_embed.proj.bias"]
-        new_state["pos_embed"] = resample_posemb(
-            pos.reshape(1, grid, grid, embed_dim), model.config.base_grid  # (1, g, g, D)
-        )
+        grid_bhwd = rearrange(pos, "b (h w) d -> b h w d", h=grid)  # (1, g, g, D)
+        new_state["pos_embed"] = resample_posemb(grid_bhwd, config.base_grid)  # (1, base_grid, base_grid, D)
         if class_token:
             cls = state["cls_token"]
             # Fold the class token's own position embedding into it: the sum is what the blocks see.
             new_state["cls_token"] = cls + prefix_pos if prefix_pos is not None else cls
-    result = model.load_state_dict(new_state, strict=False)
-    if result.missing_keys or result.unexpected_keys:
-        raise ValueError(
-            "timm weights do not match the FlexiViT built from them: "
-            f"missing {result.missing_keys}, unexpected {result.unexpected_keys}"
-        )
-    return model
+    return config, new_state
 
 
 def timm_vit_kwargs(config: FlexiViTConfig, patch_size: int, img_size: int) -> dict[str, Any]:
@@ -164,29 +160,21 @@ def timm_vit_kwargs(config: FlexiViTConfig, patch_size: int, img_size: int) -> d
     )
 
 
-def fixed_vit_from_flexivit(
-    model: FlexiViT, patch_size: int | None = None, *, img_size: int | None = None
+def flexivit_to_timm(
+    config: FlexiViTConfig, state: dict[str, torch.Tensor], *, kernel: torch.Tensor, pos_embed: torch.Tensor,
+    img_size: int,
 ) -> VisionTransformer:
-    """See ``FlexiViT.to_fixed``."""
-    cfg = model.config
-    if patch_size is None:
-        patch_size = cfg.patch_size
-        if cfg.stride is not None and cfg.stride != cfg.patch_size:
-            raise ValueError("to_fixed cannot bake an overlapping scheme (stride < patch) into a timm ViT")
-    img_size = img_size or cfg.img_size
-    gh, gw = PatchScheme(int(patch_size)).grid_size((img_size, img_size))
-    vit = VisionTransformer(**timm_vit_kwargs(cfg, int(patch_size), img_size))
-    state = {
-        k: v
-        for k, v in model.state_dict().items()
-        if not k.startswith(("patch_embed.", "pos_embed"))
-    }
-    with torch.no_grad():
-        state["patch_embed.proj.weight"] = pi_resize(model.patch_embed.weight, patch_size, antialias=cfg.kernel_antialias)
-        if model.patch_embed.bias is not None:
-            state["patch_embed.proj.bias"] = model.patch_embed.bias
-        state["pos_embed"] = model._resample_posemb((gh, gw)).reshape(1, gh * gw, cfg.embed_dim)  # (1, N, D)
-    ref = next(model.parameters())
-    vit.to(device=ref.device, dtype=ref.dtype)
-    vit.load_state_dict({k: v.detach().clone() for k, v in state.items()}, strict=True)
-    return vit.train(model.training)
+    """The timm ``VisionTransformer`` (see ``FlexiViT.to_fixed``) of a FlexiViT's ``state`` with its stem
+    already resized to one patch size: ``kernel`` ``(D, C, p, p)`` and ``pos_embed`` ``(1, gh, gw, D)``.
+
+    Built on ``kernel``'s device and dtype; every tensor is copied and loaded strictly.
+    """
+    vit = VisionTransformer(**timm_vit_kwargs(config, int(kernel.shape[-1]), img_size))
+    body = {k: v for k, v in state.items() if not k.startswith(("patch_embed.", "pos_embed"))}
+    body["patch_embed.proj.weight"] = kernel
+    if "patch_embed.bias" in state:
+        body["patch_embed.proj.bias"] = state["patch_embed.bias"]
+    body["pos_embed"] = rearrange(pos_embed, "b h w d -> b (h w) d")  # (1, N, D)
+    vit.to(device=kernel.device, dtype=kernel.dtype)
+    vit.load_state_dict({k: v.detach().clone() for k, v in body.items()}, strict=True)
+    return vit

@@ -18,7 +18,7 @@ def get_config(arg: str | None = None) -> Config:
         # Base kernel 4x4, not 14x14: Adam moves every base weight by ~lr per step, and the area-like
         # PI-resize to patch 2 sums (base/2)^2 of them, so a 14x14 base made patch-2 kernel steps 49x
         # larger (4x with base 4). Base 4 lifted the worst size 5.8 points at 400 steps (docs/LOG.md).
-        model=ModelConfig(variant="flexi_vit_micro", base_patch_size=4, base_grid=7, kernel_antialias=True),
+        model=ModelConfig(variant="flexi_vit_micro", base_patch_size=4, base_grid=7, kernel_resize="bilinear_aa"),
         # No random-resized crop (scale 1..1, flips only): at 2-3 epochs the model underfits, and the
         # crop cost 4 points at every size (docs/LOG.md). One worker prepares batches on the second core.
         data=DataConfig(source="fashion-mnist", image_size=28, batch_size=16, scale=(1.0, 1.0), num_workers=1),

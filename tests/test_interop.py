@@ -1,11 +1,15 @@
 """timm interop: weights in from any timm ViT, a plain timm ViT out at any size."""
 
+import ast
+from pathlib import Path
+
 import pytest
 import timm
 import torch
 from timm.models.vision_transformer import VisionTransformer
 
-from flexivit import FlexiViT, FlexiViTConfig
+import flexivit.timm_interop
+from flexivit import FlexiViT, FlexiViTConfig, resize
 
 TIMM_CASES = {
     "cls-token, pos incl. cls": dict(img_size=32, patch_size=8, embed_dim=48, depth=2, num_heads=3, num_classes=7),
@@ -61,7 +65,8 @@ def test_other_base_is_an_explicit_lossy_choice():
 
 
 @pytest.mark.parametrize("patch", [2, 4, 7, 14])
-@pytest.mark.parametrize("variant", [dict(), dict(class_token=False, global_pool="avg"), dict(posemb="factorized")])
+@pytest.mark.parametrize("variant", [dict(), dict(class_token=False, global_pool="avg"), dict(posemb="factorized"),
+                                     dict(kernel_resize="area"), dict(kernel_resize="bilinear_aa")])
 def test_to_fixed_matches_flexible_model(patch, variant):
     cfg = FlexiViTConfig(img_size=28, patch_size=7, base_patch_size=14, in_chans=1, num_classes=4,
                          embed_dim=32, depth=2, num_heads=2, **variant)
@@ -87,3 +92,18 @@ def test_from_timm_errors():
     flexi = FlexiViT(FlexiViTConfig(img_size=28, patch_size=7, base_patch_size=14, embed_dim=32, depth=1, num_heads=2))
     with pytest.raises(ValueError, match="valid patch sizes"):
         flexi.to_fixed(5)
+
+
+def test_moving_to_another_base_uses_the_configured_resize():
+    vit = VisionTransformer(img_size=32, patch_size=8, embed_dim=32, depth=1, num_heads=2).eval()
+    moved = FlexiViT.from_timm(vit, base_patch_size=16, kernel_resize="area")
+    expected = resize.pi_resize(vit.patch_embed.proj.weight, 16, "area")
+    torch.testing.assert_close(moved.patch_embed.weight, expected)
+    assert moved.config.kernel_resize == "area"
+
+
+def test_timm_interop_never_imports_the_model():
+    """timm_interop works on configs and state dicts; model.py imports it, never the other way round."""
+    source = Path(flexivit.timm_interop.__file__).read_text()
+    imported = {node.module for node in ast.walk(ast.parse(source)) if isinstance(node, ast.ImportFrom)}
+    assert "model" not in imported and "architecture" in imported

@@ -1,70 +1,119 @@
-"""Property tests of the resize operators: exactness, least squares, separability, caching."""
+"""Property tests of the resize operators: each equals the op it names, PI exactness, least squares,
+separability, rank, caching."""
+
+import math
 
 import pytest
 import torch
 import torch.nn.functional as F
 
 from flexivit import resize
-from flexivit.resize import pi_resize, resample_posemb, resize_matrix
+from flexivit.resize import RESIZE_METHODS, area_matrix_1d, kernel_rank, pi_resize, resample_posemb, resize_matrix
 
 UP = [((8, 8), (16, 16)), ((4, 4), (7, 7)), ((3, 5), (6, 9)), ((2, 2), (32, 32)), ((5, 4), (5, 11))]
 DOWN = [((16, 16), (8, 8)), ((14, 14), (2, 2)), ((9, 6), (4, 5)), ((32, 32), (7, 7))]
 
 
-def _resize_image(x: torch.Tensor, new_hw, antialias: bool = False) -> torch.Tensor:
-    return F.interpolate(x, size=new_hw, mode="bilinear", align_corners=False, antialias=antialias)
+def _box_average(x: torch.Tensor, new_hw) -> torch.Tensor:
+    """The exact average of the piecewise-constant image ``x`` over each output cell, computed without
+    any weights: every pixel is repeated onto a grid fine enough for both sizes, then blocks are averaged."""
+    (h, w), (nh, nw) = x.shape[-2:], new_hw
+    lh, lw = math.lcm(h, nh), math.lcm(w, nw)
+    fine = x.repeat_interleave(lh // h, dim=-2).repeat_interleave(lw // w, dim=-1)  # (N, C, lh, lw)
+    return fine.reshape(*x.shape[:2], nh, lh // nh, nw, lw // nw).mean(dim=(-3, -1))  # (N, C, nh, nw)
 
 
-@pytest.mark.parametrize("antialias", [False, True])
+def _resize_image(x: torch.Tensor, new_hw, method: str = "bilinear") -> torch.Tensor:
+    """The image op each method names, computed by torch (or, for ``area``, by ``_box_average``)."""
+    if method == "area":
+        return _box_average(x, new_hw)
+    return F.interpolate(x, size=new_hw, mode="bilinear", align_corners=False, antialias=method == "bilinear_aa")
+
+
+@pytest.mark.parametrize("method", RESIZE_METHODS)
 @pytest.mark.parametrize("old,new", UP + DOWN)
-def test_resize_matrix_matches_interpolate(old, new, antialias):
+def test_resize_matrix_equals_the_op_it_names(old, new, method):
     x = torch.randn(3, 1, *old, dtype=torch.float64)
-    expected = _resize_image(x, new, antialias).reshape(3, -1)
-    got = x.reshape(3, -1) @ resize_matrix(old, new, antialias).T
+    expected = _resize_image(x, new, method).reshape(3, -1)
+    got = x.reshape(3, -1) @ resize_matrix(old, new, method).T
     torch.testing.assert_close(got, expected, rtol=1e-12, atol=1e-12)
 
 
-@pytest.mark.parametrize("antialias", [False, True])
+@pytest.mark.parametrize("old,new", [(8, 4), (12, 3), (3, 9), (4, 8), (4, 14)])
+def test_area_equals_torch_area_when_one_size_divides_the_other(old, new):
+    x = torch.randn(4, 1, 1, old, dtype=torch.float64)
+    torch_area = F.interpolate(x, size=(1, new), mode="area").reshape(4, new)
+    torch.testing.assert_close(x.reshape(4, old) @ area_matrix_1d(old, new).T, torch_area, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("old,new", [(7, 3), (3, 7), (14, 4)])
+def test_area_is_not_torch_area_at_other_ratios(old, new):
+    """torch weighs every input pixel a cell touches equally; the box filter weighs it by the overlap."""
+    x = torch.randn(4, 1, 1, old, dtype=torch.float64)
+    torch_area = F.interpolate(x, size=(1, new), mode="area").reshape(4, new)
+    assert not torch.allclose(x.reshape(4, old) @ area_matrix_1d(old, new).T, torch_area)
+    torch.testing.assert_close(area_matrix_1d(old, new).sum(dim=1), torch.ones(new, dtype=torch.float64))
+
+
+def test_bilinear_is_the_area_average_at_2x_downsampling_and_aa_is_a_tent():
+    """At 4->2 plain bilinear is the box average, so its PI map sums each covered half of the kernel; the
+    antialiased (tent) operator's PI map puts a negative weight on the far half."""
+    torch.testing.assert_close(resize_matrix(4, 2, "bilinear"), resize_matrix(4, 2, "area"), rtol=0, atol=1e-15)
+    kernel = torch.eye(4, dtype=torch.float64).reshape(4, 1, 1, 4)  # row i: the i-th basis kernel
+    covered = torch.tensor([[1.0, 0.0], [1.0, 0.0], [0.0, 1.0], [0.0, 1.0]], dtype=torch.float64)
+    torch.testing.assert_close(pi_resize(kernel, (1, 2), "area").reshape(4, 2), covered)
+    tent = pi_resize(kernel, (1, 2), "bilinear_aa").reshape(4, 2)  # (base weight, new weight)
+    assert tent[3, 0] < -0.38 and tent[0, 1] < -0.38
+
+
+@pytest.mark.parametrize("method", RESIZE_METHODS)
 @pytest.mark.parametrize("old,new", UP)
-def test_pi_resize_is_exact_when_upsampling(old, new, antialias):
+def test_pi_resize_is_exact_when_upsampling(old, new, method):
     """<resize(x), pi_resize(w)> == <x, w> for every patch x: the token is unchanged."""
     kernel = torch.randn(6, 3, *old, dtype=torch.float64)
     patches = torch.randn(10, 3, *old, dtype=torch.float64)
     tokens = F.conv2d(patches, kernel)  # (10, 6, 1, 1)
-    resized_tokens = F.conv2d(_resize_image(patches, new, antialias), pi_resize(kernel, new, antialias))
+    resized_tokens = F.conv2d(_resize_image(patches, new, method), pi_resize(kernel, new, method))
     torch.testing.assert_close(resized_tokens, tokens, rtol=1e-9, atol=1e-9)
 
 
+@pytest.mark.parametrize("method", RESIZE_METHODS)
 @pytest.mark.parametrize("old,new", DOWN)
-def test_pi_resize_solves_least_squares_when_downsampling(old, new):
-    """w_hat minimises ||B^T w_hat - w||: the normal equations B (B^T w_hat - w) = 0 hold."""
+def test_pi_resize_is_the_least_squares_solution_when_downsampling(old, new, method):
+    """w_hat = argmin ||B^T w_hat - w||, as torch's own least-squares solver finds it."""
     kernel = torch.randn(4, 2, *old, dtype=torch.float64)
-    w_hat = pi_resize(kernel, new).reshape(8, -1)  # (D*C, new_h*new_w)
-    b = resize_matrix(old, new)  # (new, old) flattened
-    residual = w_hat @ b - kernel.reshape(8, -1)  # rows of B^T w_hat - w
-    torch.testing.assert_close(residual @ b.T, torch.zeros(8, b.shape[0], dtype=torch.float64), atol=1e-9, rtol=0)
-    # ...and it is not a trivial solution: a random perturbation has a larger residual.
-    worse = (w_hat + 0.01 * torch.randn_like(w_hat)) @ b - kernel.reshape(8, -1)
-    assert worse.norm() > residual.norm()
+    b = resize_matrix(old, new, method)  # (new, old) flattened
+    lstsq = torch.linalg.lstsq(b.T, kernel.reshape(8, -1).T).solution.T  # (D*C, new_h*new_w)
+    torch.testing.assert_close(pi_resize(kernel, new, method).reshape(8, -1), lstsq, rtol=1e-8, atol=1e-8)
 
 
-@pytest.mark.parametrize("antialias", [False, True])
+@pytest.mark.parametrize("method", RESIZE_METHODS)
 @pytest.mark.parametrize("old,new", UP + DOWN)
-def test_separable_equals_full_pinv(old, new, antialias):
+def test_separable_equals_full_pinv(old, new, method):
     kernel = torch.randn(3, 2, *old, dtype=torch.float64)
-    full = torch.linalg.pinv(resize_matrix(old, new, antialias).T)  # (new, old) flattened
+    full = torch.linalg.pinv(resize_matrix(old, new, method).T)  # (new, old) flattened
     expected = (kernel.reshape(6, -1) @ full.T).reshape(3, 2, *new)
-    torch.testing.assert_close(pi_resize(kernel, new, antialias), expected, rtol=1e-9, atol=1e-9)
+    torch.testing.assert_close(pi_resize(kernel, new, method), expected, rtol=1e-9, atol=1e-9)
 
 
-def test_antialias_downsampling_reads_every_base_weight():
-    """Plain bilinear 14->2 reads 4 of 196 weights; the area-like operator reads them all."""
+def test_wide_filters_read_every_base_weight_when_downsampling():
+    """Plain bilinear 14->2 reads 4 of 196 weights; the tent and box filters read them all."""
     kernel = torch.randn(1, 1, 14, 14, dtype=torch.float64, requires_grad=True)
     pi_resize(kernel, 2).sum().backward()
     assert int((kernel.grad != 0).sum()) == 4  # samples land on pixel centres 3 and 10 of each axis
-    kernel.grad = None
-    pi_resize(kernel, 2, antialias=True).sum().backward()
-    assert int((kernel.grad != 0).sum()) == 196
+    for method in ("bilinear_aa", "area"):
+        kernel.grad = None
+        pi_resize(kernel, 2, method).sum().backward()
+        assert int((kernel.grad != 0).sum()) == 196, method
+
+
+@pytest.mark.parametrize("method", RESIZE_METHODS)
+def test_kernel_rank_is_capped_by_the_base_when_upsampling(method):
+    kernel = torch.randn(64, 2, 4, 4)
+    assert kernel_rank(kernel, 4, method) == 32  # C * 4 * 4: a random base kernel has full rank
+    assert kernel_rank(kernel, 14, method) == 32  # 392 columns, but only the base's 32 directions
+    assert kernel_rank(kernel, 2, method) == 8  # C * 2 * 2 when downsampling
+    assert kernel_rank(torch.randn(64, 2, 14, 14), 7, method) == 64  # D caps it here
 
 
 def test_pi_resize_is_differentiable_and_pure():
@@ -87,10 +136,11 @@ def test_cache_counts_pinv_calls(monkeypatch):
     assert len(calls) == 2  # one per axis, once
     pi_resize(kernel.double(), 4)  # another dtype: its own entry
     pi_resize(kernel, (4, 6))  # another size
-    assert len(calls) == 6
+    pi_resize(kernel, 4, "area")  # another operator
+    assert len(calls) == 8
     resize.clear_cache()
     pi_resize(kernel, 4)
-    assert len(calls) == 8
+    assert len(calls) == 10
 
 
 def test_resample_posemb_layouts_and_values():
@@ -108,8 +158,10 @@ def test_resample_posemb_layouts_and_values():
         resample_posemb(torch.randn(7, 16), 4)
 
 
-def test_bad_sizes():
+def test_bad_sizes_and_methods():
     with pytest.raises(ValueError, match="4-D"):
         pi_resize(torch.randn(3, 8, 8), 4)
     with pytest.raises(ValueError, match=">= 1"):
         pi_resize(torch.randn(1, 1, 8, 8), 0)
+    with pytest.raises(ValueError, match="choose one of bilinear, bilinear_aa, area"):
+        pi_resize(torch.randn(1, 1, 8, 8), 4, "bicubic")
