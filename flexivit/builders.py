@@ -7,6 +7,7 @@ import statistics
 from dataclasses import dataclass
 from typing import Any
 
+import datasets
 from torch.utils.data import DataLoader, Dataset
 
 from .config import Config, PatchConfig, StageConfig
@@ -17,7 +18,7 @@ from .sampler import Curriculum, Distribution, PatchSizeSampler, make_distributi
 from .transforms import eval_transform, preprocess_spec
 from .variants import VARIANTS, create_variant
 
-__all__ = ["build_model", "build_sampler", "schemes_of", "default_patch", "RunData", "build_data", "preprocess_meta"]
+__all__ = ["build_model", "build_sampler", "schemes_of", "default_patch", "RunData", "build_data", "eval_loader", "preprocess_meta"]
 
 
 def schemes_of(patch: PatchConfig, sizes: list[int] | None = None) -> list[PatchScheme]:
@@ -75,9 +76,13 @@ def build_sampler(cfg: Config) -> PatchSizeSampler:
 
 @dataclass
 class RunData:
+    """The run's datasets: ``train`` augmented; ``val`` (what settings are chosen on) and ``test`` (only
+    reported) with the evaluation transform, both cut to ``data.eval_limit`` images when it is set."""
+
     splits: Splits
     channels: int
     train: Dataset
+    val: Dataset
     test: Dataset
 
     @property
@@ -99,20 +104,30 @@ def build_data(cfg: Config) -> RunData:
         randaugment=d.randaugment,
     )
     eval_tf = eval_transform(preprocess_meta(cfg, channels))  # exactly what a saved model stores
-    test = splits.test
-    if d.eval_limit is not None:
-        test = test.select(range(min(d.eval_limit, len(test))))
+
+    def evaluated(ds: datasets.Dataset) -> TransformedDataset:
+        if d.eval_limit is not None:
+            ds = ds.select(range(min(d.eval_limit, len(ds))))
+        return TransformedDataset(ds, eval_tf, on_corrupt=d.on_corrupt)
+
     return RunData(
         splits=splits,
         channels=channels,
         train=TransformedDataset(splits.train, train_tf, on_corrupt=d.on_corrupt, seed=cfg.train.seed),
-        test=TransformedDataset(test, eval_tf, on_corrupt=d.on_corrupt),
+        val=evaluated(splits.val),
+        test=evaluated(splits.test),
     )
 
 
-def eval_loader(cfg: Config, data: RunData) -> DataLoader:
+EVAL_SPLITS = ("val", "test")
+
+
+def eval_loader(cfg: Config, data: RunData, split: str = "val") -> DataLoader:
+    """A loader over ``data.val`` (periodic evaluation, model selection) or ``data.test`` (the report)."""
+    if split not in EVAL_SPLITS:
+        raise ValueError(f"eval_loader split must be one of {EVAL_SPLITS}, got {split!r}")
     return make_loader(
-        data.test, batch_size=cfg.data.eval_batch_size, shuffle=False, seed=cfg.train.seed,
+        getattr(data, split), batch_size=cfg.data.eval_batch_size, shuffle=False, seed=cfg.train.seed,
         num_workers=cfg.data.num_workers, drop_last=False,
     )
 

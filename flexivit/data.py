@@ -1,30 +1,37 @@
 """Dataset sources as HF datasets, and the seeded DataLoader over them.
 
-``load_source`` turns a source string into ``Splits`` (a train and a test ``datasets.Dataset``, each with
-an ``image`` and an int ``label`` column, plus the class names and the native channel count):
+``load_source`` turns a source string into ``Splits``: train, validation and test ``datasets.Dataset``
+objects, each with an ``image`` and an int ``label`` column, plus the class names and the native channel
+count:
 
 * ``"fashion-mnist"``: the 60k/10k idx files of the Debian package ``dataset-fashion-mnist``, parsed with
   numpy and held in memory as raw PGM bytes under a ``datasets.Image`` feature (decoding a PGM is a
   header parse and a copy: about 30 µs a sample in batched access, PNG would cost more to build).
-* a folder: one sub-folder per class, read by HF's ``imagefolder`` builder; ``train/`` and ``test/`` (or
-  ``val/``, ``validation/``) sub-folders are used as the splits when present.
+* a folder: one sub-folder per class, read by HF's ``imagefolder`` builder; ``train/``, ``test/`` and
+  ``val/`` (or ``validation/``) sub-folders are used as the splits when present.
 * ``"hf:NAME[:CONFIG]"``: ``datasets.load_dataset(NAME, CONFIG)``. Offline this works for a dataset
   already in the HF cache (with ``HF_DATASETS_OFFLINE=1``), for a local folder of data files (e.g. a clone
   of a hub repo: ``data/train-*.parquet``), and for a folder written by ``save_to_disk``, which is read
   with ``datasets.load_from_disk``.
 
-Without a test split, ``val_fraction`` of the train split is held out, stratified by label (seeded, so
-the same seed gives the same split).
+Every source gets a validation split, the one settings are chosen on; the test split is only reported.
+A source that ships both a validation and a test split keeps them. Otherwise the validation split is
+``val_fraction`` of the train split, stratified by label (every class within one image of its share)
+and drawn with ``seed``. A source without a test split first gives ``val_fraction`` of its train split
+to test (stratified, with a seed derived from ``seed``), then the validation split from the rest. No row
+of the source lands in two splits, and the same seed gives the same splits.
 
-Augmentation randomness comes from Python's ``random`` and torch's global RNGs (timm's transforms), which
-DataLoader workers seed from the loader's generator: with ``num_workers > 0`` a given ``seed`` repeats
-both the order and the augmentations; with ``num_workers=0`` the caller seeds the global RNGs.
+Randomness in loading: ``make_loader`` draws the shuffle order of every epoch from a ``torch.Generator``
+seeded with ``seed``. ``TransformedDataset(seed=…)`` seeds Python's, NumPy's and torch's CPU generators
+(what timm's transforms draw from) from ``(seed, epoch, index)`` before each sample's transform, so an
+augmented view depends on neither the worker count, the rank, nor where a run was resumed.
 """
 
 from __future__ import annotations
 
 import gzip
 import logging
+import math
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -33,8 +40,10 @@ from pathlib import Path
 import datasets
 import numpy as np
 import torch
+from datasets.utils.stratify import stratified_shuffle_split_generate_indices
 
 from .arrays import from_arrays
+from .rng import mix
 from .transforms import (
     GRAY_MODES,
     CorruptImageError,
@@ -70,15 +79,19 @@ IMAGE_EXTENSIONS = frozenset(
 )
 FOLDER_LAYOUT = (
     "expected one sub-folder per class (ROOT/CLASS/IMAGE.png), optionally under split folders "
-    "(ROOT/train/CLASS/..., ROOT/test/CLASS/... or ROOT/val/CLASS/...)"
+    "(ROOT/train/CLASS/..., ROOT/val/CLASS/... and ROOT/test/CLASS/...)"
 )
+VAL_NAMES = ("val", "validation")  # folder and HF split names taken for a shipped validation split
+TEST_SEED_STREAM = 1  # a held-out test split is drawn with mix(seed, 1), the validation split with seed
 
 
 @dataclass(frozen=True)
 class Splits:
-    """A train and a test split, with ``image`` and int ``label`` columns."""
+    """Train, validation (settings are chosen on it) and test (only reported) splits, each with ``image``
+    and int ``label`` columns."""
 
     train: datasets.Dataset
+    val: datasets.Dataset
     test: datasets.Dataset
     class_names: list[str]
     channels: int  # native channel count of the source: 1 grayscale, 3 RGB
@@ -103,7 +116,7 @@ def _fashion_mnist_split(root: Path, prefix: str) -> datasets.Dataset:
     return from_arrays(images, labels, FASHION_MNIST_CLASSES)
 
 
-def _load_fashion_mnist(root: str | None) -> Splits:
+def _load_fashion_mnist(root: str | None, val_fraction: float, seed: int) -> Splits:
     folder = Path(root or os.environ.get("FLEXIVIT_FASHION_MNIST_DIR") or FASHION_MNIST_DIR)
     needed = [
         f"{prefix}-{kind}.gz"
@@ -118,52 +131,69 @@ def _load_fashion_mnist(root: str | None) -> Splits:
             "FLEXIVIT_FASHION_MNIST_DIR (or root=) at a folder holding the four idx .gz files."
         )
     train, test = _fashion_mnist_split(folder, "train"), _fashion_mnist_split(folder, "t10k")
-    return Splits(train=train, test=test, class_names=list(FASHION_MNIST_CLASSES), channels=1)
+    return _finish(train, None, test, val_fraction, seed)
 
 
 # --- shared helpers ----------------------------------------------------------------------------
 
 
 def _hold_out(
-    ds: datasets.Dataset, fraction: float, seed: int
+    ds: datasets.Dataset, fraction: float, seed: int, name: str
 ) -> tuple[datasets.Dataset, datasets.Dataset]:
-    """Split ``ds`` into (train, held out), stratified by label when every class allows it."""
+    """Split ``ds`` into (rest, held out): ``ceil(fraction * len(ds))`` rows, stratified by label, so each
+    class holds out its share of the rows to within one."""
     if not 0.0 < fraction < 1.0:
-        raise ValueError(f"val_fraction must be in (0, 1) to hold out a test split, got {fraction}")
-    try:
-        parts = ds.train_test_split(test_size=fraction, seed=seed, stratify_by_column="label")
-    except ValueError as err:  # a class with one image, or fewer held-out rows than classes
-        log.warning("stratified hold-out impossible (%s); holding out a plain random split", err)
-        parts = ds.train_test_split(test_size=fraction, seed=seed)
-    return parts["train"], parts["test"]
+        raise ValueError(f"data.val_fraction must be in (0, 1), got {fraction}")
+    labels = _labels(ds)
+    counts = np.bincount(labels)
+    counts = counts[counts > 0]  # images per class present
+    held = math.ceil(fraction * len(ds))
+    if counts.min() < 2 or min(held, len(ds) - held) < len(counts):
+        raise ValueError(
+            f"cannot hold out a stratified {name} split: {fraction:g} of {len(ds)} training images is {held}, and each "
+            f"of the {len(counts)} classes needs an image on both sides (the smallest class has {counts.min()}). "
+            "Raise data.val_fraction, add images, or ship your own splits (train/, val/, test/ folders; HF splits).")
+    # HF's own stratifier, fed the label column in one read: ``train_test_split(stratify_by_column=...)``
+    # reads it row by row (17 s for Fashion-MNIST's 60k rows with datasets 5.2).
+    rest, out = next(stratified_shuffle_split_generate_indices(
+        labels, len(ds) - held, held, rng=np.random.default_rng(seed)))
+    log.info("%s split: %d of %d training images held out (stratified, seed %d)", name, held, len(ds), seed)
+    return ds.select(rest), ds.select(out)
+
+
+def _labels(ds: datasets.Dataset) -> np.ndarray:
+    """The ``label`` column as one array, read in one batch."""
+    return np.asarray(ds.with_format("numpy", columns=["label"])[:]["label"])
 
 
 def _encode_labels(
-    train: datasets.Dataset, test: datasets.Dataset | None
-) -> tuple[datasets.Dataset, datasets.Dataset | None, list[str]]:
-    """Make ``label`` a ``ClassLabel`` shared by both splits; return them and the class names.
+    splits: dict[str, datasets.Dataset | None],
+) -> tuple[dict[str, datasets.Dataset | None], list[str]]:
+    """Make ``label`` one ``ClassLabel`` across ``splits`` (the ``train`` one's, if it has one).
 
-    Without a ``ClassLabel``, the classes are the sorted unique labels (ints or strings) of both splits.
+    Without a ``ClassLabel``, the classes are the sorted unique labels (ints or strings) of all splits.
     """
-    feature = train.features["label"]
+    present = {k: ds for k, ds in splits.items() if ds is not None}
+    feature = splits["train"].features["label"]
     if isinstance(feature, datasets.ClassLabel):
-        if test is not None and test.features["label"] != feature:
-            other = test.features["label"]
+        for name, ds in present.items():
+            other = ds.features["label"]
             if isinstance(other, datasets.ClassLabel) and other.names != feature.names:
-                raise ValueError(f"train and test label names differ: {feature.names} vs {other.names}")
-            test = test.cast_column("label", feature)
-        return train, test, list(feature.names)
+                raise ValueError(f"train and {name} label names differ: {feature.names} vs {other.names}")
+            if other != feature:
+                present[name] = ds.cast_column("label", feature)
+        return {**splits, **present}, list(feature.names)
     dtype = getattr(feature, "dtype", None)
     if dtype not in ("string", "large_string") and not str(dtype).startswith(("int", "uint")):
-        raise TypeError(f"labels must be ints, strings or a ClassLabel, got {feature}")
-    values = set(train.unique("label")) | (set(test.unique("label")) if test is not None else set())
+        raise ValueError(f"labels must be ints, strings or a ClassLabel, got {feature}")
+    values = set().union(*(ds.unique("label") for ds in present.values()))
     class_label = datasets.ClassLabel(names=[str(v) for v in sorted(values)])
-
-    def encode(ds: datasets.Dataset) -> datasets.Dataset:
-        # Cast by name: ints go through their string form, so label k maps to str(k)'s position.
-        return ds.cast_column("label", datasets.Value("string")).cast_column("label", class_label)
-
-    return encode(train), encode(test) if test is not None else None, list(class_label.names)
+    # Cast by name: ints go through their string form, so label k maps to str(k)'s position.
+    encoded = {
+        name: ds.cast_column("label", datasets.Value("string")).cast_column("label", class_label)
+        for name, ds in present.items()
+    }
+    return {**splits, **encoded}, list(class_label.names)
 
 
 def _native_channels(ds: datasets.Dataset, probes: int = 8) -> int:
@@ -182,15 +212,19 @@ def _native_channels(ds: datasets.Dataset, probes: int = 8) -> int:
 
 
 def _finish(
-    train: datasets.Dataset, test: datasets.Dataset | None, val_fraction: float, seed: int
-) -> Splits:
-    """Encode labels, hold out a test split if there is none, and find the channel count."""
+    train: datasets.Dataset, val: datasets.Dataset | None, test: datasets.Dataset | None,
+    val_fraction: float, seed: int,
+) -> Splits:  # fmt: skip
+    """Encode labels, hold out the test and validation splits the source lacks, find the channel count."""
     if len(train) == 0:
         raise ValueError("the train split is empty")
-    train, test, names = _encode_labels(train, test)
+    parts, names = _encode_labels({"train": train, "val": val, "test": test})
+    train, val, test = parts["train"], parts["val"], parts["test"]
     if test is None:
-        train, test = _hold_out(train, val_fraction, seed)
-    return Splits(train=train, test=test, class_names=names, channels=_native_channels(train))
+        train, test = _hold_out(train, val_fraction, mix(seed, TEST_SEED_STREAM), "test")
+    if val is None:
+        train, val = _hold_out(train, val_fraction, seed, "validation")
+    return Splits(train=train, val=val, test=test, class_names=names, channels=_native_channels(train))
 
 
 # --- image folders -----------------------------------------------------------------------------
@@ -225,10 +259,11 @@ def _load_folder(path: str, val_fraction: float, seed: int, cache_dir: str | Non
     split_roots = {"train": root}
     if (root / "train").is_dir():
         split_roots["train"] = root / "train"
-        for name in ("test", "val", "validation"):
-            if (root / name).is_dir():
-                split_roots["test"] = root / name
-                break
+        shipped = [root / name for name in ("test", *VAL_NAMES) if (root / name).is_dir()]
+        if shipped:  # test/ and val/: both kept; a val/ folder alone is the test split
+            split_roots["test"] = shipped[0]
+        if len(shipped) > 1 and shipped[0].name == "test":
+            split_roots["val"] = shipped[1]
     for split_root in split_roots.values():
         _check_class_folders(split_root, root)
     data_files = {split: str(split_root / "**") for split, split_root in split_roots.items()}
@@ -236,7 +271,7 @@ def _load_folder(path: str, val_fraction: float, seed: int, cache_dir: str | Non
     loaded = datasets.load_dataset(
         "imagefolder", data_files=data_files, drop_labels=False, cache_dir=cache_dir
     )
-    return _finish(loaded["train"], loaded.get("test"), val_fraction, seed)
+    return _finish(loaded["train"], loaded.get("val"), loaded.get("test"), val_fraction, seed)
 
 
 # --- Hugging Face datasets ---------------------------------------------------------------------
@@ -261,7 +296,7 @@ def _select_columns(
     """``ds`` reduced to its image and label columns, renamed ``image`` and ``label``."""
     missing = [c for c in (image_column, label_column) if c not in ds.column_names]
     if missing:
-        raise KeyError(f"{where}: no column {missing}; columns are {ds.column_names}")
+        raise ValueError(f"{where}: no column {missing}; columns are {ds.column_names}")
     ds = ds.select_columns([image_column, label_column])
     renames = {old: new for old, new in ((image_column, "image"), (label_column, "label")) if old != new}
     return ds.rename_columns(renames) if renames else ds
@@ -275,16 +310,19 @@ def _load_hf(
     wanted = [split_train] + ([split_test] if split_test else [])
     absent = [s for s in wanted if s not in splits]
     if absent:
-        raise KeyError(f"hf:{spec} has no split {absent}; splits are {sorted(splits)}")
-    if split_test is None:
-        found = [s for s in ("test", "validation") if s in splits and s != split_train]
+        raise ValueError(f"hf:{spec} has no split {absent}; splits are {sorted(splits)}")
+    if split_test is None:  # "test", else a validation split serves as the test split
+        found = [s for s in ("test", *VAL_NAMES) if s in splits and s != split_train]
         split_test = found[0] if found else None
+    shipped_val = [s for s in VAL_NAMES if s in splits and s not in (split_train, split_test)]
+    split_val = shipped_val[0] if shipped_val else None  # only beside a test split: else it is the test split
 
-    def columns(split: str) -> datasets.Dataset:
+    def columns(split: str | None) -> datasets.Dataset | None:
+        if split is None:
+            return None
         return _select_columns(splits[split], image_column, label_column, f"hf:{spec}[{split}]")
 
-    test = columns(split_test) if split_test is not None else None
-    return _finish(columns(split_train), test, val_fraction, seed)
+    return _finish(columns(split_train), columns(split_val), columns(split_test), val_fraction, seed)
 
 
 def load_source(
@@ -299,15 +337,16 @@ def load_source(
     root: str | None = None,
     cache_dir: str | None = None,
 ) -> Splits:
-    """Load ``"fashion-mnist"``, ``"hf:NAME[:CONFIG]"`` or an image folder as train/test ``Splits``.
+    """Load ``"fashion-mnist"``, ``"hf:NAME[:CONFIG]"`` or an image folder as train/val/test ``Splits``.
 
     ``root`` overrides the Fashion-MNIST folder (else ``$FLEXIVIT_FASHION_MNIST_DIR``, else the Debian
     package's). ``split_*`` and ``*_column`` apply to ``hf:`` sources; ``split_test=None`` takes "test",
-    then "validation", else holds out ``val_fraction`` of the train split with ``seed`` (as do folders
-    without a test folder). ``cache_dir`` is where HF builders write their Arrow files.
+    then "val"/"validation". A "val"/"validation" split besides the train and test splits is the
+    validation split. Missing splits are held out as the module docstring says. ``cache_dir`` is where
+    HF builders write their Arrow files.
     """
     if source in ("fashion-mnist", "fashion_mnist"):
-        return _load_fashion_mnist(root)
+        return _load_fashion_mnist(root, val_fraction, seed)
     if source.startswith("hf:"):
         return _load_hf(
             source[3:], split_train, split_test, image_column, label_column, val_fraction, seed, cache_dir
@@ -325,12 +364,13 @@ def select_classes(splits: Splits, names: Sequence[str]) -> Splits:
     new_label = {splits.class_names.index(n): i for i, n in enumerate(names)}
 
     def subset(ds: datasets.Dataset) -> datasets.Dataset:
-        labels = np.asarray(ds["label"])
+        labels = _labels(ds)
         keep = np.flatnonzero(np.isin(labels, list(new_label)))
         mapped = [new_label[int(l)] for l in labels[keep]]
         return ds.select(keep).remove_columns("label").add_column("label", mapped)
 
-    return Splits(train=subset(splits.train), test=subset(splits.test), class_names=list(names), channels=splits.channels)
+    return Splits(train=subset(splits.train), val=subset(splits.val), test=subset(splits.test),
+                  class_names=list(names), channels=splits.channels)
 
 
 # --- loader -----------------------------------------------------------------------------------

@@ -26,7 +26,7 @@ def get_config(arg: str | None = None) -> Config:
         model=ModelConfig(variant=variant, base_patch_size=32, base_grid=7, drop_path_rate=0.1),
         data=DataConfig(
             source="hf:imagenet-1k", image_size=240, channels=3, batch_size=128, eval_batch_size=256,
-            num_workers=8, split_train="train", split_test="validation", scale=(0.08, 1.0),
+            num_workers=8, split_train="train", split_test="validation", val_fraction=0.01, scale=(0.08, 1.0),
             randaugment="rand-m9-mstd0.5", crop_pct=0.875, mixup=0.2, label_smoothing=0.1,
         ),
         patch=PatchConfig(sizes=SIZES, distribution="uniform", default=16, eval_sizes=[8, 12, 16, 24, 30, 48]),

@@ -1,4 +1,5 @@
-"""Data sources, transforms and loaders, on files written by the tests (and the Debian Fashion-MNIST).
+"""Data sources, their train/validation/test splits, transforms and loaders, on files written by the tests
+(and the Debian Fashion-MNIST).
 
 Everything runs offline: HF sources are a ``save_to_disk`` folder and a folder of parquet files, the
 two forms of a hub dataset that ``load_source("hf:PATH")`` reads without a network.
@@ -16,6 +17,8 @@ import pytest
 import torch
 from PIL import Image
 
+from flexivit.builders import build_data, eval_loader
+from flexivit.config import Config
 from flexivit.data import (
     FASHION_MNIST_CLASSES,
     FASHION_MNIST_DIR,
@@ -24,8 +27,10 @@ from flexivit.data import (
     build_transform,
     collate,
     from_arrays,
+    Splits,
     load_source,
     make_loader,
+    select_classes,
 )
 
 HAS_FASHION_MNIST = (Path(FASHION_MNIST_DIR) / "train-images-idx3-ubyte.gz").is_file()
@@ -61,6 +66,29 @@ def paths(ds: datasets.Dataset) -> list[str]:
     return [v["path"] for v in ds.cast_column("image", datasets.Image(decode=False))["image"]]
 
 
+def contents(ds: datasets.Dataset) -> list[bytes]:
+    """The decoded pixels of every image: equal images give equal keys whatever their file or encoding."""
+    return [image.tobytes() for image in ds["image"]]
+
+
+def class_counts(ds: datasets.Dataset, classes: int) -> np.ndarray:
+    return np.bincount(np.asarray(ds["label"], dtype=np.int64), minlength=classes)
+
+
+def assert_stratified(held: datasets.Dataset, pool: list[datasets.Dataset], classes: int) -> None:
+    """Each class holds out its share of ``pool`` (the rows the split was drawn from) to within one image."""
+    pool_counts = sum(class_counts(ds, classes) for ds in pool)
+    expected = len(held) * pool_counts / pool_counts.sum()
+    assert np.all(np.abs(class_counts(held, classes) - expected) <= 1), (class_counts(held, classes), expected)
+
+
+def assert_disjoint(splits: Splits, key) -> None:
+    """No row in two splits (``key`` names a row by its file or its pixels)."""
+    parts = [key(splits.train), key(splits.val), key(splits.test)]
+    assert all(len(set(part)) == len(part) for part in parts)
+    assert sum(map(len, parts)) == len(set().union(*parts))
+
+
 def write_idx(path: Path, array: np.ndarray) -> None:
     header = bytes([0, 0, 0x08, array.ndim]) + np.asarray(array.shape, dtype=">i4").tobytes()
     path.write_bytes(gzip.compress(header + array.astype(np.uint8).tobytes()))
@@ -72,29 +100,81 @@ def write_idx(path: Path, array: np.ndarray) -> None:
 @needs_fashion_mnist
 def test_fashion_mnist_loads() -> None:
     splits = load_source("fashion-mnist")
-    assert (len(splits.train), len(splits.test)) == (60000, 10000)
+    assert (len(splits.train), len(splits.val), len(splits.test)) == (54000, 6000, 10000)
     assert splits.class_names == FASHION_MNIST_CLASSES and len(splits.class_names) == 10
     assert splits.channels == 1
-    first = splits.train[0]
+    first = splits.test[0]
     assert first["image"].mode == "L" and first["image"].size == (28, 28)
-    assert first["label"] == 9  # the first training image is an ankle boot
-    assert sorted(splits.test.unique("label")) == list(range(10))
+    assert first["label"] == 9  # the first test image is an ankle boot
+    assert class_counts(splits.val, 10).tolist() == [600] * 10  # 6000 of each class in the train file
+    assert class_counts(splits.test, 10).tolist() == [1000] * 10
+
+
+def write_fashion_mnist_like(folder: Path, counts: dict[str, list[int]]) -> dict[str, np.ndarray]:
+    """Idx files ``train-*`` and ``t10k-*`` with ``counts[prefix][c]`` images of class ``c``; every image is
+    unique (its row number is written into its first two pixels). Returns the labels per prefix."""
+    labels, start = {}, 0
+    for prefix, per_class in counts.items():
+        labels[prefix] = np.repeat(np.arange(len(per_class)), per_class)
+        np.random.default_rng(start).shuffle(labels[prefix])
+        n = len(labels[prefix])
+        images = np.random.default_rng(n).integers(0, 256, (n, 28, 28), dtype=np.uint8)
+        rows = np.arange(start, start + n)
+        images[:, 0, 0], images[:, 0, 1] = rows // 256, rows % 256
+        write_idx(folder / f"{prefix}-images-idx3-ubyte.gz", images)
+        write_idx(folder / f"{prefix}-labels-idx1-ubyte.gz", labels[prefix])
+        start += n
+    return labels
 
 
 def test_fashion_mnist_dir_from_env_and_root(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    rng = np.random.default_rng(0)
-    arrays = {}
-    for prefix, n in (("train", 12), ("t10k", 5)):
-        arrays[prefix] = rng.integers(0, 256, (n, 28, 28), dtype=np.uint8), rng.integers(0, 10, n)
-        write_idx(tmp_path / f"{prefix}-images-idx3-ubyte.gz", arrays[prefix][0])
-        write_idx(tmp_path / f"{prefix}-labels-idx1-ubyte.gz", arrays[prefix][1])
+    labels = write_fashion_mnist_like(tmp_path, {"train": [10] * 4, "t10k": [2] * 4})
     monkeypatch.setenv("FLEXIVIT_FASHION_MNIST_DIR", str(tmp_path))
     splits = load_source("fashion-mnist")
-    assert (len(splits.train), len(splits.test)) == (12, 5)
-    assert np.array_equal(np.asarray(splits.test[3]["image"]), arrays["t10k"][0][3])
-    assert splits.train["label"] == arrays["train"][1].tolist()
+    assert (len(splits.train), len(splits.val), len(splits.test)) == (36, 4, 8)
+    assert splits.test["label"] == labels["t10k"].tolist()  # the test file, whole and in order
     monkeypatch.delenv("FLEXIVIT_FASHION_MNIST_DIR")
-    assert len(load_source("fashion-mnist", root=str(tmp_path)).train) == 12
+    assert len(load_source("fashion-mnist", root=str(tmp_path)).train) == 36
+
+
+def test_fashion_mnist_validation_split_is_carved_from_train(tmp_path: Path) -> None:
+    per_class = [30, 45, 60, 75, 90]  # unequal classes, so a plain random split would not keep shares
+    write_fashion_mnist_like(tmp_path, {"train": per_class, "t10k": [4] * 5})
+    first = load_source("fashion-mnist", root=str(tmp_path), val_fraction=0.2, seed=3)
+    again = load_source("fashion-mnist", root=str(tmp_path), val_fraction=0.2, seed=3)
+    other = load_source("fashion-mnist", root=str(tmp_path), val_fraction=0.2, seed=4)
+    assert (len(first.train), len(first.val), len(first.test)) == (240, 60, 20)
+    assert_disjoint(first, contents)
+    for splits in (first, other):
+        assert_stratified(splits.val, [splits.train, splits.val], 5)
+    assert contents(first.val) == contents(again.val) and contents(first.train) == contents(again.train)
+    assert set(contents(other.val)) != set(contents(first.val))
+    assert contents(other.test) == contents(first.test)  # a shipped test split does not move with the seed
+
+
+def test_select_classes_subsets_every_split(tmp_path: Path) -> None:
+    write_fashion_mnist_like(tmp_path, {"train": [10] * 4, "t10k": [2] * 4})
+    splits = load_source("fashion-mnist", root=str(tmp_path))
+    tops = select_classes(splits, ["Pullover", "T-shirt/top"])  # classes 2 and 0, relabelled 0 and 1
+    for name in ("train", "val", "test"):
+        before, after = getattr(splits, name), getattr(tops, name)
+        assert list(after["label"]) == [{2: 0, 0: 1}[l] for l in before["label"] if l in (0, 2)]
+        assert contents(after) == [c for c, l in zip(contents(before), before["label"]) if l in (0, 2)]
+
+
+def test_run_data_evaluates_val_or_test(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    write_fashion_mnist_like(tmp_path, {"train": [10] * 4, "t10k": [3] * 4})
+    monkeypatch.setenv("FLEXIVIT_FASHION_MNIST_DIR", str(tmp_path))
+    cfg = Config()
+    cfg.data.eval_limit = 6  # cuts the 12 test images, not the 4 validation ones
+    data = build_data(cfg)
+    assert (len(data.train), len(data.val), len(data.test)) == (36, 4, 6)
+    for split in ("val", "test"):
+        labels = torch.cat([b["label"] for b in eval_loader(cfg, data, split)])
+        assert labels.tolist() == list(getattr(data.splits, split)["label"])[: len(labels)]
+    assert eval_loader(cfg, data).dataset is data.val  # periodic evaluation selects on validation
+    with pytest.raises(ValueError, match=r"one of \('val', 'test'\), got 'train'"):
+        eval_loader(cfg, data, "train")
 
 
 def test_fashion_mnist_missing_files_say_how_to_get_them(tmp_path: Path) -> None:
@@ -119,40 +199,59 @@ def test_from_arrays_round_trip(shape: tuple[int, ...]) -> None:
 
 
 @pytest.mark.parametrize("test_dir", ["test", "val"])
-def test_folder_with_split_folders(tmp_path: Path, cache: str, test_dir: str) -> None:
+def test_folder_with_a_test_folder(tmp_path: Path, cache: str, test_dir: str) -> None:
+    """A ``test/`` (or, alone, a ``val/``) folder is the test split; validation comes from ``train/``."""
     write_images(tmp_path / "data" / "train", {"cat": 4, "dog": 3, "eel": 2})
     write_images(tmp_path / "data" / test_dir, {"cat": 1, "dog": 2, "eel": 1})
-    splits = load_source(str(tmp_path / "data"), cache_dir=cache)
-    assert (len(splits.train), len(splits.test)) == (9, 4)
+    splits = load_source(str(tmp_path / "data"), val_fraction=1 / 3, cache_dir=cache)
+    assert (len(splits.train), len(splits.val), len(splits.test)) == (6, 3, 4)
     assert splits.class_names == ["cat", "dog", "eel"] and splits.channels == 3
     assert sorted(splits.test["label"]) == [0, 1, 1, 2]
     assert all(f"/{test_dir}/" in p for p in paths(splits.test))
+    assert sorted(splits.val["label"]) == [0, 1, 2]  # one of each class: their shares of 3 are 1.3, 1, 0.7
+    assert all("/train/" in p for p in paths(splits.train) + paths(splits.val))
 
 
-def test_folder_held_out_split_is_deterministic_and_disjoint(tmp_path: Path, cache: str) -> None:
+def test_folder_with_val_and_test_folders_keeps_both(tmp_path: Path, cache: str) -> None:
+    for split, count in (("train", 3), ("val", 2), ("test", 1)):
+        write_images(tmp_path / split, {"cat": count, "dog": count})
+    splits = load_source(str(tmp_path), cache_dir=cache)
+    assert (len(splits.train), len(splits.val), len(splits.test)) == (6, 4, 2)
+    for split in ("train", "val", "test"):
+        assert all(f"/{split}/" in p for p in paths(getattr(splits, split)))
+
+
+def test_folder_without_splits_holds_out_test_then_validation(tmp_path: Path, cache: str) -> None:
     # "test" in a file name must not turn into a split (HF's own inference would do that).
-    write_images(tmp_path, {"test": 10, "b": 10, "c": 10})
+    write_images(tmp_path, {"test": 12, "b": 18, "c": 30})
     first = load_source(str(tmp_path), val_fraction=0.2, seed=3, cache_dir=cache)
     again = load_source(str(tmp_path), val_fraction=0.2, seed=3, cache_dir=cache)
     other = load_source(str(tmp_path), val_fraction=0.2, seed=4, cache_dir=cache)
-    assert (len(first.train), len(first.test)) == (24, 6)
-    assert paths(first.test) == paths(again.test) and paths(first.train) == paths(again.train)
-    assert not set(paths(first.train)) & set(paths(first.test))
-    assert len(set(paths(first.train)) | set(paths(first.test))) == 30
-    assert sorted(first.test["label"]) == [0, 0, 1, 1, 2, 2]  # stratified
-    assert set(paths(other.test)) != set(paths(first.test))
+    assert (len(first.train), len(first.val), len(first.test)) == (38, 10, 12)  # 60 → 12 test, 48 → 10 val
+    assert_disjoint(first, paths)
+    assert len(set(paths(first.train) + paths(first.val) + paths(first.test))) == 60
+    for splits in (first, other):
+        assert_stratified(splits.test, [splits.train, splits.val, splits.test], 3)
+        assert_stratified(splits.val, [splits.train, splits.val], 3)
+    for split in ("train", "val", "test"):
+        assert paths(getattr(first, split)) == paths(getattr(again, split))
+    assert set(paths(other.val)) != set(paths(first.val)) and set(paths(other.test)) != set(paths(first.test))
 
 
-def test_held_out_split_without_stratification_when_a_class_is_too_small(
-    tmp_path: Path, cache: str
-) -> None:
-    write_images(tmp_path, {"a": 1, "b": 5})
-    splits = load_source(str(tmp_path), val_fraction=0.34, cache_dir=cache)
-    assert (len(splits.train), len(splits.test)) == (3, 3)
+def test_a_split_too_small_to_stratify_is_a_clear_error(tmp_path: Path, cache: str) -> None:
+    write_images(tmp_path / "one", {"a": 1, "b": 9})
+    with pytest.raises(ValueError, match="smallest class has 1.*Raise data.val_fraction"):
+        load_source(str(tmp_path / "one"), val_fraction=0.3, cache_dir=cache)
+    write_images(tmp_path / "few" / "train", {"a": 10, "b": 10, "c": 10})
+    write_images(tmp_path / "few" / "test", {"a": 1, "b": 1, "c": 1})
+    with pytest.raises(ValueError, match="validation split: 0.05 of 30 training images is 2.*3 classes"):
+        load_source(str(tmp_path / "few"), val_fraction=0.05, cache_dir=cache)
+    with pytest.raises(ValueError, match=r"must be in \(0, 1\)"):
+        load_source(str(tmp_path / "few"), val_fraction=0.0, cache_dir=cache)
 
 
 def test_grayscale_folder_reports_one_channel(tmp_path: Path, cache: str) -> None:
-    write_images(tmp_path, {"a": 3, "b": 3}, mode="L")
+    write_images(tmp_path, {"a": 6, "b": 6}, mode="L")
     assert load_source(str(tmp_path), val_fraction=0.34, cache_dir=cache).channels == 1
 
 
@@ -181,15 +280,47 @@ def small_hub_dataset(n: int, labels: list) -> datasets.Dataset:
 
 
 def test_hf_save_to_disk_folder(tmp_path: Path, cache: str) -> None:
+    """A ``validation`` split without a ``test`` split is the test split; validation comes from train."""
     label = datasets.ClassLabel(names=["x", "y", "z"])
     train = small_hub_dataset(9, [0, 1, 2] * 3).cast_column("fine", label)
     val = small_hub_dataset(3, [2, 1, 0]).cast_column("fine", label)
     datasets.DatasetDict({"train": train, "validation": val}).save_to_disk(tmp_path / "saved")
-    splits = load_source(f"hf:{tmp_path / 'saved'}", image_column="img", label_column="fine", cache_dir=cache)
+    splits = load_source(f"hf:{tmp_path / 'saved'}", image_column="img", label_column="fine", val_fraction=1 / 3,
+                         cache_dir=cache)
     assert splits.train.column_names == ["image", "label"]
-    assert (len(splits.train), len(splits.test)) == (9, 3)
+    assert (len(splits.train), len(splits.val), len(splits.test)) == (6, 3, 3)
     assert splits.class_names == ["x", "y", "z"] and splits.channels == 3
     assert splits.test["label"] == [2, 1, 0]
+    assert sorted(splits.val["label"]) == [0, 1, 2]
+
+
+def test_hf_validation_split_is_carved_from_train(tmp_path: Path, cache: str) -> None:
+    labels = [0] * 8 + [1] * 24 + [2] * 48
+    datasets.DatasetDict(
+        {"train": small_hub_dataset(80, labels), "test": small_hub_dataset(6, [0, 1, 2] * 2)}
+    ).save_to_disk(tmp_path / "saved")
+
+    def load(seed: int) -> Splits:
+        return load_source(f"hf:{tmp_path / 'saved'}", image_column="img", label_column="fine", seed=seed,
+                           val_fraction=0.25, cache_dir=cache)
+
+    first, again, other = load(5), load(5), load(6)
+    assert (len(first.train), len(first.val), len(first.test)) == (60, 20, 6)
+    assert_disjoint(first, contents)
+    for splits in (first, other):
+        assert_stratified(splits.val, [splits.train, splits.val], 3)
+    assert contents(first.val) == contents(again.val) and contents(first.train) == contents(again.train)
+    assert set(contents(other.val)) != set(contents(first.val))
+    assert contents(other.test) == contents(first.test)
+
+
+def test_hf_validation_and_test_splits_are_both_kept(tmp_path: Path, cache: str) -> None:
+    parts = {"train": small_hub_dataset(6, [0, 1] * 3), "validation": small_hub_dataset(4, [1, 1, 0, 0]),
+             "test": small_hub_dataset(2, [0, 1])}
+    datasets.DatasetDict(parts).save_to_disk(tmp_path / "saved")
+    splits = load_source(f"hf:{tmp_path / 'saved'}", image_column="img", label_column="fine", cache_dir=cache)
+    for name, split in (("train", splits.train), ("validation", splits.val), ("test", splits.test)):
+        assert contents(split) == [image.tobytes() for image in parts[name]["img"]]  # whole, in order
 
 
 def test_hf_parquet_folder_with_string_labels_is_held_out(tmp_path: Path, cache: str) -> None:
@@ -201,24 +332,25 @@ def test_hf_parquet_folder_with_string_labels_is_held_out(tmp_path: Path, cache:
         cache_dir=cache,
     )  # fmt: skip
     assert splits.class_names == ["ant", "bee", "owl"]
-    assert (len(splits.train), len(splits.test)) == (9, 3)
-    assert sorted(splits.test["label"]) == [0, 1, 2]
+    assert (len(splits.train), len(splits.val), len(splits.test)) == (6, 3, 3)
+    assert sorted(splits.test["label"]) == sorted(splits.val["label"]) == [0, 1, 2]
 
 
 def test_hf_int_labels_without_classlabel(tmp_path: Path, cache: str) -> None:
     datasets.DatasetDict(
         {"train": small_hub_dataset(6, [3, 7, 3, 7, 3, 7]), "test": small_hub_dataset(2, [7, 3])}
     ).save_to_disk(tmp_path / "saved")
-    splits = load_source(f"hf:{tmp_path / 'saved'}", image_column="img", label_column="fine")
+    splits = load_source(f"hf:{tmp_path / 'saved'}", image_column="img", label_column="fine", val_fraction=0.34)
     assert splits.class_names == ["3", "7"]
-    assert splits.train["label"] == [0, 1, 0, 1, 0, 1] and splits.test["label"] == [1, 0]
+    assert sorted(list(splits.train["label"]) + list(splits.val["label"])) == [0, 0, 0, 1, 1, 1]
+    assert splits.test["label"] == [1, 0]
 
 
 def test_hf_missing_split_or_column(tmp_path: Path, cache: str) -> None:
     datasets.DatasetDict({"train": small_hub_dataset(4, [0, 1, 0, 1])}).save_to_disk(tmp_path / "s")
-    with pytest.raises(KeyError, match="no split.*'holdout'"):
+    with pytest.raises(ValueError, match="no split.*'holdout'"):
         load_source(f"hf:{tmp_path / 's'}", split_test="holdout", image_column="img")
-    with pytest.raises(KeyError, match="no column.*'image'"):
+    with pytest.raises(ValueError, match="no column.*'image'"):
         load_source(f"hf:{tmp_path / 's'}", label_column="fine")
 
 
@@ -275,7 +407,8 @@ def test_eval_transform_is_deterministic() -> None:
 @pytest.fixture
 def folder_with_corrupt_image(tmp_path: Path, cache: str) -> datasets.Dataset:
     write_images(tmp_path / "data" / "train", {"a": 3, "b": 3})
-    write_images(tmp_path / "data" / "test", {"a": 1, "b": 1})
+    for split in ("val", "test"):  # shipped, so that the broken image stays in the train split
+        write_images(tmp_path / "data" / split, {"a": 1, "b": 1})
     (tmp_path / "data" / "train" / "b" / "broken.png").write_bytes(b"\x89PNG but not really")
     return load_source(str(tmp_path / "data"), cache_dir=cache).train
 

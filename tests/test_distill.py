@@ -61,6 +61,28 @@ def test_teacher_is_frozen_and_gets_no_gradient():
     assert all(p.grad is not None for p in student.parameters())
 
 
+@pytest.mark.parametrize("temperature", [0.5, 1.0, 2.0, 4.0])
+@pytest.mark.parametrize("quantize", ["none", "hard", "topk:3"])
+def test_distill_loss_is_the_standard_kl_at_a_temperature(temperature, quantize):
+    """KL(teacher ‖ student) of the tempered softmaxes, summed over classes, averaged over the batch, × T²
+    (the teacher's distribution quantised first when asked); a swapped KL or a missing T² fails here."""
+    import torch.nn.functional as F
+
+    gen = torch.Generator().manual_seed(0)
+    student = (torch.randn(16, 10, generator=gen) * 3).requires_grad_()
+    teacher = torch.randn(16, 10, generator=gen) * 3
+    targets = quantize_targets(F.softmax(teacher / temperature, dim=1), quantize)
+    reference = F.kl_div(F.log_softmax(student / temperature, dim=1), targets, reduction="batchmean") * temperature**2
+    loss = distill_loss(student, teacher, temperature=temperature, quantize=quantize)
+    torch.testing.assert_close(loss, reference, rtol=1e-5, atol=1e-6)
+    (grad,) = torch.autograd.grad(loss, student)
+    (expected,) = torch.autograd.grad(reference, student)
+    torch.testing.assert_close(grad, expected, rtol=1e-5, atol=1e-7)
+    swapped = F.kl_div(F.log_softmax(teacher / temperature, dim=1), F.softmax(student / temperature, dim=1),
+                       reduction="batchmean") * temperature**2
+    assert not torch.isclose(loss, swapped, rtol=1e-3)  # the logits are far enough apart to tell the two
+
+
 def test_quantisers():
     probs = torch.softmax(torch.randn(64, 10) * 2, dim=1)
     hard = quantize_targets(probs, "hard")

@@ -2,14 +2,16 @@
 
 from flexivit.config import load_recipe
 from flexivit.patch_embed import PatchScheme
-from flexivit.train import loader_batches
+from flexivit.steps import loader_batches
 
 
 def test_token_budget_gives_large_patches_more_batches_for_the_same_tokens():
     budget = 128 * 49  # one batch of 128 images at patch 4 (7x7 tokens) on 28 px images
     counts = {p: loader_batches(PatchScheme(p), (28, 28), 128, budget) for p in (2, 4, 7, 14)}
     assert counts == {2: 1, 4: 1, 7: 3, 14: 12}  # 196, 49, 16, 4 tokens per image
-    assert all(counts[p] * 128 * (28 // p) ** 2 <= max(budget, 128 * (28 // p) ** 2) for p in counts)
+    # Tokens are counted on the scheme's grid: overlapping tiles make more of them than the patch size says.
+    assert loader_batches(PatchScheme(14, 7), (28, 28), 128, budget) == 5  # 3 x 3 tokens, not 2 x 2
+    assert loader_batches(PatchScheme(4, 2), (28, 28), 128, budget) == 1  # 13 x 13 tokens: over budget, one batch
 
 
 def test_token_budget_off_is_one_batch_and_the_quickstart_uses_one_patch2_batch():
@@ -27,7 +29,7 @@ def test_token_budget_off_is_one_batch_and_the_quickstart_uses_one_patch2_batch(
 def test_join_concatenates_loader_batches_and_counts_skipped():
     import torch
 
-    from flexivit.train import _join
+    from flexivit.steps import _join
 
     a = {"image": torch.randn(3, 1, 4, 4), "label": torch.tensor([0, 1, 2]), "skipped": 1}
     empty = {"image": torch.empty(0), "label": torch.empty(0, dtype=torch.long), "skipped": 2}
@@ -70,7 +72,7 @@ def test_cpu_training_with_workers_leaves_them_a_core(monkeypatch):
     import torch
     from accelerate import Accelerator
 
-    from flexivit.train import _share_cores
+    from flexivit.run import _share_cores
 
     cores = len(os.sched_getaffinity(0))
     before = torch.get_num_threads()
