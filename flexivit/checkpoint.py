@@ -26,7 +26,7 @@ from .model import FlexiViT, FlexiViTConfig
 
 __all__ = [
     "CheckpointError", "save_model", "load_model", "read_model_meta", "atomic_write_text", "run_dir",
-    "finalize_state_dir", "find_states", "latest_good_state", "verify_state", "prune_states",
+    "finalize_state_dir", "find_states", "latest_good_state", "verify_state", "prune_states", "read_trainer_state",
 ]
 
 MODEL_FILE = "model.safetensors"
@@ -38,28 +38,51 @@ class CheckpointError(RuntimeError):
     """A checkpoint that cannot be used; the message says why and what to do."""
 
 
+def _umask() -> int:
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def _temp_file(path: Path) -> tuple[int, str]:
+    """A temporary file beside ``path``, to be renamed over it once complete."""
+    return tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+
+
+def _publish(tmp: str, path: Path) -> None:
+    """Rename ``tmp`` over ``path`` with the permissions a plain ``open`` would have given it (tempfile
+    creates 0600, which would leave a model or eval.json unreadable by the user's group)."""
+    os.chmod(tmp, 0o666 & ~_umask())
+    os.replace(tmp, path)
+
+
 def atomic_write_text(path: Path, text: str) -> None:
     path = Path(path)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    fd, tmp = _temp_file(path)
     with os.fdopen(fd, "w") as f:
         f.write(text)
         f.flush()
         os.fsync(f.fileno())
-    os.replace(tmp, path)
+    _publish(tmp, path)
 
 
-def save_model(model: FlexiViT, path: str | Path, *, class_names: list[str], preprocess: dict[str, Any]) -> Path:
-    """Write ``model.safetensors`` (+ ``model.json``) into ``path`` (a folder) or to ``path`` (a file)."""
+def save_model(model: FlexiViT, path: str | Path, *, class_names: list[str], preprocess: dict[str, Any],
+               state_dict: dict[str, torch.Tensor] | None = None) -> Path:
+    """Write ``model.safetensors`` (+ ``model.json``) into ``path`` (a folder) or to ``path`` (a file).
+
+    ``state_dict`` replaces ``model.state_dict()`` where the full weights come from elsewhere (Accelerate's
+    ``get_state_dict``, which gathers them under FSDP)."""
     path = Path(path)
     file = path / MODEL_FILE if path.suffix != ".safetensors" else path
     file.parent.mkdir(parents=True, exist_ok=True)
     meta = {"format": FORMAT, "config": model.config.to_dict(), "class_names": list(class_names),
             "preprocess": preprocess}
-    tensors = {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()}
-    fd, tmp = tempfile.mkstemp(dir=file.parent, prefix=f".{file.name}.")
+    state = model.state_dict() if state_dict is None else state_dict
+    tensors = {k: v.detach().to("cpu").contiguous() for k, v in state.items()}
+    fd, tmp = _temp_file(file)
     os.close(fd)
     save_file(tensors, tmp, metadata={"flexivit": json.dumps(meta)})
-    os.replace(tmp, file)
+    _publish(tmp, file)
     atomic_write_text(file.with_suffix(".json"), json.dumps(meta, indent=2) + "\n")
     return file
 
@@ -131,6 +154,16 @@ def finalize_state_dir(tmp: Path, final: Path, trainer_state: dict[str, Any]) ->
         shutil.rmtree(final)
     os.replace(tmp, final)
     return final
+
+
+def read_trainer_state(folder: Path) -> dict[str, Any]:
+    """The trainer's record in a state folder: ``step``, ``model_config`` and (since the reshaped trainer)
+    the whole run ``config``."""
+    try:
+        return json.loads((folder / "trainer_state.json").read_text())
+    except (OSError, json.JSONDecodeError) as err:
+        raise CheckpointError(f"{folder} has no readable trainer_state.json ({err}); it is not a flexivit "
+                              "training checkpoint") from None
 
 
 def verify_state(folder: Path) -> str | None:

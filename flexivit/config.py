@@ -18,11 +18,15 @@ from pathlib import Path
 from typing import Any
 
 __all__ = [
-    "Config", "ModelConfig", "DataConfig", "PatchConfig", "StageConfig", "OptimConfig", "TrainConfig",
+    "ConfigError", "Config", "ModelConfig", "DataConfig", "PatchConfig", "StageConfig", "OptimConfig", "TrainConfig",
     "DistillConfig", "FinetuneConfig", "load_recipe", "apply_overrides", "config_from_dict", "list_recipes", "RECIPES_DIR",
 ]
 
 RECIPES_DIR = Path(__file__).resolve().parent.parent / "recipes"  # shipped with the source tree
+
+
+class ConfigError(ValueError):
+    """A recipe, config file or ``--set`` override that cannot be used; the message names the key."""
 
 
 @dataclass
@@ -39,7 +43,7 @@ class ModelConfig:
     class_token: bool | None = None
     global_pool: str | None = None
     posemb: str | None = None
-    kernel_antialias: bool | None = None
+    kernel_resize: str | None = None  # "bilinear" | "bilinear_aa" | "area" (see flexivit.resize)
     posemb_antialias: bool | None = None
     drop_path_rate: float | None = None
 
@@ -52,7 +56,7 @@ class DataConfig:
     batch_size: int = 128  # per process
     eval_batch_size: int = 512
     num_workers: int = 0
-    val_fraction: float = 0.1  # held-out share when the source has no test split
+    val_fraction: float = 0.1  # share of train held out as validation (and first as test, if none shipped)
     split_train: str = "train"
     split_test: str | None = None
     image_column: str = "image"
@@ -66,7 +70,7 @@ class DataConfig:
     cutmix: float = 0.0  # timm CutMix alpha (0 = off)
     label_smoothing: float = 0.0
     on_corrupt: str = "error"  # "error" (stop, naming the file) or "skip" (drop and count)
-    eval_limit: int | None = None  # evaluate on the first N test images only (smoke runs)
+    eval_limit: int | None = None  # evaluate on the first N validation and test images only (smoke runs)
 
 
 @dataclass
@@ -102,6 +106,11 @@ class OptimConfig:
     min_lr: float = 1e-5
     clip_grad: float | None = 1.0
     pull: float = 0.0  # L2-SP: weight of ||theta - theta_start||^2 (fine-tuning keeps near the start)
+    layer_decay: float | None = None  # timm's layer-wise lr decay: head at lr, each block below x decay
+    # Learning-rate multiplier of the base patch kernel. Adam moves every base weight by about lr a step,
+    # and a PI-resize that averages (area, bilinear_aa) sums up to (base/p)^2 of those moves into one
+    # weight of a small patch's kernel; a scale below 1 keeps a large base kernel's small-patch steps sane.
+    kernel_lr_scale: float = 1.0
 
 
 @dataclass
@@ -138,6 +147,9 @@ class TrainConfig:
     eval_every: int = 0  # 0: evaluate at the end only
     checkpoint_every: int = 500
     keep_checkpoints: int = 2
+    grad_checkpointing: bool = False  # recompute block activations in backward: less memory, more compute
+    compile: bool = False  # torch.compile the model once for every patch size (flexivit.compile)
+    test_eval: bool = True  # score the test split at the end (searches turn it off: they select on val)
 
 
 @dataclass
@@ -176,19 +188,19 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
                 return _coerce(value, arg, key)
             except (TypeError, ValueError) as err:
                 errors.append(str(err))
-        raise TypeError(f"{key}: cannot read {value!r} as {tp}: {'; '.join(errors)}")
+        raise ConfigError(f"{key}: cannot read {value!r} as {tp}: {'; '.join(errors)}")
     if dataclasses.is_dataclass(tp):
         if not isinstance(value, dict):
-            raise TypeError(f"{key}: expected a mapping for {tp.__name__}, got {value!r}")
+            raise ConfigError(f"{key}: expected a mapping for {tp.__name__}, got {value!r}")
         return config_from_dict(tp, value, prefix=f"{key}.")
     if origin in (list, tuple):
         if isinstance(value, str):
             value = [v for v in value.split(",") if v.strip()] if not value.startswith("[") else json.loads(value)
         if not isinstance(value, (list, tuple)):
-            raise TypeError(f"{key}: expected a list, got {value!r}")
+            raise ConfigError(f"{key}: expected a list, got {value!r}")
         if origin is tuple and args and args[-1] is not Ellipsis:
             if len(value) != len(args):
-                raise TypeError(f"{key}: expected {len(args)} values, got {value!r}")
+                raise ConfigError(f"{key}: expected {len(args)} values, got {value!r}")
             return tuple(_coerce(v, a, key) for v, a in zip(value, args))
         items = [_coerce(v, args[0], key) for v in value] if args else list(value)
         return tuple(items) if origin is tuple else items
@@ -197,37 +209,42 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
             return value
         if isinstance(value, str) and value.lower() in ("true", "1", "yes", "false", "0", "no"):
             return value.lower() in ("true", "1", "yes")
-        raise TypeError(f"{key}: expected true/false, got {value!r}")
+        raise ConfigError(f"{key}: expected true/false, got {value!r}")
     if tp is int:
         if isinstance(value, bool) or (isinstance(value, float) and not value.is_integer()):
-            raise TypeError(f"{key}: expected an integer, got {value!r}")
+            raise ConfigError(f"{key}: expected an integer, got {value!r}")
         try:
             return int(value)
         except ValueError:
-            raise TypeError(f"{key}: expected an integer, got {value!r}") from None
+            raise ConfigError(f"{key}: expected an integer, got {value!r}") from None
     if tp is float:
         if isinstance(value, bool):
-            raise TypeError(f"{key}: expected a number, got {value!r}")
+            raise ConfigError(f"{key}: expected a number, got {value!r}")
         try:
             return float(value)
         except ValueError:
-            raise TypeError(f"{key}: expected a number, got {value!r}") from None
+            raise ConfigError(f"{key}: expected a number, got {value!r}") from None
     if tp is str:
         if not isinstance(value, str):
-            raise TypeError(f"{key}: expected a string, got {value!r}")
+            raise ConfigError(f"{key}: expected a string, got {value!r}")
         return value
-    raise TypeError(f"{key}: unsupported config type {tp}")
+    raise ConfigError(f"{key}: unsupported config type {tp}")
 
 
-def _unknown_key(key: str, valid: list[str]) -> KeyError:
+def _unknown_key(key: str, valid: list[str]) -> ConfigError:
     close = difflib.get_close_matches(key, valid, n=3, cutoff=0.5)
     hint = f"; did you mean {', '.join(close)}?" if close else f"; valid keys: {', '.join(sorted(valid))}"
-    return KeyError(f"unknown config key {key!r}{hint}")
+    return ConfigError(f"unknown config key {key!r}{hint}")
 
 
 def config_from_dict(cls: type, values: dict[str, Any], prefix: str = "") -> Any:
     """Build dataclass ``cls`` from a (nested) dict such as a saved ``config.json``; strict on keys."""
     hints = _hints(cls)
+    if cls is ModelConfig and "kernel_antialias" in values:  # saved before kernel_resize replaced it
+        values = dict(values)
+        antialias = values.pop("kernel_antialias")
+        if antialias is not None:
+            values.setdefault("kernel_resize", "bilinear_aa" if antialias else "bilinear")
     for key in values:
         if key not in hints:
             raise _unknown_key(prefix + key, [prefix + k for k in hints])
@@ -247,7 +264,7 @@ def apply_overrides(config: Config, overrides: list[str]) -> Config:
     """Apply ``a.b=value`` strings in order; values are parsed to the field's type."""
     for item in overrides:
         if "=" not in item:
-            raise ValueError(f"override {item!r} must look like section.key=value (e.g. optim.lr=3e-4)")
+            raise ConfigError(f"override {item!r} must look like section.key=value (e.g. optim.lr=3e-4)")
         path, raw = item.split("=", 1)
         parts = path.strip().split(".")
         target: Any = config
@@ -281,7 +298,7 @@ def _import_recipe(name: str) -> types.ModuleType:
     if name not in list_recipes():
         close = difflib.get_close_matches(name, list_recipes(), n=3)
         hint = f"; did you mean {', '.join(close)}?" if close else ""
-        raise ValueError(f"unknown recipe {name!r} (available: {', '.join(list_recipes())}){hint}")
+        raise ConfigError(f"unknown recipe {name!r} (available: {', '.join(list_recipes())}){hint}")
     return _import_recipe(str(RECIPES_DIR / f"{name}.py"))
 
 
@@ -290,8 +307,8 @@ def load_recipe(spec: str, overrides: list[str] | None = None) -> Config:
     name, _, arg = spec.partition(":")
     module = _import_recipe(name)
     if not hasattr(module, "get_config"):
-        raise ValueError(f"recipe {name!r} has no get_config(arg) function")
+        raise ConfigError(f"recipe {name!r} has no get_config(arg) function")
     config = module.get_config(arg or None)
     if not isinstance(config, Config):
-        raise TypeError(f"recipe {name!r}: get_config must return flexivit.config.Config, got {type(config).__name__}")
+        raise ConfigError(f"recipe {name!r}: get_config must return flexivit.config.Config, got {type(config).__name__}")
     return apply_overrides(config, overrides or [])

@@ -19,8 +19,12 @@ def mix(*parts: int) -> int:
 
 
 def seed_all(seed: int) -> None:
-    """Seed Python's, NumPy's and torch's CPU generators (what timm's transforms and Mixup draw from)."""
+    """Seed Python's, NumPy's and torch's CPU generators (what timm's transforms and Mixup draw from) and
+    the current CUDA device's (what dropout and drop-path draw from on a GPU)."""
     random.seed(seed)
     np.random.seed(seed % 2**32)
-    # The CPU generator only: torch.manual_seed would also seed every CUDA device, ~100x slower.
+    # The CPU generator and the current device's only: torch.manual_seed would seed every CUDA device in
+    # the process, ~100x slower, and each rank uses one.
     torch.default_generator.manual_seed(seed)
+    if torch.cuda.is_available():
+        torch.cuda.manual_seed(seed)

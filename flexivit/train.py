@@ -1,168 +1,73 @@
-"""The one training loop (pretraining and fine-tuning), on Accelerate.
+"""The one training loop (pretraining, distillation and fine-tuning), on Accelerate.
 
-Every step draws one patch scheme from ``PatchSizeSampler.at(step)`` (the same on every rank), and every
-random number derives from ``(seed, step, rank)`` (augmentations from ``(seed, epoch, sample)``), so a run
-resumed from a checkpoint continues bit-identically on CPU without saving RNG states.
+``flexivit.run.assemble`` builds every part of a run once; the loop below only runs it. Every step draws
+one patch scheme from ``PatchSizeSampler.at(step)`` (the same on every rank), and every random number
+derives from ``(seed, step, micro-batch, rank)`` (augmentations from ``(seed, epoch, sample)``), so a run
+resumed from a checkpoint continues bit-identically on CPU without saving RNG states. Metrics stay on the
+device and are gathered once per log line; a non-finite loss is caught there, before any checkpoint.
 """
 
 from __future__ import annotations
 
 import contextlib
 import json
-import os
 import shutil
 import time
-from collections import defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, Callable, Sequence
 
 import torch
-from accelerate import Accelerator, DataLoaderConfiguration
-from timm.data import Mixup
-from timm.loss import SoftTargetCrossEntropy
-from timm.optim import create_optimizer_v2
-from timm.scheduler import CosineLRScheduler
+from accelerate import Accelerator
 from tqdm.auto import tqdm
 
 from . import checkpoint as ckpt
-from .builders import build_data, build_model, build_sampler, eval_loader, preprocess_meta, schemes_of
 from .config import Config
-from .data import make_loader
-from .distill import Teacher, ViewSpec, distill_loss, load_teacher, student_from_teacher
 from .evaluate import evaluate_schemes, format_table
+from .hooks import PostStepHook
+from .metrics import MetricWindow
 from .model import FlexiViT
+from .patch_embed import PatchScheme
 from .rng import mix, seed_all
+from .run import Run, TrainingError, assemble
 
-__all__ = ["train", "TrainingError", "RunResult", "StepInfo", "loader_batches"]
-
-
-class TrainingError(RuntimeError):
-    """A run that cannot go on (diverged loss, incompatible checkpoint); the message says what to do."""
+__all__ = ["train", "TrainingError", "RunResult", "StepInfo"]
 
 
 @dataclass
 class StepInfo:
-    """What a step callback sees after each optimizer step (and its checkpoint, if one was due)."""
+    """What a step callback sees after each optimizer step (and its checkpoint, if one was due).
+
+    ``loss`` and ``metrics`` are this rank's device tensors for the step (reading them syncs the device).
+    """
 
     step: int
-    scheme: Any
-    loss: float
+    scheme: PatchScheme
+    loss: torch.Tensor
+    metrics: dict[str, torch.Tensor]
     model: torch.nn.Module
     process_index: int
+
+
+@dataclass
+class Progress:
+    """How far a run has come; saved in every checkpoint so a resumed run keeps counting."""
+
+    step: int
+    images_seen: int  # training images over all ranks (a token-budget step counts every joined image)
+    train_seconds: float  # wall time inside the training loop, evaluation and checkpoints excluded
+    skipped: int = 0  # corrupt images skipped since this process started
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"step": self.step, "images_seen": self.images_seen, "train_seconds": self.train_seconds}
 
 
 @dataclass
 class RunResult:
     out_dir: Path
     step: int
-    eval: list[dict[str, Any]] = field(default_factory=list)
-
-
-def _batches(loader, data, steps_per_epoch: int, start: int, skip: Callable) -> Iterator[dict]:
-    """Yield batches forever, starting at global batch index ``start`` (mid-epoch after a resume)."""
-    epoch, offset = divmod(start, steps_per_epoch)
-    while True:
-        data.set_epoch(epoch)
-        loader.set_epoch(epoch)
-        yield from (skip(loader, offset) if offset else loader)
-        epoch, offset = epoch + 1, 0
-
-
-class _Window:
-    """Per-patch-size running means of the step metrics between two log lines."""
-
-    def __init__(self) -> None:
-        self.stats: dict[int, dict[str, float]] = defaultdict(lambda: defaultdict(float))
-        self.wait = self.total = 0.0
-
-    def add(self, patch: int, metrics: dict[str, float], images: int, seconds: float, wait: float) -> None:
-        s = self.stats[patch]
-        s["steps"] += 1
-        for name, value in metrics.items():
-            s[name] += value
-        s["images"] += images
-        s["seconds"] += seconds
-        self.wait += wait
-        self.total += seconds
-
-    def summary(self) -> dict[str, Any]:
-        per_patch = {}
-        for p, s in sorted(self.stats.items()):
-            row = {k: v / s["steps"] for k, v in s.items() if k not in ("steps", "images", "seconds")}
-            per_patch[str(p)] = {**row, "img_s": s["images"] / max(s["seconds"], 1e-9), "steps": int(s["steps"])}
-        return {"per_patch": per_patch, "data_wait_share": self.wait / max(self.total, 1e-9)}
-
-
-def loader_batches(scheme: Any, image_hw: tuple[int, int], batch_size: int, token_budget: int) -> int:
-    """Loader batches one micro-step of ``scheme`` takes: 1, or the token-budget share (``train.token_budget``)."""
-    if token_budget <= 0:
-        return 1
-    gh, gw = scheme.grid_size(image_hw)
-    return max(1, token_budget // (batch_size * gh * gw))
-
-
-def _share_cores(accelerator: Accelerator, num_workers: int) -> int:
-    """On CPU, leave the data workers their cores: torch's threads busy-wait for work, so a process with
-    one thread per core starves its own workers. ``OMP_NUM_THREADS``, when set, wins. Returns the thread
-    count to restore when training ends."""
-    before = torch.get_num_threads()
-    if accelerator.device.type != "cpu" or num_workers == 0 or "OMP_NUM_THREADS" in os.environ:
-        return before
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    torch.set_num_threads(max(1, cores // accelerator.num_processes - num_workers))
-    return before
-
-
-def _join(parts: list[dict]) -> dict:
-    """Loader batches concatenated into one micro-batch (a token-budget step runs them as one forward)."""
-    if len(parts) == 1:
-        return parts[0]
-    kept = [b for b in parts if b["label"].numel()]
-    joined = {"skipped": sum(int(b.get("skipped", 0)) for b in parts)}
-    if not kept:
-        return {**parts[0], **joined}
-    return {"image": torch.cat([b["image"] for b in kept]), "label": torch.cat([b["label"] for b in kept]), **joined}
-
-
-def _resume_state(accelerator: Accelerator, out: Path, model_config: dict) -> int:
-    """Load the newest good checkpoint; returns the step to continue from (0 if none)."""
-    state = ckpt.latest_good_state(out / "state", warn=accelerator.print)
-    if state is None:
-        accelerator.print(f"no usable checkpoint under {out / 'state'}; starting from step 0")
-        return 0
-    saved = json.loads((state / "trainer_state.json").read_text())
-    if saved["model_config"] != model_config:
-        diff = {k: (saved["model_config"].get(k), v) for k, v in model_config.items() if saved["model_config"].get(k) != v}
-        raise TrainingError(
-            f"checkpoint {state} was made for another model shape (saved vs now: {diff}); resume with the "
-            "recipe and overrides that made it, or train into a new --out directory"
-        )
-    accelerator.load_state(str(state))
-    accelerator.print(f"resumed from {state} (step {saved['step']})")
-    return int(saved["step"])
-
-
-def _save_state(accelerator: Accelerator, out: Path, step: int, model_config: dict, keep: int) -> None:
-    root = out / "state"
-    tmp = root / f".tmp-step_{step}"
-    if accelerator.is_main_process:
-        shutil.rmtree(tmp, ignore_errors=True)
-        root.mkdir(parents=True, exist_ok=True)
-    accelerator.wait_for_everyone()
-    accelerator.save_state(str(tmp))
-    accelerator.wait_for_everyone()
-    if accelerator.is_main_process:
-        ckpt.finalize_state_dir(tmp, root / f"step_{step}", {"step": step, "model_config": model_config})
-        ckpt.prune_states(root, keep)
-    accelerator.wait_for_everyone()
-
-
-def _trim_log(path: Path, step: int) -> None:
-    """Drop log lines written after the checkpoint a run resumes from (they will be written again)."""
-    if path.exists():
-        lines = [l for l in path.read_text().splitlines() if l and json.loads(l).get("step", 0) <= step]
-        ckpt.atomic_write_text(path, "".join(l + "\n" for l in lines))
+    eval: list[dict[str, Any]] = field(default_factory=list)  # test split, every evaluated scheme
+    val: list[dict[str, Any]] = field(default_factory=list)  # validation split, the same schemes
 
 
 def train(
@@ -173,177 +78,153 @@ def train(
     init: Callable[[FlexiViT], FlexiViT] | None = None,
     accelerator: Accelerator | None = None,
     on_step: Callable[[StepInfo], None] | None = None,
+    hooks: Sequence[PostStepHook] = (),
 ) -> RunResult:
     """Train ``cfg`` into ``out_dir``.
 
-    ``init`` maps the freshly built model to the one to train (fine-tuning loads a checkpoint); ``on_step`` is called on every process
-    after each step, e.g. for custom logging or to stop a run.
+    ``init`` maps the freshly built model to the one to train (fine-tuning loads a checkpoint); ``hooks``
+    run after every optimizer step, their state saved in checkpoints; ``on_step`` is called on every
+    process after each step, e.g. for custom logging or to stop a run.
     """
-    out, d = Path(out_dir), cfg.data
-    accelerator = accelerator or Accelerator(
-        mixed_precision=cfg.train.mixed_precision,
-        log_with="tensorboard",
-        project_dir=str(out),
-        dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True, data_seed=cfg.train.seed),
-    )
-    if accelerator.is_main_process:
-        out.mkdir(parents=True, exist_ok=True)
-        if not resume and ckpt.find_states(out / "state"):
-            raise TrainingError(f"{out} already holds checkpoints; pass --resume to continue it or choose a new --out")
-        cfg.save(out / "config.json")
-    seed_all(cfg.train.seed)  # identical initial weights on every rank
+    run = assemble(cfg, out=Path(out_dir), resume=resume, init=init, accelerator=accelerator, hooks=hooks)
+    try:
+        if run.accelerator.is_main_process:
+            _trim_log(run.out / "log.jsonl", run.start["step"])
+        run.accelerator.init_trackers("tb", config={"name": cfg.name})
+        return _finish(run, _loop(run, on_step))
+    finally:
+        torch.set_num_threads(run.threads)
 
-    data = build_data(cfg)
-    model = build_model(cfg, channels=data.channels, num_classes=data.num_classes)
-    teacher = load_teacher(cfg.distill.teacher, patch_size=cfg.distill.teacher_patch_size) if cfg.distill.teacher else None
-    if teacher is not None and cfg.distill.init_from_teacher:
-        model = student_from_teacher(model.config, teacher.model, keep_student_base=cfg.distill.keep_student_base)
-    if init is not None:
-        model = init(model)
-    pre = preprocess_meta(cfg, data.channels)
-    student_view = ViewSpec(d.image_size, data.channels, tuple(pre["mean"]), tuple(pre["std"]))
-    model_config = model.config.to_dict()
-    sampler = build_sampler(cfg)
-    image_hw = (d.image_size, d.image_size)
-    most = max(loader_batches(s, image_hw, d.batch_size, cfg.train.token_budget) for s in sampler.schemes)
-    loader = make_loader(data.train, batch_size=d.batch_size, shuffle=True, seed=cfg.train.seed,
-                         num_workers=d.num_workers, prefetch_batches=2 * most * cfg.train.grad_accum, drop_last=True)
-    threads = _share_cores(accelerator, d.num_workers)
-    optimizer = create_optimizer_v2(model, opt=cfg.optim.opt, lr=cfg.optim.lr, weight_decay=cfg.optim.weight_decay)
-    # timm's scheduler is a pure function of the update count, so it needs no checkpointed state.
-    scheduler = CosineLRScheduler(
-        optimizer, t_initial=cfg.train.steps, lr_min=cfg.optim.min_lr, warmup_t=cfg.optim.warmup_steps,
-        warmup_lr_init=cfg.optim.lr * 1e-3, t_in_epochs=False,
-    )
-    # Only the student is prepared: DDP/FSDP never wrap the teacher, and save_state never sees it.
-    model, optimizer, loader, test_loader = accelerator.prepare(model, optimizer, loader, eval_loader(cfg, data))
-    if teacher is not None:
-        teacher.to(accelerator.device)
-    # L2-SP anchor: the starting weights of everything but the (new) head.
-    anchor = [(p, p.detach().clone()) for n, p in accelerator.unwrap_model(model).named_parameters()
-              if not n.startswith("head.")] if cfg.optim.pull else []
-    steps_per_epoch = len(loader)
-    if steps_per_epoch < cfg.train.grad_accum:
-        raise TrainingError(f"the training split gives {steps_per_epoch} batches per process; lower data.batch_size")
 
-    step = _resume_state(accelerator, out, model_config) if resume else 0
-    if accelerator.is_main_process:
-        _trim_log(out / "log.jsonl", step)
-    accelerator.init_trackers("tb", config={"name": cfg.name})
-
-    mixup = (
-        Mixup(mixup_alpha=d.mixup, cutmix_alpha=d.cutmix, label_smoothing=d.label_smoothing, num_classes=data.num_classes)
-        if d.mixup > 0 or d.cutmix > 0 else None
-    )
-    criterion = SoftTargetCrossEntropy() if mixup else torch.nn.CrossEntropyLoss(label_smoothing=d.label_smoothing)
-    eval_schemes = schemes_of(cfg.patch, cfg.patch.eval_sizes) if cfg.patch.eval_sizes else list(sampler.schemes)
-
-    def run_eval() -> list[dict[str, Any]]:
-        return evaluate_schemes(model, test_loader, eval_schemes, image_hw=image_hw, gather=accelerator.gather_for_metrics)
-
-    def per_micro(at: int) -> int:  # loader batches joined into each micro-batch of step ``at``
-        return loader_batches(sampler.at(at), image_hw, d.batch_size, cfg.train.token_budget)
-
-    # Loader batches the steps before ``step`` took: a function of the step numbers alone.
-    consumed = cfg.train.grad_accum * sum(per_micro(s) for s in range(step))
-    stream = _batches(loader, data.train, steps_per_epoch, consumed, accelerator.skip_first_batches)
-    window, skipped, last_eval = _Window(), 0, []
-    bar = tqdm(total=cfg.train.steps, initial=step, disable=not accelerator.is_local_main_process, desc="train")
+def _loop(run: Run, on_step: Callable[[StepInfo], None] | None) -> Progress:
+    cfg, acc, model, t = run.cfg, run.accelerator, run.model, run.cfg.train
+    done = Progress(**run.start)
+    window = MetricWindow(acc.device)
+    bar = tqdm(total=t.steps, initial=done.step, disable=not acc.is_local_main_process, desc="train")
     model.train()
-    while step < cfg.train.steps:
-        scheme = sampler.at(step)
-        t0 = time.perf_counter()
-        wait = 0.0
-        sums: dict[str, torch.Tensor] = defaultdict(lambda: torch.zeros((), device=accelerator.device))
-        images_seen = 0
-        accum, joined = cfg.train.grad_accum, per_micro(step)
-        for micro in range(accum):
-            tw = time.perf_counter()
-            # A token-budget step's loader batches run as one forward: it holds about the budget's tokens,
-            # so it needs no more memory than one batch at the budget's patch size, and is faster than
-            # accumulating many small micro-batches.
-            batch = _join([next(stream) for _ in range(joined)])
-            wait += time.perf_counter() - tw
-            seed_all(mix(cfg.train.seed, step, micro, accelerator.process_index))  # dropout, mixup
-            images, labels = batch["image"], batch["label"]
-            skipped += int(batch.get("skipped", 0))
-            targets = labels
-            if mixup is not None:
-                images, targets = mixup(images, labels)
-            # Accumulation by hand (no_sync + loss / accum) rather than accelerator.accumulate, whose
-            # end-of-epoch sync would shift the update boundaries when epochs are not a multiple of accum.
-            sync = micro == accum - 1
-            with accelerator.no_sync(model) if not sync else contextlib.nullcontext():
-                with accelerator.autocast():
-                    logits = model(images, scheme.patch, scheme.stride)
-                    loss, metrics = _objective(cfg, logits, targets, labels, criterion, teacher, images, student_view)
-                    if cfg.optim.pull:
-                        loss = loss + cfg.optim.pull * sum(((p - p0) ** 2).sum() for p, p0 in anchor)
-                accelerator.backward(loss / accum)
-            for name, value in {"loss": loss.detach(), **metrics}.items():
-                sums[name] += value.float() / accum
-            images_seen += images.shape[0]
-        names = sorted(sums)
-        reduced = accelerator.reduce(torch.stack([sums[n] for n in names]), reduction="mean")
-        step_metrics = {n: float(v) for n, v in zip(names, reduced)}
-        mean_loss = reduced[names.index("loss")]
-        if not torch.isfinite(mean_loss).all():
-            good = ckpt.latest_good_state(out / "state", warn=lambda *_: None)
-            raise TrainingError(
-                f"the loss became {mean_loss.item()} at step {step} (patch {scheme.patch}); stopping. The last good "
-                f"checkpoint is {good or 'none (no checkpoint yet)'}; lower optim.lr, keep optim.clip_grad on, or "
-                "use train.mixed_precision=no, then --resume"
-            )
+    while done.step < t.steps:
+        step = done.step
+        scheme, t0 = run.sampler.at(step), time.perf_counter()
+        metrics, images, wait = _accumulate(run, step, scheme, done)
         if cfg.optim.clip_grad:
-            accelerator.clip_grad_norm_(model.parameters(), cfg.optim.clip_grad)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        step += 1
-        scheduler.step_update(step)
-        window.add(scheme.patch, step_metrics, images_seen * accelerator.num_processes, time.perf_counter() - t0, wait)
+            acc.clip_grad_norm_(model.parameters(), cfg.optim.clip_grad)
+        run.optimizer.step()
+        run.optimizer.zero_grad(set_to_none=True)
+        step = done.step = step + 1
+        run.scheduler.step_update(step)
+        run.hooks.after_step(run.raw_model, step)
+        seconds = time.perf_counter() - t0
+        done.images_seen += images * acc.num_processes
+        done.train_seconds += seconds
+        window.add(step=step, patch=scheme.patch, metrics=metrics, images=images * acc.num_processes,
+                   seconds=seconds, wait=wait)
         bar.update(1)
-        bar.set_postfix(patch=scheme.patch, loss=f"{mean_loss.item():.3f}")
-
-        if step % cfg.train.log_every == 0 or step == cfg.train.steps:
-            record = {"step": step, "lr": optimizer.param_groups[0]["lr"], "skipped": skipped, **window.summary()}
-            _log(accelerator, out, record)
-            window = _Window()
-        if cfg.train.eval_every and step % cfg.train.eval_every == 0 and step < cfg.train.steps:
-            last_eval = run_eval()
-            _log(accelerator, out, {"step": step, "eval": last_eval})
-        if step % cfg.train.checkpoint_every == 0 or step == cfg.train.steps:
-            _save_state(accelerator, out, step, model_config, cfg.train.keep_checkpoints)
+        bar.set_postfix(patch=scheme.patch)
+        checkpoint_due = step % t.checkpoint_every == 0 or step == t.steps
+        if step % t.log_every == 0 or checkpoint_due:  # never checkpoint an unchecked loss
+            record, bad = window.summary(acc.gather)
+            if bad is not None:
+                _diverged(run, *bad)
+            _log(acc, run.out, {"step": step, "lr": run.optimizer.param_groups[0]["lr"], "skipped": done.skipped, **record})
+            window = MetricWindow(acc.device)
+        if t.eval_every and step % t.eval_every == 0 and step < t.steps:
+            _log(acc, run.out, {"step": step, "split": "val", "eval": _evaluate(run, "val")})
+        if checkpoint_due:
+            _save_state(run, done)
         if on_step is not None:
-            on_step(StepInfo(step, scheme, mean_loss.item(), model, accelerator.process_index))
+            on_step(StepInfo(step, scheme, metrics["loss"], metrics, model, acc.process_index))
     bar.close()
-
-    last_eval = run_eval() if cfg.train.steps > 0 or not last_eval else last_eval
-    if accelerator.is_main_process:
-        _log(accelerator, out, {"step": step, "eval": last_eval})
-        ckpt.save_model(accelerator.unwrap_model(model), out, class_names=data.splits.class_names, preprocess=pre)
-        ckpt.atomic_write_text(out / "eval.json", json.dumps({"checkpoint": str(out), "data": d.source, "results": last_eval}, indent=2) + "\n")
-        table = format_table(last_eval)
-        ckpt.atomic_write_text(out / "eval.md", table + "\n")
-        accelerator.print(f"\naccuracy at every patch size ({d.source}, {last_eval[0]['n'] if last_eval else 0} test images):\n{table}")
-    accelerator.end_training()
-    torch.set_num_threads(threads)
-    return RunResult(out_dir=out, step=step, eval=last_eval)
+    return done
 
 
-def _objective(cfg: Config, logits: torch.Tensor, targets: torch.Tensor, labels: torch.Tensor, criterion,
-               teacher: Teacher | None, images: torch.Tensor, view: ViewSpec) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """The loss of one micro-batch and what is logged about it per patch size."""
+def _accumulate(run: Run, step: int, scheme: PatchScheme, done: Progress) -> tuple[dict[str, torch.Tensor], int, float]:
+    """Forward and backward every micro-batch of ``step``; returns the step's metrics (device tensors), this
+    rank's image count and the seconds spent waiting for data."""
+    acc, accum, seed = run.accelerator, run.cfg.train.grad_accum, run.cfg.train.seed
     metrics: dict[str, torch.Tensor] = {}
-    if labels.shape == targets.shape:  # hard labels (no mixup): training accuracy is meaningful
-        metrics["acc"] = (logits.argmax(dim=1) == labels).float().mean().detach()
-    if teacher is None:
-        return criterion(logits, targets), metrics
-    teacher_logits = teacher(images, view)
-    kd = distill_loss(logits, teacher_logits, temperature=cfg.distill.temperature, quantize=cfg.distill.quantize)
-    metrics["distill"] = kd.detach()
-    metrics["agree"] = (logits.argmax(dim=1) == teacher_logits.argmax(dim=1)).float().mean().detach()
-    loss = kd + cfg.distill.label_weight * criterion(logits, targets) if cfg.distill.label_weight else kd
-    return loss, metrics
+    images, wait = 0, 0.0
+    micro_batches = run.batches.micro_batches(step)
+    for micro in range(accum):
+        tw = time.perf_counter()
+        batch = next(micro_batches)
+        wait += time.perf_counter() - tw
+        seed_all(mix(seed, step, micro, acc.process_index))  # dropout, drop-path, mixup
+        done.skipped += batch["skipped"]
+        # Accumulation by hand (no_sync + loss / accum) rather than accelerator.accumulate, whose
+        # end-of-epoch sync would shift the update boundaries when epochs are not a multiple of accum.
+        with acc.no_sync(run.model) if micro < accum - 1 else contextlib.nullcontext():
+            with acc.autocast():
+                loss, micro_metrics = run.objective(run.model, batch, scheme)
+            acc.backward(loss / accum)
+        for name, value in {"loss": loss.detach(), **micro_metrics}.items():
+            metrics[name] = metrics.get(name, 0) + value.float() / accum
+        images += batch["label"].shape[0]
+    return metrics, images, wait
+
+
+def _diverged(run: Run, step: int, patch: int) -> None:
+    good = ckpt.latest_good_state(run.out / "state", warn=lambda *_: None)
+    raise TrainingError(
+        f"the loss became non-finite at step {step} (patch {patch}); stopping. The last good checkpoint is "
+        f"{good or 'none (no checkpoint yet)'}; lower optim.lr, keep optim.clip_grad on, or use "
+        "train.mixed_precision=no, then --resume"
+    )
+
+
+def _evaluate(run: Run, split: str) -> list[dict[str, Any]]:
+    """Top-1 and loss at every evaluated scheme on ``split``; the same numbers on every rank."""
+    acc = run.accelerator
+    return evaluate_schemes(run.model, run.eval_loaders[split], run.eval_schemes, image_hw=(run.cfg.data.image_size,) * 2,
+                            device=acc.device, reduce=lambda t: acc.reduce(t, reduction="sum"))
+
+
+def _finish(run: Run, done: Progress) -> RunResult:
+    """Score validation (and test, unless ``train.test_eval`` is off), write the model and the report,
+    and close the trackers."""
+    acc, cfg, step = run.accelerator, run.cfg, done.step
+    val = _evaluate(run, "val")
+    test = _evaluate(run, "test") if cfg.train.test_eval else []
+    state = acc.get_state_dict(run.model)  # a collective under FSDP: every rank takes part
+    if acc.is_main_process:
+        _log(acc, run.out, {"step": step, "split": "val", "eval": val})
+        if test:
+            _log(acc, run.out, {"step": step, "split": "test", "eval": test})
+        ckpt.save_model(run.raw_model, run.out, class_names=run.data.splits.class_names, preprocess=run.preprocess,
+                        state_dict=state)
+        split, rows = ("test", test) if test else ("val", val)
+        report = {"checkpoint": str(run.out), "data": cfg.data.source, "split": split, "results": rows, "val": val,
+                  **done.to_dict()}
+        ckpt.atomic_write_text(run.out / "eval.json", json.dumps(report, indent=2) + "\n")
+        table = format_table(rows)
+        ckpt.atomic_write_text(run.out / "eval.md", table + "\n")
+        acc.print(f"\naccuracy at every patch size ({cfg.data.source}, {split} split, {rows[0]['n'] if rows else 0} "
+                  f"images; {done.images_seen} training images in {done.train_seconds / 60:.1f} min):\n{table}")
+    acc.end_training()
+    return RunResult(out_dir=run.out, step=step, eval=test, val=val)
+
+
+def _save_state(run: Run, done: Progress) -> None:
+    acc, root, step = run.accelerator, run.out / "state", done.step
+    tmp = root / f".tmp-step_{step}"
+    if acc.is_main_process:
+        shutil.rmtree(tmp, ignore_errors=True)
+        root.mkdir(parents=True, exist_ok=True)
+    acc.wait_for_everyone()
+    acc.save_state(str(tmp))
+    acc.wait_for_everyone()
+    if acc.is_main_process:
+        run.hooks.save(tmp)
+        trainer_state = {**done.to_dict(), "model_config": run.raw_model.config.to_dict(), "config": run.cfg.to_dict()}
+        ckpt.finalize_state_dir(tmp, root / f"step_{step}", trainer_state)
+        ckpt.prune_states(root, run.cfg.train.keep_checkpoints)
+    acc.wait_for_everyone()
+
+
+def _trim_log(path: Path, step: int) -> None:
+    """Drop log lines written after the checkpoint a run resumes from (they will be written again)."""
+    if path.exists():
+        lines = [l for l in path.read_text().splitlines() if l and json.loads(l).get("step", 0) <= step]
+        ckpt.atomic_write_text(path, "".join(l + "\n" for l in lines))
 
 
 def _log(accelerator: Accelerator, out: Path, record: dict[str, Any]) -> None:
@@ -357,7 +238,7 @@ def _log(accelerator: Accelerator, out: Path, record: dict[str, Any]) -> None:
             if name != "steps":
                 scalars[f"train/{name}_p{p}"] = value
     for row in record.get("eval", []):
-        scalars[f"eval/top1_p{row['patch_size']}"] = row["top1"]
+        scalars[f"{record.get('split', 'eval')}/top1_p{row['patch_size']}"] = row["top1"]
     if "data_wait_share" in record:
         scalars["train/data_wait_share"] = record["data_wait_share"]
     if scalars:

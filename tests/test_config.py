@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from flexivit.config import Config, apply_overrides, config_from_dict, list_recipes, load_recipe
+from flexivit.config import Config, ConfigError, apply_overrides, config_from_dict, list_recipes, load_recipe
 
 
 def test_recipes_load_and_smoke_shrinks():
@@ -16,29 +16,37 @@ def test_recipes_load_and_smoke_shrinks():
 def test_overrides_are_typed():
     cfg = apply_overrides(Config(), [
         "optim.lr=3e-4", "train.steps=7", "patch.sizes=2,4", "data.channels=3", "data.randaugment=none",
-        "model.kernel_antialias=true", "data.scale=0.5,1", "optim.clip_grad=none", "patch.weights=[1, 2.5]",
+        "model.kernel_resize=area", "data.scale=0.5,1", "optim.clip_grad=none", "patch.weights=[1, 2.5]",
     ])
     assert cfg.optim.lr == 3e-4 and cfg.train.steps == 7 and cfg.patch.sizes == [2, 4]
-    assert cfg.data.channels == 3 and cfg.data.randaugment is None and cfg.model.kernel_antialias is True
+    assert cfg.data.channels == 3 and cfg.data.randaugment is None and cfg.model.kernel_resize == "area"
     assert cfg.data.scale == (0.5, 1.0) and cfg.optim.clip_grad is None and cfg.patch.weights == [1.0, 2.5]
 
 
 @pytest.mark.parametrize(
     "override,error,match",
     [
-        ("optim.lrr=1", KeyError, "did you mean optim.lr"),
-        ("optimm.lr=1", KeyError, "did you mean optim"),
-        ("train.steps=1.5", TypeError, "expected an integer"),
-        ("train.steps=true", TypeError, "expected an integer"),
-        ("model.kernel_antialias=maybe", TypeError, "true/false"),
-        ("data.scale=1", TypeError, "expected 2 values"),
+        ("optim.lrr=1", ConfigError, "did you mean optim.lr"),
+        ("optimm.lr=1", ConfigError, "did you mean optim"),
+        ("train.steps=1.5", ConfigError, "expected an integer"),
+        ("train.steps=true", ConfigError, "expected an integer"),
+        ("model.posemb_antialias=maybe", ConfigError, "true/false"),
+        ("data.scale=1", ConfigError, "expected 2 values"),
         ("optim.lr", ValueError, "section.key=value"),
-        ("optim.lr.x=1", KeyError, "unknown config key"),
+        ("optim.lr.x=1", ConfigError, "unknown config key"),
     ],
 )
 def test_bad_overrides(override, error, match):
     with pytest.raises(error, match=match):
         apply_overrides(Config(), [override])
+
+
+@pytest.mark.parametrize("flag,method", [(True, "bilinear_aa"), (False, "bilinear"), (None, None)])
+def test_configs_saved_with_kernel_antialias_still_load(flag, method):
+    saved = Config().to_dict()
+    del saved["model"]["kernel_resize"]
+    saved["model"]["kernel_antialias"] = flag
+    assert config_from_dict(Config, saved).model.kernel_resize == method
 
 
 def test_saved_config_round_trips(tmp_path):
@@ -55,7 +63,7 @@ def test_recipe_errors(tmp_path):
         load_recipe("fashion_mnst")
     bad = tmp_path / "bad.py"
     bad.write_text("def get_config(arg):\n    return {}\n")
-    with pytest.raises(TypeError, match="must return flexivit.config.Config"):
+    with pytest.raises(ConfigError, match="must return flexivit.config.Config"):
         load_recipe(str(bad))
     with pytest.raises(FileNotFoundError):
         load_recipe(str(tmp_path / "missing.py"))

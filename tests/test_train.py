@@ -40,11 +40,17 @@ def _weights(run: Path) -> dict:
     return load_file(str(run / "model.safetensors"))
 
 
+def _probe(run: Path, rank: int = 0) -> dict:
+    return json.loads((run / f"probe_rank{rank}.json").read_text())
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("extra", [[], ["train.token_budget=1568"]], ids=["plain", "token-budget"])
 def test_kill_and_resume_is_bit_identical(tmp_path, extra):
+    """Weights, drop-path masks after the resume, and a post-step hook's state all match an uninterrupted
+    run."""
     straight, killed = tmp_path / "straight", tmp_path / "killed"
-    tiny = TINY + extra  # token budget 32 x 49: patch 7 steps take 3 batches, patch 14 twelve
+    tiny = TINY + extra + ["model.drop_path_rate=0.5", "model.depth=2"]  # token budget 32 x 49: patch 7 steps take 3 batches
     assert _run([sys.executable, str(PROBE), str(straight), *_sets(tiny)]).returncode == 0
     crash = _run([sys.executable, str(PROBE), str(killed), "--kill-after", "6", *_sets(tiny)])
     assert crash.returncode == -9  # SIGKILL mid-epoch, two steps after the step-4 checkpoint
@@ -57,22 +63,11 @@ def test_kill_and_resume_is_bit_identical(tmp_path, extra):
         assert a[name].equal(b[name]), f"{name} differs after kill + resume"
     log = [json.loads(l) for l in (killed / "log.jsonl").read_text().splitlines()]
     assert [r["step"] for r in log if "per_patch" in r] == [4, 8, 12]  # no duplicated lines after resume
-
-
-@pytest.mark.slow
-def test_two_cpu_ranks_draw_the_same_schemes_and_end_identical(tmp_path):
-    out = tmp_path / "ddp"
-    launch = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-              "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", str(PROBE), str(out),
-              *_sets(TINY)]
-    result = subprocess.run(launch, capture_output=True, text=True, cwd=ROOT, timeout=600,
-                            env={**_env(), "ACCELERATE_USE_CPU": "1"})
-    assert result.returncode == 0, result.stderr[-3000:]
-    ranks = [json.loads((out / f"probe_rank{r}.json").read_text()) for r in (0, 1)]
-    assert len(ranks[0]["schemes"]) == 12
-    assert ranks[0]["schemes"] == ranks[1]["schemes"]
-    assert len({p for _, p in ranks[0]["schemes"]}) > 1  # the size really changes between steps
-    assert ranks[0]["digest"] == ranks[1]["digest"]
+    a, b = _probe(straight), _probe(killed)
+    assert a["trace"] == b["trace"]  # the hook's state came back from the step-4 checkpoint
+    resumed_steps = [str(s) for s in range(5, 13)]
+    assert [a["masks"][s] for s in resumed_steps] == [b["masks"][s] for s in resumed_steps]
+    assert any(1 in m for s in resumed_steps for m in a["masks"][s])  # drop-path really dropped samples
 
 
 @pytest.mark.slow
@@ -144,3 +139,12 @@ def test_bad_input_messages(args, message, tmp_path):
 def test_help_lists_recipes():
     result = _cli("train", "--help")
     assert result.returncode == 0 and "fashion_mnist" in result.stdout
+
+
+def test_internal_errors_keep_their_traceback(tmp_path):
+    """User errors print one line (exit 2); a bug inside a recipe or the library is not hidden as one."""
+    recipe = tmp_path / "broken.py"
+    recipe.write_text("def get_config(arg=None):\n    return {}['missing']\n")
+    result = _cli("train", str(recipe), "--out", str(tmp_path / "run"))
+    assert result.returncode == 1
+    assert "Traceback" in result.stderr and "KeyError: 'missing'" in result.stderr

@@ -158,7 +158,7 @@ def bilinear_kernel(model: FlexiViT) -> Callable[[int], torch.Tensor]:
 def fixed_model(model: FlexiViT, patch: int, resize: str) -> FlexiViT:
     """The fixed-size ViT that ``model`` is at ``patch`` (its kernel and grid at that size become the
     base), taken to other sizes by PI-resize (``"pi"``) or by bilinear resizing of the kernel."""
-    fixed = FlexiViT.from_timm(model.to_fixed(patch), kernel_antialias=model.config.kernel_antialias)
+    fixed = FlexiViT.from_timm(model.to_fixed(patch), kernel_resize=model.config.kernel_resize)
     if resize == "bilinear":
         fixed.patch_embed.kernel = bilinear_kernel(fixed)
     elif resize != "pi":
@@ -177,7 +177,7 @@ def evaluate_run(run: Run, out: Path, sizes: list[int]) -> dict[str, dict[str, f
     cfg = config_from_dict(Config, json.loads((run_dir / "config.json").read_text()))
     model, _ = load_model(run_dir)
     data = build_data(cfg)
-    batches = list(eval_loader(cfg, data))  # decoded once, reused for every size and curve
+    batches = list(eval_loader(cfg, data, "test"))  # the reported split; decoded once, reused for every curve
     schemes = [PatchScheme(p) for p in sizes]
     hw = (cfg.data.image_size, cfg.data.image_size)
     subjects = {"": model.eval()} if run.kind != "fixed" else {
