@@ -3,12 +3,16 @@
 ``evaluate_schemes`` (used by the trainer) computes top-1, top-5 and loss per scheme. ``sweep`` adds the
 measured costs of ``flexivit.measure`` (GFLOPs, parameters, img/s, latency, peak memory), and
 ``evaluate_checkpoint`` runs it for a run directory, a model file or a timm export folder (plus
-fixed-size baselines) on a dataset's test split; ``flexivit.report`` writes the results.
+fixed-size baselines) on a dataset's test split; ``flexivit.report`` writes the results. The sweep runs
+in the precision the model is deployed in (``flexivit.measure.default_precision``: bf16 autocast on
+CUDA, fp32 on the CPU, or as asked) and, with ``compile``, on the model compiled once for every size
+(``flexivit.compile``): accuracy, img/s and latency are then those of the compiled model.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import platform
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,9 +26,10 @@ from tqdm.auto import tqdm
 from .checkpoint import load_model, run_dir
 from .data import Splits, TransformedDataset, load_source, make_loader, select_classes
 from .export import default_preprocess, is_export_dir, load_export
-from .measure import MeasureSettings, measure_costs, param_count, peak_mem_kind
+from .compile import compile_model, graph_count
+from .measure import MeasureSettings, autocast, default_precision, measure_costs, param_count, peak_mem_kind
 from .model import FlexiViT
-from .patch_embed import PatchScheme, valid_patch_sizes
+from .patch_embed import PatchScheme, check_patch_sizes, valid_patch_sizes
 from .transforms import eval_transform
 
 __all__ = [
@@ -33,7 +38,7 @@ __all__ = [
     "parse_baseline", "default_device", "MAX_AUTO_TOKENS",
 ]
 
-Gather = Callable[[torch.Tensor], torch.Tensor]
+Reduce = Callable[[torch.Tensor], torch.Tensor]  # sums a tensor across processes
 MAX_AUTO_TOKENS = 1024  # default sweep without a run config: the sizes giving at most this many tokens
 CACHE_BYTES = 512 * 2**20  # keep decoded test batches in memory between patch sizes up to this size
 
@@ -45,21 +50,23 @@ def evaluate_schemes(
     schemes: Sequence[PatchScheme],
     *,
     image_hw: tuple[int, int],
-    gather: Gather | None = None,
+    reduce: Reduce | None = None,
     device: torch.device | None = None,
 ) -> list[dict[str, Any]]:
     """Top-1 (top-5 when there are more than 5 classes), mean loss and token count per scheme.
 
     ``batches`` is re-iterated for each scheme (pass a callable to build a fresh iterator each time).
-    ``gather`` collects per-sample tensors across processes (``accelerator.gather_for_metrics``), so
-    every rank returns the same numbers.
+    Sums stay on the device until a scheme is done; with several processes, each evaluates its own shard
+    and ``reduce`` sums the totals across them (one collective per scheme, whatever each shard holds, so
+    a rank whose batches were all skipped as corrupt still takes part), and every rank returns the same
+    numbers.
     """
     was_training = model.training
     model.eval()
     results = []
     for scheme in schemes:
-        correct1 = correct5 = loss_sum = count = 0.0
-        num_classes = 0
+        # top-1 hits, top-5 hits, loss sum, images, and whether there are over 5 classes (top-5 reported)
+        totals = torch.zeros(5, dtype=torch.float64, device=device)
         data = batches() if callable(batches) else batches
         for batch in data:
             images, labels = batch["image"], batch["label"]
@@ -71,14 +78,14 @@ def evaluate_schemes(
             losses = F.cross_entropy(logits, labels, reduction="none")
             k = min(5, logits.shape[1])
             hits = logits.topk(k, dim=1).indices.eq(labels[:, None])  # (B, k)
-            stats = torch.stack([hits[:, 0].float(), hits.any(dim=1).float(), losses], dim=1)  # (B, 3)
-            if gather is not None:
-                stats = gather(stats)
-            correct1 += stats[:, 0].sum().item()
-            correct5 += stats[:, 1].sum().item()
-            loss_sum += stats[:, 2].sum().item()
-            count += stats.shape[0]
-            num_classes = logits.shape[1]
+            many = torch.full_like(losses[0], float(logits.shape[1] > 5))
+            counted = torch.full_like(losses[0], labels.numel())
+            parts = (hits[:, 0].sum(), hits.any(dim=1).sum(), losses.sum(), counted, many)
+            stats = torch.stack([v.double() for v in parts])  # (5,)
+            totals = totals.to(stats.device) + stats
+        if reduce is not None:
+            totals = reduce(totals)
+        correct1, correct5, loss_sum, count, many_classes = totals.tolist()
         gh, gw = scheme.grid_size(image_hw)
         row: dict[str, Any] = {
             "patch_size": scheme.patch,
@@ -88,7 +95,7 @@ def evaluate_schemes(
             "loss": loss_sum / max(count, 1),
             "n": int(count),
         }
-        if count and num_classes > 5:
+        if count and many_classes:
             row["top5"] = correct5 / count
         results.append(row)
     model.train(was_training)
@@ -196,14 +203,15 @@ def load_subject(checkpoint: str | Path, patch_size: int | None = None, *, singl
     if patch_size is None and single:
         patch_size = model.config.patch_size
     if patch_size is not None:
-        default = resolve_patch_sizes([patch_size], valid)
+        default = resolve_patch_sizes([patch_size], valid, image_size=model.config.img_size)
         label = f"{label} (p{patch_size})"
     return EvalSubject(path, label, model, meta, valid, default, run_config)
 
 
 def resolve_patch_sizes(spec: str | Sequence[int] | None, valid: Sequence[int],
-                        default: Sequence[int] | None = None) -> list[int]:
-    """``None`` → ``default``; ``"all"`` → every valid size; ``"4,7,14"`` or ints → checked sizes."""
+                        default: Sequence[int] | None = None, *, image_size: int) -> list[int]:
+    """``None`` → ``default``; ``"all"`` → every valid size; ``"4,7,14"`` or ints → sizes checked by
+    ``check_patch_sizes`` against ``image_size`` and ``valid`` (what the model runs at)."""
     if spec is None:
         return list(default if default is not None else valid)
     if isinstance(spec, str):
@@ -213,13 +221,7 @@ def resolve_patch_sizes(spec: str | Sequence[int] | None, valid: Sequence[int],
             spec = [int(s) for s in spec.split(",") if s.strip()]
         except ValueError:
             raise ValueError(f"patch sizes must look like 4,7,14 or 'all', got {spec!r}") from None
-    bad = [p for p in spec if p not in valid]
-    if bad or not spec:
-        raise ValueError(
-            f"patch size(s) {bad or spec} cannot be used by this model; valid patch sizes: "
-            f"{', '.join(map(str, valid))}"
-        )
-    return sorted(set(int(p) for p in spec))
+    return sorted({s.patch for s in check_patch_sizes([int(p) for p in spec], image_size, only=valid)})
 
 
 def parse_baseline(spec: str) -> tuple[str, int | None]:
@@ -303,11 +305,23 @@ def default_device() -> torch.device:
 def sweep(
     subject: EvalSubject, data: torch.utils.data.Dataset, patch_sizes: Sequence[int], *,
     settings: MeasureSettings = MeasureSettings(), device: torch.device | None = None,
-    eval_batch_size: int = 256, progress: bool = True,
+    eval_batch_size: int = 256, progress: bool = True, precision: str | None = None, compile: bool = False,
 ) -> list[dict[str, Any]]:
-    """Accuracy and measured costs of ``subject`` at each patch size, one row per size."""
+    """Accuracy and measured costs of ``subject`` at each patch size, one row per size.
+
+    ``precision``: ``"fp32"``, ``"bf16"`` or ``"fp16"`` (autocast), default ``default_precision(device)``;
+    ``compile``: compile ``subject.model`` in place first (``flexivit.compile.compile_model``).
+    """
     device = device or default_device()
+    precision = precision or default_precision(device)
     model = subject.model.to(device).eval()
+    if compile:
+        compile_model(model)
+
+    def forward(x: torch.Tensor, patch: int) -> torch.Tensor:
+        with autocast(device, precision):
+            return model(x, patch)
+
     pre = subject.preprocess
     shape = (pre["channels"], pre["image_size"], pre["image_size"])
     loader = make_loader(data, batch_size=eval_batch_size, shuffle=False, seed=0, drop_last=False)
@@ -318,8 +332,10 @@ def sweep(
         for patch in patch_sizes:
             bar.set_postfix(patch=patch)
             scheme = PatchScheme(int(patch))
-            row = evaluate_schemes(model, _ticking(batches, bar), [scheme], image_hw=shape[1:], device=device)[0]
-            row.update(measure_costs(lambda x: model(x, scheme.patch), shape, settings, device=device))
+            with autocast(device, precision):
+                row = evaluate_schemes(model, _ticking(batches, bar), [scheme], image_hw=shape[1:],
+                                       device=device)[0]
+            row.update(measure_costs(lambda x: forward(x, scheme.patch), shape, settings, device=device))
             row["params"] = param_count(model)
             if isinstance(model, FlexiViT):
                 row["params_fixed"] = _fixed_params(model, scheme.patch)
@@ -350,19 +366,26 @@ def evaluate_checkpoint(
     checkpoint: str | Path, *, data: str | None = None, patch_sizes: str | Sequence[int] | None = None,
     baselines: Sequence[str] = (), settings: MeasureSettings = MeasureSettings(),
     device: torch.device | None = None, eval_batch_size: int = 256, limit: int | None = None,
-    progress: bool = True,
+    progress: bool = True, precision: str | None = None, compile: bool = False,
 ) -> dict[str, Any]:
-    """The ``eval.json`` report of ``checkpoint`` (and of ``CKPT[:PATCH]`` baselines) on a test split."""
+    """The ``eval.json`` report of ``checkpoint`` (and of ``CKPT[:PATCH]`` baselines) on a test split.
+
+    ``precision`` and ``compile`` as in ``sweep`` (for every model swept); the report records both, the
+    graphs compiled during the sweeps, the device and the thread settings.
+    """
     device = device or default_device()
+    precision = precision or default_precision(device)
     subject = load_subject(checkpoint)
-    sizes = resolve_patch_sizes(patch_sizes, subject.valid_sizes, subject.default_sizes)
+    sizes = resolve_patch_sizes(patch_sizes, subject.valid_sizes, subject.default_sizes,
+                                image_size=subject.preprocess["image_size"])
     others = [_baseline(spec) for spec in baselines]
     source, splits = load_eval_splits(data, subject.run_config)
 
     def run(s: EvalSubject, s_sizes: Sequence[int]) -> list[dict[str, Any]]:
         return sweep(s, eval_dataset(s, splits, limit), s_sizes, settings=settings, device=device,
-                     eval_batch_size=eval_batch_size, progress=progress)
+                     eval_batch_size=eval_batch_size, progress=progress, precision=precision, compile=compile)
 
+    graphs_before = graph_count()
     results = run(subject, sizes)
     report: dict[str, Any] = {
         "checkpoint": str(checkpoint),
@@ -372,6 +395,9 @@ def evaluate_checkpoint(
         "device": str(device),
         "device_name": _device_name(device),
         "torch_threads": torch.get_num_threads(),
+        "omp_num_threads": os.environ.get("OMP_NUM_THREADS"),
+        "precision": precision,
+        "compile": compile,
         "torch": torch.__version__,
         "batch_size": settings.batch_size,
         "latency_batch_size": 1,
@@ -386,4 +412,6 @@ def evaluate_checkpoint(
         report["baselines"] = [
             {"checkpoint": o.checkpoint, "label": o.label, "results": run(o, o.default_sizes)} for o in others
         ]
+    if compile:
+        report["compiled_graphs"] = graph_count() - graphs_before
     return report

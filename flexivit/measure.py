@@ -15,6 +15,12 @@ Every number here is measured on the machine that runs it, never derived from a 
   here: after the accuracy pass the allocator serves a forward from memory it already holds, so the RSS
   delta reads 0; the tensor count does not depend on what ran before. Scratch memory that kernels
   allocate outside tensors (e.g. inside fused attention) is not seen.
+- Compiled models (``flexivit.compile``): timings run the compiled code. FLOPs, and the CPU tensor peak,
+  are counted with compiled code run eagerly (``torch.compiler.set_stance("force_eager")``): the
+  dispatch-level counters cannot see inside inductor's kernels; the arithmetic is the same.
+- Precision: ``autocast(device, precision)`` runs a forward as it is deployed, ``"fp32"`` or
+  ``"bf16"`` / ``"fp16"`` autocast (weights stay fp32); ``default_precision`` is bf16 on CUDA (fp16 on
+  GPUs without bf16) and fp32 on the CPU.
 """
 
 from __future__ import annotations
@@ -22,6 +28,7 @@ from __future__ import annotations
 import statistics
 import time
 import weakref
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 from typing import Callable
 
@@ -33,10 +40,32 @@ from torch.utils._pytree import tree_leaves
 
 __all__ = [
     "MeasureSettings", "count_gflops", "param_count", "latency_ms", "throughput", "peak_memory_mb",
-    "peak_mem_kind", "measure_costs",
+    "peak_mem_kind", "measure_costs", "PRECISIONS", "default_precision", "autocast",
 ]
 
 Forward = Callable[[torch.Tensor], torch.Tensor]
+PRECISIONS: dict[str, torch.dtype | None] = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def default_precision(device: torch.device) -> str:
+    """What a model is deployed in on ``device``: bf16 autocast on CUDA (fp16 without bf16), else fp32."""
+    if device.type != "cuda":
+        return "fp32"
+    return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+
+
+def autocast(device: torch.device, precision: str) -> AbstractContextManager:
+    """A fresh context running ops in ``precision`` on ``device`` (``torch.autocast``; fp32: nothing)."""
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
+    dtype = PRECISIONS[precision]
+    return nullcontext() if dtype is None else torch.autocast(device.type, dtype=dtype)
+
+
+def _eager() -> AbstractContextManager:
+    """Compiled code runs eagerly inside (so dispatch-level counters see every op)."""
+    set_stance = getattr(torch.compiler, "set_stance", None)  # torch >= 2.6
+    return set_stance("force_eager") if set_stance is not None else nullcontext()
 
 
 @dataclass(frozen=True)
@@ -79,9 +108,10 @@ def _input(shape: tuple[int, int, int], batch: int, device: torch.device, dtype:
 @torch.no_grad()
 def count_gflops(forward: Forward, x: torch.Tensor) -> float:
     """GFLOPs per image of ``forward`` on the batch ``x`` (counted, then divided by the batch size)."""
-    forward(x)  # warm per-size caches so that one-off work is not counted per image
-    with flop_counter.FlopCounterMode(display=False, custom_mapping=_extra_formulas()) as counter:
-        forward(x)
+    with _eager():
+        forward(x)  # warm per-size caches so that one-off work is not counted per image
+        with flop_counter.FlopCounterMode(display=False, custom_mapping=_extra_formulas()) as counter:
+            forward(x)
     return counter.get_total_flops() / x.shape[0] / 1e9
 
 
@@ -159,7 +189,7 @@ def peak_memory_mb(forward: Forward, xb: torch.Tensor) -> float:
         _sync(xb.device)
         return torch.cuda.max_memory_allocated(xb.device) / 2**20
     tracker = _LiveTensorBytes()
-    with tracker:
+    with _eager(), tracker:
         forward(xb)
     return tracker.peak / 2**20
 

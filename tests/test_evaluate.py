@@ -78,7 +78,7 @@ def test_a_model_of_some_of_the_datas_classes_is_evaluated_on_those(run, tmp_pat
     images, labels = synthetic(40, seed=7)
     labels[:10] = len(CLASSES)  # ten images of a class the model does not know
     wider = from_arrays(images, labels, [*CLASSES, "unknown"])
-    datasets.DatasetDict({"train": wider, "test": wider}).save_to_disk(str(tmp_path / "wider"))
+    datasets.DatasetDict({"train": wider, "validation": wider, "test": wider}).save_to_disk(str(tmp_path / "wider"))
     report = evaluate_checkpoint(run, data=f"hf:{tmp_path / 'wider'}", patch_sizes=[4], settings=FAST,
                                  progress=False)
     assert report["n"] == 30 and report["results"][0]["top1"] > 0.9
@@ -95,6 +95,7 @@ def test_report_files_plot_one_point_per_size_and_baselines(report, tmp_path):
     for key in ("checkpoint", "data", "results", "peak_mem_kind", "device", "pareto", "baselines"):
         assert key in saved
     assert saved["peak_mem_kind"] == "cpu_tensor_peak"
+    assert saved["split"] == "test"  # `flexivit eval` reports on test; settings are chosen on validation
     for row in saved["results"]:
         for key in ("patch_size", "tokens", "top1", "top5", "loss", "gflops", "params", "img_per_s",
                     "latency_ms", "peak_mem_mb"):
@@ -129,13 +130,17 @@ def test_format_table_without_costs_keeps_the_training_columns():
 
 def test_patch_size_specs():
     valid = [1, 2, 4, 8, 16]
-    assert resolve_patch_sizes("all", valid) == valid
-    assert resolve_patch_sizes("8,2", valid) == [2, 8]
-    assert resolve_patch_sizes(None, valid, [2, 4]) == [2, 4]
-    with pytest.raises(ValueError, match="valid patch sizes: 1, 2, 4, 8, 16"):
-        resolve_patch_sizes("3,4", valid)
+    assert resolve_patch_sizes("all", valid, image_size=16) == valid
+    assert resolve_patch_sizes("8,2", valid, image_size=16) == [2, 8]
+    assert resolve_patch_sizes(None, valid, [2, 4], image_size=16) == [2, 4]
+    with pytest.raises(ValueError, match="^patch size 3 does not tile a 16x16 image; valid patch sizes: 1, 2, 4, 8, 16$"):
+        resolve_patch_sizes("3,4", valid, image_size=16)
+    with pytest.raises(ValueError, match="^patch size 4 cannot be used by this model .*; valid patch sizes: 8$"):
+        resolve_patch_sizes("4", [8], image_size=16)  # an export runs at its one size
+    with pytest.raises(ValueError, match="no patch size given; valid patch sizes: 1, 2"):
+        resolve_patch_sizes(",", valid, image_size=16)
     with pytest.raises(ValueError, match="4,7,14"):
-        resolve_patch_sizes("four", valid)
+        resolve_patch_sizes("four", valid, image_size=16)
 
 
 def test_eval_cli_writes_report_and_prints_the_budget_choice(run, tmp_path, capsys):
@@ -165,7 +170,8 @@ def test_eval_cli_bad_input(run, tmp_path, capsys, args, message):
     if args[1] == "OTHER":  # a dataset whose classes are not the model's
         images, labels = synthetic(8, seed=5)
         other = from_arrays(images, labels % 2, ["cat", "dog"])
-        datasets.DatasetDict({"train": other, "test": other}).save_to_disk(str(tmp_path / "other"))
+        # Validation shipped too: 8 images are too few to carve a stratified one from.
+        datasets.DatasetDict({"train": other, "validation": other, "test": other}).save_to_disk(str(tmp_path / "other"))
         args = ["--data", f"hf:{tmp_path / 'other'}"]
     rc = main(["eval", str(run), "--out", str(tmp_path), "--no-progress", "--batch-size", "4", "--warmup", "0",
                "--repeats", "1", "--patch-sizes", "8", *args])
