@@ -3,9 +3,11 @@
     flexivit train RECIPE[:ARG] [--data SRC] [--out DIR] [--set k=v ...] [--resume]
     flexivit finetune CHECKPOINT RECIPE[:ARG] [--data SRC] [--patch-size N] [--out DIR] [--set k=v ...]
     flexivit eval CHECKPOINT [--data SRC] [--patch-sizes 4,7,14 | all] [--out DIR] [--baseline CKPT[:PATCH]]
-                  [--max-latency-ms X] [--max-gflops X] [--min-accuracy X]
+                  [--max-latency-ms X] [--max-gflops X] [--min-accuracy X] [--compile] [--precision P]
     flexivit predict CHECKPOINT IMAGE... [--patch-size N | --budget-ms X] [--topk 5] [--json]
     flexivit export CHECKPOINT --patch-size N --out DIR [--onnx] [--torch-export]
+    flexivit search RECIPE[:ARG] --grid KEY=V1,V2 [--grid ...] [--seeds 0,1,2] [--steps N] [--metric worst|mean]
+                    [--jobs N] [--init CKPT] [--then-train] [--data SRC] [--out DIR] [--set k=v ...]
 """
 
 from __future__ import annotations
@@ -18,7 +20,9 @@ from .config import list_recipes
 
 __all__ = ["main"]
 
-USER_ERRORS = (ValueError, KeyError, TypeError, FileNotFoundError, NotADirectoryError)
+# Errors a user can cause (a bad recipe key or value, a missing file, a size that does not fit) print as
+# one line; anything else (an internal TypeError or KeyError, say) keeps its traceback.
+USER_ERRORS = (ValueError, FileNotFoundError, NotADirectoryError)
 
 
 def _recipe_help() -> str:
@@ -49,10 +53,29 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--patch-size", type=int, help="fine-tune at this one size (default: sample the recipe's sizes, "
                    "which keeps every size usable)")
     p.add_argument("--resume", action="store_true", help="continue from the newest good checkpoint in --out")
+    _add_search_parser(sub)
     _add_eval_parser(sub)
     _add_predict_parser(sub)
     _add_export_parser(sub)
     return parser
+
+
+def _add_search_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("search", help="choose settings on the validation split: a grid of trials, resumable",
+                       epilog=_recipe_help())
+    _add_run_args(p)
+    p.add_argument("--grid", action="append", default=[], metavar="KEY=V1,V2",
+                   help="a config key and its values to try (repeatable: the grid is their product); a list "
+                   "value goes in brackets, e.g. patch.sizes=[2,4],[4,8]")
+    p.add_argument("--seeds", default="0", help="comma-separated seeds; every grid point runs once per seed "
+                   "(default 0)")
+    p.add_argument("--steps", type=int, help="training steps of each trial (default: the recipe's)")
+    p.add_argument("--metric", default="worst", help="worst (default): the lowest validation top-1 over the "
+                   "evaluated sizes; mean: their mean")
+    p.add_argument("--jobs", type=int, default=1, help="trials at a time (default 1)")
+    p.add_argument("--init", help="a FlexiViT checkpoint: every trial fine-tunes from it (flexivit finetune)")
+    p.add_argument("--then-train", action="store_true", help="train the winner at the recipe's budget into "
+                   "OUT/final and report it on the test split")
 
 
 CHECKPOINT_HELP = "a run directory, a model .safetensors file, or a folder written by `flexivit export`"
@@ -74,6 +97,10 @@ def _add_eval_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--eval-batch-size", type=int, default=256, help="batch for the accuracy pass")
     p.add_argument("--warmup", type=int, default=3, help="untimed calls before each timing (default 3)")
     p.add_argument("--repeats", type=int, default=20, help="timed batch-1 calls per latency median (default 20)")
+    p.add_argument("--precision", choices=("fp32", "bf16", "fp16"),
+                   help="run and measure in this precision (bf16/fp16: autocast); default: bf16 on CUDA, fp32 on CPU")
+    p.add_argument("--compile", action="store_true", help="torch.compile the model once for every patch size "
+                   "first (flexivit.compile); accuracy, img/s and latency are then the compiled model's")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     _add_budget_args(p)
 
@@ -136,6 +163,25 @@ def _finetune(args: argparse.Namespace) -> None:
     finetune(args.checkpoint, cfg, out_dir=out, resume=args.resume)
 
 
+def _search(args: argparse.Namespace) -> None:
+    from .search import SearchError, run_search
+
+    try:
+        seeds = [int(s) for s in args.seeds.split(",") if s.strip()]
+    except ValueError:
+        raise SearchError(f"--seeds takes comma-separated integers, got {args.seeds!r}") from None
+    overrides = ([f"data.source={args.data}"] if args.data else []) + list(args.overrides)
+    out = args.out or Path("runs") / ("search-" + args.recipe.replace(":", "-").replace("/", "_").removesuffix(".py"))
+    best = run_search(recipe=args.recipe, grid_specs=args.grid, seeds=seeds or [0], steps=args.steps,
+                      metric=args.metric, jobs=args.jobs, out=out, overrides=overrides, init=args.init,
+                      then_train=args.then_train)
+    print(f"best on validation ({best['metric']} size): {best['setting']} -> {100 * best['score']:.2f} %; "
+          f"wrote {out / 'search.md'}, {out / 'search.png'}, {out / 'best.json'}")
+    if "final" in best:
+        print(f"final run {best['final']['run']}, test top-1: " +
+              ", ".join(f"p={p} {100 * v:.2f}" for p, v in best["final"]["test"].items()))
+
+
 def _device(name: str | None):
     import torch
 
@@ -171,7 +217,7 @@ def _eval(args: argparse.Namespace) -> None:
     report = evaluate_checkpoint(
         args.checkpoint, data=args.data, patch_sizes=args.patch_sizes, baselines=args.baseline,
         settings=settings, device=_device(args.device), eval_batch_size=args.eval_batch_size, limit=args.limit,
-        progress=not args.no_progress,
+        progress=not args.no_progress, precision=args.precision, compile=args.compile,
     )
     failure = None
     if budget:
@@ -182,7 +228,9 @@ def _eval(args: argparse.Namespace) -> None:
             failure = err
     out = args.out or run_dir(args.checkpoint)
     files = write_report(report, out)
-    print(f"{report['checkpoint']} on {report['data']} ({report['n']} test images, {report['device_name']}):")
+    compiled = f", compiled ({report['compiled_graphs']} graphs)" if report["compile"] else ""
+    print(f"{report['checkpoint']} on {report['data']} ({report['n']} test images, {report['device_name']}, "
+          f"{report['precision']}{compiled}):")
     print(format_table(report["results"]))
     for b in report.get("baselines", []):
         print(f"\nbaseline {b['label']}:\n{format_table(b['results'])}")
@@ -234,13 +282,13 @@ def _user_errors(command: str) -> tuple[type[BaseException], ...]:
 
     errors: tuple[type[BaseException], ...] = (*USER_ERRORS, CheckpointError, CorruptImageError)
     if command in ("train", "finetune"):
-        from .train import TrainingError
+        from .run import TrainingError
 
         errors += (TrainingError,)
     return errors
 
 
-COMMANDS = {"train": _train, "finetune": _finetune, "eval": _eval, "predict": _predict, "export": _export}
+COMMANDS = {"train": _train, "finetune": _finetune, "search": _search, "eval": _eval, "predict": _predict, "export": _export}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -248,7 +296,6 @@ def main(argv: list[str] | None = None) -> int:
     try:
         COMMANDS[args.command](args)
     except _user_errors(args.command) as err:
-        message = err.args[0] if isinstance(err, KeyError) and err.args else str(err)
-        print(f"flexivit {args.command}: error: {message}", file=sys.stderr)
+        print(f"flexivit {args.command}: error: {err}", file=sys.stderr)
         return 2
     return 0
