@@ -116,7 +116,7 @@ def _fashion_mnist_split(root: Path, prefix: str) -> datasets.Dataset:
     return from_arrays(images, labels, FASHION_MNIST_CLASSES)
 
 
-def _load_fashion_mnist(root: str | None, val_fraction: float, seed: int) -> Splits:
+def _load_fashion_mnist(root: str | None, val_fraction: float, seed: int, validation: bool) -> Splits:
     folder = Path(root or os.environ.get("FLEXIVIT_FASHION_MNIST_DIR") or FASHION_MNIST_DIR)
     needed = [
         f"{prefix}-{kind}.gz"
@@ -131,7 +131,7 @@ def _load_fashion_mnist(root: str | None, val_fraction: float, seed: int) -> Spl
             "FLEXIVIT_FASHION_MNIST_DIR (or root=) at a folder holding the four idx .gz files."
         )
     train, test = _fashion_mnist_split(folder, "train"), _fashion_mnist_split(folder, "t10k")
-    return _finish(train, None, test, val_fraction, seed)
+    return _finish(train, None, test, val_fraction, seed, validation)
 
 
 # --- shared helpers ----------------------------------------------------------------------------
@@ -213,7 +213,7 @@ def _native_channels(ds: datasets.Dataset, probes: int = 8) -> int:
 
 def _finish(
     train: datasets.Dataset, val: datasets.Dataset | None, test: datasets.Dataset | None,
-    val_fraction: float, seed: int,
+    val_fraction: float, seed: int, validation: bool = True,
 ) -> Splits:  # fmt: skip
     """Encode labels, hold out the test and validation splits the source lacks, find the channel count."""
     if len(train) == 0:
@@ -222,7 +222,9 @@ def _finish(
     train, val, test = parts["train"], parts["val"], parts["test"]
     if test is None:
         train, test = _hold_out(train, val_fraction, mix(seed, TEST_SEED_STREAM), "test")
-    if val is None:
+    if val is None and not validation:  # evaluation of test only: nothing to hold out
+        val = train.select([])
+    elif val is None:
         train, val = _hold_out(train, val_fraction, seed, "validation")
     return Splits(train=train, val=val, test=test, class_names=names, channels=_native_channels(train))
 
@@ -249,7 +251,7 @@ def _check_class_folders(split_root: Path, dataset_root: Path) -> None:
         )
 
 
-def _load_folder(path: str, val_fraction: float, seed: int, cache_dir: str | None) -> Splits:
+def _load_folder(path: str, val_fraction: float, seed: int, cache_dir: str | None, validation: bool) -> Splits:
     root = Path(path).expanduser().resolve()
     if not root.is_dir():
         raise FileNotFoundError(
@@ -271,7 +273,7 @@ def _load_folder(path: str, val_fraction: float, seed: int, cache_dir: str | Non
     loaded = datasets.load_dataset(
         "imagefolder", data_files=data_files, drop_labels=False, cache_dir=cache_dir
     )
-    return _finish(loaded["train"], loaded.get("val"), loaded.get("test"), val_fraction, seed)
+    return _finish(loaded["train"], loaded.get("val"), loaded.get("test"), val_fraction, seed, validation)
 
 
 # --- Hugging Face datasets ---------------------------------------------------------------------
@@ -304,7 +306,7 @@ def _select_columns(
 
 def _load_hf(
     spec: str, split_train: str, split_test: str | None, image_column: str, label_column: str,
-    val_fraction: float, seed: int, cache_dir: str | None,
+    val_fraction: float, seed: int, cache_dir: str | None, validation: bool,
 ) -> Splits:  # fmt: skip
     splits = _load_hf_dict(spec, cache_dir)
     wanted = [split_train] + ([split_test] if split_test else [])
@@ -322,7 +324,7 @@ def _load_hf(
             return None
         return _select_columns(splits[split], image_column, label_column, f"hf:{spec}[{split}]")
 
-    return _finish(columns(split_train), columns(split_val), columns(split_test), val_fraction, seed)
+    return _finish(columns(split_train), columns(split_val), columns(split_test), val_fraction, seed, validation)
 
 
 def load_source(
@@ -336,8 +338,12 @@ def load_source(
     label_column: str = "label",
     root: str | None = None,
     cache_dir: str | None = None,
+    validation: bool = True,
 ) -> Splits:
     """Load ``"fashion-mnist"``, ``"hf:NAME[:CONFIG]"`` or an image folder as train/val/test ``Splits``.
+
+    ``validation=False`` (evaluation, which scores test alone) holds out no validation split: ``val`` is
+    then empty unless the source ships one, so a dataset too small to stratify can still be evaluated.
 
     ``root`` overrides the Fashion-MNIST folder (else ``$FLEXIVIT_FASHION_MNIST_DIR``, else the Debian
     package's). ``split_*`` and ``*_column`` apply to ``hf:`` sources; ``split_test=None`` takes "test",
@@ -346,12 +352,13 @@ def load_source(
     HF builders write their Arrow files.
     """
     if source in ("fashion-mnist", "fashion_mnist"):
-        return _load_fashion_mnist(root, val_fraction, seed)
+        return _load_fashion_mnist(root, val_fraction, seed, validation)
     if source.startswith("hf:"):
         return _load_hf(
-            source[3:], split_train, split_test, image_column, label_column, val_fraction, seed, cache_dir
+            source[3:], split_train, split_test, image_column, label_column, val_fraction, seed, cache_dir,
+            validation,
         )
-    return _load_folder(source, val_fraction, seed, cache_dir)
+    return _load_folder(source, val_fraction, seed, cache_dir, validation)
 
 
 def select_classes(splits: Splits, names: Sequence[str]) -> Splits:

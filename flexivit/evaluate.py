@@ -241,7 +241,7 @@ def load_eval_splits(source: str | None, run_config: dict[str, Any] | None) -> t
     same = source == data.get("source")
     options = {k: data[k] for k in ("split_train", "split_test", "image_column", "label_column", "val_fraction")
                if same and data.get(k) is not None}
-    return source, load_source(source, seed=seed, **options)
+    return source, load_source(source, seed=seed, validation=False, **options)
 
 
 def eval_dataset(subject: EvalSubject, splits: Splits, limit: int | None = None) -> TransformedDataset:

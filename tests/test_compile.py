@@ -223,3 +223,30 @@ def test_cuda_eval_sweep_defaults_to_bf16(run, tmp_path):
                                precision="fp32")
     assert fp32["precision"] == "fp32"
     assert [r["loss"] for r in fp32["results"]] != [r["loss"] for r in report["results"]]
+
+
+@pytest.mark.slow
+def test_train_compile_trains_the_compiled_model(tmp_path, monkeypatch):
+    """`train.compile=true` compiles the model the trainer trains (aot_eager here: inductor's compile
+    time is measured by tools/bench_compile.py, not paid in every CI run)."""
+    import flexivit.compile
+    from test_trainer_golden import OVERRIDES, make_data
+
+    from flexivit.config import load_recipe
+    from flexivit.train import train
+
+    compiled = []
+
+    def aot_eager(model, **kwargs):
+        compiled.append(model)
+        return compile_model(model, backend="aot_eager")
+
+    monkeypatch.setattr(flexivit.compile, "compile_model", aot_eager)
+    cfg = load_recipe("fashion_mnist:smoke", [f"data.source={make_data(tmp_path / 'data')}", *OVERRIDES,
+                                              "train.compile=true", "train.steps=4", "train.grad_accum=1"])
+    before = graph_count()
+    result = train(cfg, out_dir=tmp_path / "run")
+    assert len(compiled) == 1 and graph_count() - before >= 1  # the training (and eval) graphs were built
+    assert all(torch.isfinite(torch.tensor(r["loss"])) for r in result.val)
+    keys = set(load_model(tmp_path / "run")[0].state_dict())
+    assert keys == set(FlexiViT(compiled[0].config).state_dict())  # saved under plain names

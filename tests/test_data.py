@@ -473,3 +473,19 @@ def test_workers_keep_enough_batches_ready_for_a_token_budget_step() -> None:
     assert make_loader(ds, batch_size=4, shuffle=False, seed=0, num_workers=1, prefetch_batches=1,
                        drop_last=False).prefetch_factor == 2  # never below torch's default
     assert make_loader(ds, batch_size=4, shuffle=False, seed=0, drop_last=False).prefetch_factor is None
+
+
+def test_evaluation_holds_out_no_validation_split_so_tiny_test_sets_load(tmp_path):
+    """`flexivit eval` scores test alone: a dataset too small to stratify a validation split still loads."""
+    from flexivit.evaluate import load_eval_splits
+
+    rng = np.random.default_rng(0)
+    images = rng.integers(0, 255, size=(6, 8, 8), dtype=np.uint8)
+    labels = np.array([0, 1, 2, 0, 1, 2])
+    splits = {"train": from_arrays(images[:3], labels[:3], ["a", "b", "c"]),
+              "test": from_arrays(images[3:], labels[3:], ["a", "b", "c"])}
+    datasets.DatasetDict(splits).save_to_disk(str(tmp_path / "tiny"))
+    with pytest.raises(ValueError, match="cannot hold out a stratified validation split"):
+        load_source(f"hf:{tmp_path / 'tiny'}")
+    source, loaded = load_eval_splits(f"hf:{tmp_path / 'tiny'}", None)
+    assert len(loaded.test) == 3 and len(loaded.val) == 0 and len(loaded.train) == 3
