@@ -12,9 +12,12 @@ from typing import Any
 from .patch_embed import PatchScheme, check_patch_sizes
 from .resize import check_method
 
-__all__ = ["FlexiViTConfig", "GLOBAL_POOLS"]
+__all__ = ["FlexiViTConfig", "GLOBAL_POOLS", "SI_SCOPES", "SI_NORMS"]
 
 GLOBAL_POOLS = ("token", "avg")
+SI_SCOPES = ("none", "head", "linears", "all")  # see flexivit.scale_invariant
+SI_NORMS = ("matrix", "row")
+_SI_FIELDS = ("scale_invariant", "si_norm", "si_head_scale")
 
 
 @dataclass(frozen=True)
@@ -50,6 +53,11 @@ class FlexiViTConfig:
     pos_drop_rate: float = 0.0
     attn_drop_rate: float = 0.0
     drop_path_rate: float = 0.0
+    # Scale-invariant layers (flexivit.scale_invariant): "head", every Linear ("linears"), or every Linear
+    # and the base patch kernel ("all") compute S*W/||W|| with a constant S; "none" is the plain ViT.
+    scale_invariant: str = "none"
+    si_norm: str = "matrix"  # ||W|| over the whole matrix or per output row ("row")
+    si_head_scale: float | None = None  # the head's S (a logit scale); None: ||W|| when made scale-invariant
 
     def __post_init__(self) -> None:
         if self.global_pool not in GLOBAL_POOLS:
@@ -61,14 +69,32 @@ class FlexiViTConfig:
         if self.embed_dim % self.num_heads:
             raise ValueError(f"embed_dim {self.embed_dim} is not divisible by num_heads {self.num_heads}")
         check_method(self.kernel_resize)
+        self._check_scale_invariance()
         check_patch_sizes([PatchScheme(self.patch_size, self.stride)], self.img_size)
 
     @property
     def use_fc_norm(self) -> bool:
         return self.global_pool == "avg" if self.fc_norm is None else self.fc_norm
 
+    def _check_scale_invariance(self) -> None:
+        if self.scale_invariant not in SI_SCOPES:
+            raise ValueError(f"unknown scale_invariant scope {self.scale_invariant!r}; choose one of {', '.join(SI_SCOPES)}")
+        if self.si_norm not in SI_NORMS:
+            raise ValueError(f"unknown si_norm {self.si_norm!r}; choose one of {', '.join(SI_NORMS)}")
+        if self.scale_invariant == "none" and (self.si_norm != "matrix" or self.si_head_scale is not None):
+            raise ValueError("si_norm and si_head_scale apply to scale-invariant layers only; set scale_invariant "
+                             f"to one of {', '.join(SI_SCOPES[1:])} as well, or leave them unset")
+        if self.si_head_scale is not None and not self.si_head_scale > 0:
+            raise ValueError(f"si_head_scale must be positive (a logit scale), got {self.si_head_scale}")
+
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        """The fields as a dict; those of scale-invariant layers only when they are on, so a plain model's
+        config (and every file that stores it) is what it was before the option existed."""
+        values = asdict(self)
+        if self.scale_invariant == "none":
+            for key in _SI_FIELDS:
+                del values[key]
+        return values
 
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> "FlexiViTConfig":

@@ -66,7 +66,7 @@ def _add_search_parser(sub: argparse._SubParsersAction) -> None:
     _add_run_args(p)
     p.add_argument("--grid", action="append", default=[], metavar="KEY=V1,V2",
                    help="a config key and its values to try (repeatable: the grid is their product); a list "
-                   "value goes in brackets, e.g. patch.sizes=[2,4],[4,8]")
+                   "value goes in brackets, e.g. patch.sizes=[2,4],[4,8]; without --grid, the recipe's SEARCH_GRID")
     p.add_argument("--seeds", default="0", help="comma-separated seeds; every grid point runs once per seed "
                    "(default 0)")
     p.add_argument("--steps", type=int, help="training steps of each trial (default: the recipe's)")

@@ -20,6 +20,7 @@ from typing import Any
 __all__ = [
     "ConfigError", "Config", "ModelConfig", "DataConfig", "PatchConfig", "StageConfig", "OptimConfig", "TrainConfig",
     "DistillConfig", "FinetuneConfig", "load_recipe", "apply_overrides", "config_from_dict", "list_recipes", "RECIPES_DIR",
+    "recipe_search_grid",
 ]
 
 RECIPES_DIR = Path(__file__).resolve().parent.parent / "recipes"  # shipped with the source tree
@@ -46,6 +47,11 @@ class ModelConfig:
     kernel_resize: str | None = None  # "bilinear" | "bilinear_aa" | "area" (see flexivit.resize)
     posemb_antialias: bool | None = None
     drop_path_rate: float | None = None
+    # Scale-invariant layers (docs/scale_invariant.md): "head" | "linears" | "all"; unset: plain layers.
+    # A fine-tune applies these three to the checkpoint it starts from (the other fields come from it).
+    scale_invariant: str | None = None
+    si_norm: str | None = None  # "matrix" (default) | "row"
+    si_head_scale: float | None = None  # the head's S, a logit scale; unset: the head's norm when converted
 
 
 @dataclass
@@ -111,6 +117,11 @@ class OptimConfig:
     # and a PI-resize that averages (area, bilinear_aa) sums up to (base/p)^2 of those moves into one
     # weight of a small patch's kernel; a scale below 1 keeps a large base kernel's small-patch steps sane.
     kernel_lr_scale: float = 1.0
+    # Fixed-norm training of scale-invariant weights (docs/scale_invariant.md): after each step they are
+    # scaled back to their norm at the start, without weight decay; `elr` (the equivalent learning rate)
+    # then sets their rate from their norm and size, and the other parameters keep `lr`.
+    fixed_norm: bool = False
+    elr: float | None = None
 
 
 @dataclass
@@ -312,3 +323,13 @@ def load_recipe(spec: str, overrides: list[str] | None = None) -> Config:
     if not isinstance(config, Config):
         raise ConfigError(f"recipe {name!r}: get_config must return flexivit.config.Config, got {type(config).__name__}")
     return apply_overrides(config, overrides or [])
+
+
+def recipe_search_grid(spec: str) -> list[str]:
+    """The default grid of ``flexivit search`` for recipe ``NAME[:ARG]``: its module-level ``SEARCH_GRID``, a
+    list of ``KEY=V1,V2,...`` strings (empty if it has none)."""
+    name = spec.partition(":")[0]
+    grid = getattr(_import_recipe(name), "SEARCH_GRID", [])
+    if not isinstance(grid, (list, tuple)) or not all(isinstance(item, str) for item in grid):
+        raise ConfigError(f"recipe {name!r}: SEARCH_GRID must be a list of 'KEY=V1,V2,...' strings, got {grid!r}")
+    return list(grid)

@@ -15,6 +15,7 @@ from .checkpoint import load_model
 from .config import Config
 from .model import FlexiViT, FlexiViTConfig
 from .patch_embed import check_patch_sizes
+from .scale_invariant import fold_state_dict
 from .train import RunResult, train
 
 __all__ = ["finetune", "fixed_size", "from_pretrained"]
@@ -33,7 +34,10 @@ def fixed_size(cfg: Config, patch_size: int) -> Config:
 
 
 def from_pretrained(pretrained: FlexiViT, fresh: FlexiViT) -> FlexiViT:
-    """The pretrained network with ``fresh``'s image size, default patch and a new head for its classes."""
+    """The pretrained network with ``fresh``'s image size, default patch and a new head for its classes,
+    and ``fresh``'s scale-invariant layers (the recipe's ``model.scale_invariant``, ``si_norm`` and
+    ``si_head_scale``): the checkpoint is folded into plain weights and reparametrised, which keeps the
+    function of every pretrained layer."""
     if pretrained.config.in_chans != fresh.config.in_chans:
         raise ValueError(
             f"the checkpoint takes {pretrained.config.in_chans}-channel images but the data gives "
@@ -41,20 +45,24 @@ def from_pretrained(pretrained: FlexiViT, fresh: FlexiViT) -> FlexiViT:
         )
     fields = {**pretrained.config.to_dict(), "img_size": fresh.config.img_size,
               "patch_size": fresh.config.patch_size, "stride": fresh.config.stride,
-              "num_classes": fresh.config.num_classes}
+              "num_classes": fresh.config.num_classes, "scale_invariant": "none", "si_norm": "matrix",
+              "si_head_scale": None}
     model = FlexiViT(FlexiViTConfig.from_dict(fields))
-    body = {k: v for k, v in pretrained.state_dict().items() if not k.startswith("head.")}
+    body = {k: v for k, v in fold_state_dict(pretrained).items() if not k.startswith("head.")}
     missing, unexpected = model.load_state_dict(body, strict=False)
     if unexpected or any(not k.startswith("head.") for k in missing):
         raise ValueError(f"the checkpoint's weights do not fit its own config: missing {missing}, unexpected {unexpected}")
+    si = fresh.config
+    if si.scale_invariant != "none":
+        model.make_scale_invariant(si.scale_invariant, norm=si.si_norm, head_scale=si.si_head_scale)
     return model
 
 
 def finetune(checkpoint: str | Path, cfg: Config, *, out_dir: str | Path, resume: bool = False) -> RunResult:
     """Train ``cfg`` starting from the FlexiViT in ``checkpoint`` (a run directory or model file).
 
-    The architecture comes from the checkpoint (the recipe's ``model`` section is not used); the head is
-    replaced for the classes of ``cfg``'s data.
+    The architecture comes from the checkpoint (of the recipe's ``model`` section only the scale-invariant
+    reparametrisation is used); the head is replaced for the classes of ``cfg``'s data.
     """
     pretrained, _ = load_model(checkpoint)
     return train(cfg, out_dir=out_dir, resume=resume, init=lambda fresh: from_pretrained(pretrained, fresh))

@@ -49,6 +49,11 @@ class Hooks:
         for hook in self.hooks:
             hook.after_step(model, step)
 
+    def metrics(self) -> dict[str, float]:
+        """Scalars hooks report for the log line (a hook may define ``metrics()``; averaged since its last
+        call), e.g. the weight-norm ratio and rotation of fixed-norm updates."""
+        return {k: v for h in self.hooks if hasattr(h, "metrics") for k, v in h.metrics().items()}
+
     def save(self, folder: Path) -> None:
         """Write every hook's state into ``folder`` (a training checkpoint being written)."""
         if self.hooks:

@@ -24,6 +24,7 @@ from torch import nn
 from .architecture import FlexiViTConfig
 from .patch_embed import FlexiPatchEmbed, PatchScheme
 from .resize import pi_resize, resample_posemb
+from .scale_invariant import convert_layers, fold_state_dict
 from .timm_interop import flexivit_to_timm, timm_to_flexivit
 
 __all__ = ["FlexiViT", "FlexiViTConfig"]
@@ -98,6 +99,8 @@ class FlexiViT(nn.Module):
         self._posemb_cache: dict[tuple[int, int], tuple[tuple, torch.Tensor]] = {}
         self.grad_checkpointing = False
         self._init_weights()
+        if cfg.scale_invariant != "none":
+            convert_layers(self, scope=cfg.scale_invariant, norm=cfg.si_norm, head_scale=cfg.si_head_scale)
 
     def _init_weights(self) -> None:
         for p in self._posemb_params():
@@ -238,6 +241,21 @@ class FlexiViT(nn.Module):
                 self.head.to(device=old.weight.device, dtype=old.weight.dtype)
             trunc_normal_(self.head.weight, std=0.02)
             nn.init.zeros_(self.head.bias)
+            if self.config.scale_invariant != "none":
+                convert_layers(self, scope="head", norm=self.config.si_norm, head_scale=self.config.si_head_scale)
+
+    def make_scale_invariant(self, scope: str, *, norm: str = "matrix", head_scale: float | None = None) -> "FlexiViT":
+        """Reparametrise this plain model in place (``flexivit.scale_invariant``): the layers in ``scope``
+        (``head``, ``linears`` or ``all``) compute ``S * W / ||W||`` with ``S`` their norm now, so the model
+        computes what it did, but for the head when ``head_scale`` sets its ``S``. Returns the model."""
+        if self.config.scale_invariant != "none":
+            raise ValueError(f"the model is scale-invariant already ({self.config.scale_invariant}); build a "
+                             "plain one from fold_state_dict(model) first")
+        config = FlexiViTConfig.from_dict({**self.config.to_dict(), "scale_invariant": scope, "si_norm": norm,
+                                           "si_head_scale": head_scale})
+        convert_layers(self, scope=scope, norm=norm, head_scale=head_scale)
+        self.config = config
+        return self
 
     def no_weight_decay(self) -> set[str]:
         """Names of the parameters timm's optimizer factory keeps out of weight decay (as timm's ViT)."""
@@ -295,7 +313,8 @@ class FlexiViT(nn.Module):
         img_size = img_size or cfg.img_size
         grid = PatchScheme(int(patch_size)).grid_size((img_size, img_size))
         with torch.no_grad():
-            kernel = pi_resize(self.patch_embed.weight, int(patch_size), cfg.kernel_resize)  # (D, C, p, p)
+            kernel = pi_resize(self.patch_embed.base_kernel(), int(patch_size), cfg.kernel_resize)  # (D, C, p, p)
             pos_embed = self._resample_posemb(grid)  # (1, gh, gw, D)
-        vit = flexivit_to_timm(cfg, self.state_dict(), kernel=kernel, pos_embed=pos_embed, img_size=img_size)
+        # Scale-invariant layers fold into the plain weights they compute with: the export is a plain ViT.
+        vit = flexivit_to_timm(cfg, fold_state_dict(self), kernel=kernel, pos_embed=pos_embed, img_size=img_size)
         return vit.train(self.training)

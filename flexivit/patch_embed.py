@@ -162,23 +162,28 @@ class FlexiPatchEmbed(nn.Module):
         if self.bias is not None:
             nn.init.zeros_(self.bias)
 
+    def base_kernel(self) -> torch.Tensor:
+        """The ``(D, C, base, base)`` kernel that PI-resize starts from: the weight itself here; a subclass
+        may reparametrise it (``flexivit.scale_invariant``), from the weight and its own buffers."""
+        return self.weight
+
     def kernel(self, patch: int) -> torch.Tensor:
         """The ``(D, C, patch, patch)`` kernel for ``patch``; cached in eval mode without autograd."""
         # No cache while training, under autograd, or inside torch.compile (the key's data_ptr() would
         # break the graph; a compiled graph recomputes the tiny resize for free).
         if self.training or torch.is_grad_enabled() or torch.compiler.is_compiling():
-            return pi_resize(self.weight, patch, self.resize)
+            return pi_resize(self.base_kernel(), patch, self.resize)
         w = self.weight
-        key = (w._version, w.data_ptr(), w.device, w.dtype, self.resize)
+        key = (w._version, w.data_ptr(), w.device, w.dtype, self.resize, *(b._version for b in self.buffers(recurse=False)))
         hit = self._kernel_cache.get(patch)
         if hit is None or hit[0] != key:
-            hit = (key, pi_resize(w, patch, self.resize))
+            hit = (key, pi_resize(self.base_kernel(), patch, self.resize))
             self._kernel_cache[patch] = hit
         return hit[1]
 
     def kernel_rank(self, patch: int) -> int:
         """Rank of the kernel at ``patch`` as a ``(D, C*patch*patch)`` matrix (float64)."""
-        return kernel_rank(self.weight, patch, self.resize)
+        return kernel_rank(self.base_kernel(), patch, self.resize)
 
     def forward(self, x: torch.Tensor, scheme: PatchScheme) -> torch.Tensor:
         """Embed ``x`` ``(B, C, H, W)`` into a token grid ``(B, gh, gw, D)``."""

@@ -31,6 +31,7 @@ from .optim import build_optimizer
 from .patch_embed import PatchScheme
 from .rng import seed_all
 from .sampler import PatchSizeSampler
+from .scale_invariant import option_hooks
 from .steps import StepBatches
 
 __all__ = ["Run", "TrainingError", "assemble", "RESUMABLE_CHANGES"]
@@ -232,7 +233,8 @@ def assemble(
     model, optimizer, loader = accelerator.prepare(model, optimizer, loader)
     if teacher is not None:
         teacher.to(accelerator.device)
-    run_hooks = Hooks(hooks)
+    fsdp = accelerator.distributed_type == DistributedType.FSDP
+    run_hooks = Hooks([*hooks, *option_hooks(cfg, accelerator.unwrap_model(model), sharded=fsdp, say=accelerator.print)])
     start = _resume(accelerator, out, cfg, model_config, run_hooks) if resume else dict(FRESH)
     batches.attach(loader=loader, dataset=data.train, skip=accelerator.skip_first_batches, step=start["step"])
     view = ViewSpec(d.image_size, data.channels, tuple(pre["mean"]), tuple(pre["std"]))

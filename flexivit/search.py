@@ -1,7 +1,7 @@
 """``flexivit search``: choose settings on the validation split by running ordinary trials.
 
 A search is a grid of ``--set`` values (the cartesian product of every ``--grid KEY=V1,V2,…``) times a
-list of seeds. Each trial is a normal run directory under ``OUT/trials/`` (``flexivit train`` of the
+list of seeds (without ``--grid``, the recipe's module-level ``SEARCH_GRID``). Each trial is a normal run directory under ``OUT/trials/`` (``flexivit train`` of the
 recipe, or ``flexivit finetune`` from ``--init``), trained for ``--steps`` and scored on the validation
 split only: trials never evaluate the test split. Every finished trial is one line of
 ``OUT/search.jsonl``; a rerun skips those (and says how many), and an interrupted trial resumes from its
@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from .checkpoint import atomic_write_text, read_model_meta
-from .config import ConfigError, apply_overrides, load_recipe
+from .config import ConfigError, apply_overrides, load_recipe, recipe_search_grid
 
 __all__ = ["Trial", "SearchError", "parse_grid", "plan", "run_search", "METRICS"]
 
@@ -192,6 +192,10 @@ def run_search(*, recipe: str, grid_specs: Sequence[str], seeds: Sequence[int], 
         raise SearchError("--jobs and --steps must be positive")
     if init:
         check_init(init)
+    if not grid_specs:
+        grid_specs = recipe_search_grid(recipe)
+        if grid_specs:
+            say(f"search: no --grid given; the recipe's SEARCH_GRID: {' '.join(grid_specs)}")
     grid = parse_grid(grid_specs, overrides, recipe)
     _check_data(recipe, overrides)
     trials = plan(grid, seeds)

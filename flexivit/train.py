@@ -125,7 +125,9 @@ def _loop(run: Run, on_step: Callable[[StepInfo], None] | None) -> Progress:
             record, bad = window.summary(acc.gather)
             if bad is not None:
                 _diverged(run, *bad)
-            _log(acc, run.out, {"step": step, "lr": run.optimizer.param_groups[0]["lr"], "skipped": done.skipped, **record})
+            hooks = run.hooks.metrics()
+            _log(acc, run.out, {"step": step, "lr": run.optimizer.param_groups[0]["lr"], "skipped": done.skipped, **record,
+                                **({"hooks": hooks} if hooks else {})})
             window = MetricWindow(acc.device)
         if t.eval_every and step % t.eval_every == 0 and step < t.steps:
             _log(acc, run.out, {"step": step, "split": "val", "eval": _evaluate(run, "val")})
@@ -239,6 +241,8 @@ def _log(accelerator: Accelerator, out: Path, record: dict[str, Any]) -> None:
                 scalars[f"train/{name}_p{p}"] = value
     for row in record.get("eval", []):
         scalars[f"{record.get('split', 'eval')}/top1_p{row['patch_size']}"] = row["top1"]
+    for name, value in record.get("hooks", {}).items():
+        scalars[f"train/{name}"] = value
     if "data_wait_share" in record:
         scalars["train/data_wait_share"] = record["data_wait_share"]
     if scalars:

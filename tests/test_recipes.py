@@ -16,6 +16,7 @@ ARGUMENTS: dict[str, list[str | None]] = {
     "fashion_mnist": [None, "smoke"],
     "fashion_mnist_distill": [None, "smoke"],
     "fashion_mnist_finetune": [None, "smoke"],
+    "fashion_mnist_fixednorm": [None, "smoke"],
     "fashion_mnist_teacher": [None, "smoke"],
     "imagenet": [None, "s", "b"],
 }
