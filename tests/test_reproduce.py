@@ -1,15 +1,134 @@
-"""The flexibility reproduction end to end at its smoke budget: trains, evaluates, writes the report."""
+"""The flexibility reproduction: its budget arithmetic (equal images, FLOPs), then end to end at its smoke
+budget (trains, evaluates, writes the report, resumes, refuses run directories made with other settings)."""
 
 import json
 import os
 import subprocess
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
 
+from flexivit.builders import build_model
+from flexivit.config import load_recipe
+
 ROOT = Path(__file__).resolve().parent.parent
 TOOL = ROOT / "tools" / "reproduce_flexibility.py"
+sys.path.insert(0, str(ROOT / "tools"))
+
+import flexibility_plan as fp  # noqa: E402
+
+# A stand-in forward cost per patch size (GFLOPs per image) for the arithmetic tests: small patches dear.
+STUB = {2: 4.0, 4: 1.0, 7: 0.3, 14: 0.08}
+
+
+def _stub(cfg, patch: int) -> float:
+    return STUB[patch]
+
+
+def _plan(tmp_path, seeds=(0, 1), steps=400):
+    runs = fp.plan(seeds=list(seeds), small=4, large=14, sizes=[2, 4, 7, 14], extra=[f"train.steps={steps}"],
+                   out=tmp_path, gflops=_stub)
+    return {r.dir_name: r for r in runs}
+
+
+def test_fixed_vits_are_plain_and_see_the_flexivits_images(tmp_path):
+    runs = _plan(tmp_path)
+    # The recipe: batch 16, token budget 16 x 196; a ViT/4 step joins 4 loader batches, a ViT/14 step 49.
+    per_step = {4: 64, 14: 784}
+    for seed in (0, 1):
+        for suffix in ("", "-distilled"):
+            flexi = runs[f"flexi{suffix}-seed{seed}"].config()
+            images = sum(fp.images_by_patch(flexi).values())
+            assert flexi.train.steps == 400 and images > 400 * 16  # token-budget steps join batches
+            for p in (4, 14):
+                fixed = runs[f"fixed-p{p}{suffix}-seed{seed}"].config()
+                assert (fixed.model.base_patch_size, fixed.model.base_grid, fixed.patch.sizes) == (p, 28 // p, [p])
+                seen = fp.images_by_patch(fixed)
+                assert list(seen) == [p] and seen[p] == fixed.train.steps * per_step[p]
+                assert abs(seen[p] - images) <= per_step[p] / 2  # equal images, to within half a step
+                # The same recipe otherwise: optimiser, data and batch, token budget, seed, distillation.
+                assert (fixed.optim, fixed.data) == (flexi.optim, flexi.data)
+                assert (fixed.train.token_budget, fixed.train.seed) == (flexi.train.token_budget, seed)
+                assert replace(fixed.distill, keep_student_base=False) == flexi.distill
+    # Distilled runs learn from the label-trained ViT/4 of their own seed and start from it; the fixed ones
+    # keep their own base (the teacher's kernel and grid are resized into it).
+    teacher_dir = str(tmp_path / "fixed-p4-seed1")
+    for name in ("flexi-distilled", "fixed-p4-distilled", "fixed-p14-distilled"):
+        run = runs[f"{name}-seed1"]
+        d = run.config().distill
+        assert run.teacher == "fixed-p4" and d.teacher == teacher_dir and d.init_from_teacher
+        assert d.keep_student_base == name.startswith("fixed")
+    assert runs["fixed-p4-seed0"].config().distill.teacher is None
+    # Every teacher is listed (and so trained) before the runs that distil from it.
+    order = list(runs)
+    assert all(order.index(f"{r.teacher}-seed{r.seed}") < order.index(n) for n, r in runs.items() if r.teacher)
+
+
+def test_label_only_flexivit_gets_the_distilled_flexivits_flops(tmp_path):
+    runs = _plan(tmp_path, seeds=(3,), steps=300)
+    teacher = runs["fixed-p4-seed3"].config()
+    target = fp.run_gflops(runs["flexi-distilled-seed3"].config(), _stub, teacher)
+    labels = fp.run_gflops(runs["flexi-seed3"].config(), _stub)
+    # Teacher forwards: one ViT/4 forward (1.0 GFLOPs here) per image the student trains on.
+    images = sum(fp.images_by_patch(runs["flexi-seed3"].config()).values())
+    assert target == pytest.approx(labels + images * STUB[4])
+    long = runs["flexi-equal-flops-seed3"]
+    assert long.budget == "flops" and long.supervision == "labels"
+    cfg = long.config()
+    assert fp.run_gflops(cfg, _stub) >= target  # the fewest steps that reach the target ...
+    cfg.train.steps -= 1
+    assert fp.run_gflops(cfg, _stub) < target  # ... and one step fewer does not
+
+
+def test_training_flops_hand_checked():
+    # 640 images at p=4 (1 GFLOP forward), 1536 at p=14 (0.1), a 0.5-GFLOP teacher forward on each of the
+    # 2176 images: 3 x (640 x 1 + 1536 x 0.1) + 0.5 x 2176 = 2380.8 + 1088.
+    assert fp.train_gflops({4: 640, 14: 1536}, {4: 1.0, 14: 0.1}.get, 0.5) == pytest.approx(3468.8)
+    assert fp.train_gflops({4: 640, 14: 1536}, {4: 1.0, 14: 0.1}.get) == pytest.approx(2380.8)
+
+
+def _vit_gflops(cfg, patch: int) -> float:
+    """A ViT forward by hand (multiply-add = 2 FLOPs, matmuls only): patch embedding, per block qkv (3 D²
+    per token), scores and weighted sum (2 T² D), projection (D²) and MLP (2 r D²), then the head."""
+    model = build_model(cfg, channels=1, num_classes=10).config
+    grid, d, r = 28 // patch, model.embed_dim, model.mlp_ratio
+    tokens = grid * grid + int(model.class_token)
+    embed = 2 * grid * grid * patch * patch * d
+    block = 2 * tokens * d * 3 * d + 2 * 2 * tokens * tokens * d + 2 * tokens * d * d + 2 * 2 * tokens * d * r * d
+    return (embed + model.depth * block + 2 * d * 10) / 1e9
+
+
+def test_counted_forward_and_run_flops_match_a_hand_count():
+    fixed = load_recipe("fashion_mnist", ["patch.sizes=14", "patch.default=14", "patch.distribution=uniform",
+                                             "patch.weights=none", "train.steps=6"])
+    teacher = load_recipe("fashion_mnist_teacher")
+    counter = fp.ForwardCounter(channels=1, num_classes=10)
+    for p in (2, 4, 7, 14):
+        assert counter(fixed, p) == pytest.approx(_vit_gflops(fixed, p), rel=1e-9)
+    # 6 steps x 784 images (16-image batches, 49 joined per p=14 step), forward + backward = 3 forwards.
+    assert fp.run_gflops(fixed, counter) == pytest.approx(6 * 784 * 3 * _vit_gflops(fixed, 14), rel=1e-9)
+    distilled = load_recipe("fashion_mnist_distill", ["patch.sizes=14", "patch.default=14",
+                                                         "patch.distribution=uniform", "patch.weights=none",
+                                                         "train.steps=6"])
+    with_teacher = 6 * 784 * (3 * _vit_gflops(fixed, 14) + _vit_gflops(teacher, 4))  # the teacher runs at p=4
+    assert fp.run_gflops(distilled, counter, teacher) == pytest.approx(with_teacher, rel=1e-9)
+
+
+def test_run_directories_made_with_other_settings_are_refused(tmp_path):
+    run = _plan(tmp_path, seeds=(0,), steps=200)["fixed-p14-seed0"]
+    fp.check_settings(run, tmp_path)  # nothing there yet
+    (tmp_path / run.dir_name).mkdir()
+    saved = run.config().to_dict()
+    saved["model"].pop("drop_path_rate")  # a field added since: its default there
+    (tmp_path / run.dir_name / "config.json").write_text(json.dumps(saved))
+    fp.check_settings(run, tmp_path)
+    for key, value in (("train", {**saved["train"], "steps": 1800}),
+                       ("model", {**saved["model"], "base_patch_size": 4})):
+        (tmp_path / run.dir_name / "config.json").write_text(json.dumps({**saved, key: value}))
+        with pytest.raises(ValueError, match="trained with other settings"):
+            fp.check_settings(run, tmp_path)
 
 
 def _run(*args: str) -> subprocess.CompletedProcess:
@@ -22,7 +141,7 @@ def _run(*args: str) -> subprocess.CompletedProcess:
 @pytest.mark.slow
 def test_smoke_reproduction_writes_all_three_files_and_resumes(tmp_path):
     out, results = tmp_path / "runs", tmp_path / "results"
-    # Two runs at a time: the distilled student must still wait for its teacher (the p=4 baseline).
+    # Two runs at a time: the distilled students must still wait for their teacher (the p=4 ViT).
     first = _run("--smoke", "--jobs", "2", "--out", str(out), "--results", str(results))
     assert first.returncode == 0, first.stderr[-3000:]
     assert (out / "flexi-distilled-seed0" / "train.log").exists()  # concurrent runs log to their dirs
@@ -32,21 +151,43 @@ def test_smoke_reproduction_writes_all_three_files_and_resumes(tmp_path):
     report = json.loads((results / "flexibility.json").read_text())
     assert report["patch_sizes"] == [2, 4, 7, 14] and report["seeds"] == [0]
     kinds = {name: c["kind"] for name, c in report["curves"].items()}
-    assert kinds == {"fixed-p4/pi": "fixed", "fixed-p4/bilinear": "fixed", "fixed-p14/pi": "fixed",
-                     "fixed-p14/bilinear": "fixed", "flexi": "flexi", "flexi-distilled": "flexi-distilled"}
+    fixed = {f"fixed-p{p}{s}/{r}": "fixed" + s for p in (4, 14) for s in ("", "-distilled") for r in ("pi", "bilinear")}
+    assert kinds == {**fixed, "flexi": "flexi", "flexi-equal-flops": "flexi", "flexi-distilled": "flexi-distilled"}
     for name, curve in report["curves"].items():
-        assert set(curve) >= {"kind", "train_patch_size", "resize", "top1_mean", "top1_std"}
+        assert set(curve) >= {"kind", "train_patch_size", "resize", "top1_mean", "top1_std", "images_seen",
+                              "train_gflops", "train_seconds", "supervision"}
         assert set(curve["top1_mean"]) == set(curve["top1_std"]) == {"2", "4", "7", "14"}
         assert all(0.0 <= v <= 1.0 for v in curve["top1_mean"].values())
-        assert curve["resize"] == (name.split("/")[1] if curve["kind"] == "fixed" else None)
-        assert curve["train_patch_size"] == ({"fixed-p4": 4, "fixed-p14": 14}.get(name.split("/")[0]))
-    # Through PI-resize and through bilinear resize, a baseline is the same model at its own size.
+        assert curve["resize"] == (name.split("/")[1] if curve["kind"].startswith("fixed") else None)
+        family = curve["run"].removesuffix("-distilled")
+        assert curve["train_patch_size"] == {"fixed-p4": 4, "fixed-p14": 14}.get(family)
+        assert curve["supervision"] == ("distilled" if "distilled" in name else "labels")
+        assert curve["images_seen"] > 0 and curve["train_gflops"] > 0 and curve["train_seconds"] > 0
+    # Through PI-resize and through bilinear resize, a fixed ViT is the same model at its own size.
     curves = report["curves"]
-    for p in ("4", "14"):
-        assert curves[f"fixed-p{p}/pi"]["top1_mean"][p] == curves[f"fixed-p{p}/bilinear"]["top1_mean"][p]
-    assert "| flexi |" in (results / "flexibility.md").read_text()
+    for name, p in (("fixed-p4", "4"), ("fixed-p14", "14"), ("fixed-p4-distilled", "4")):
+        assert curves[f"{name}/pi"]["top1_mean"][p] == curves[f"{name}/bilinear"]["top1_mean"][p]
+    # The trainer's image count is the plan's, and each fixed ViT saw its FlexiViT's images.
+    budgets = report["budgets"]
+    for name, b in budgets.items():
+        (row,) = b["per_seed"]
+        assert row["images_seen"] == sum(row["images_by_patch"].values()), name
+    for suffix in ("", "-distilled"):
+        images = budgets[f"flexi{suffix}"]["images_seen"]
+        for p, per_step in ((4, 64), (14, 768)):  # smoke: batch 64, token budget 64 x 49
+            assert abs(budgets[f"fixed-p{p}{suffix}"]["images_seen"] - images) <= per_step / 2
+    assert budgets["flexi-distilled"]["train_gflops"] > budgets["flexi"]["train_gflops"]  # teacher forwards
+    assert budgets["flexi-equal-flops"]["train_gflops"] >= budgets["flexi-distilled"]["train_gflops"]
+    assert all(curves[t["flexi"]]["supervision"] == curves[t["baseline"]]["supervision"] for t in report["targets"])
+    assert {(r["distilled"], r["labels"]) for r in report["distill_vs_labels"]} >= {
+        ("flexi-distilled", "flexi"), ("flexi-distilled", "flexi-equal-flops")}
+    text = (results / "flexibility.md").read_text()
+    assert "| flexi |" in text and "| flexi-equal-flops |" in text
 
     again = _run("--smoke", "--out", str(out), "--results", str(results))  # resumable: nothing retrained
     assert again.returncode == 0, again.stderr[-3000:]
-    assert again.stdout.count("done already, skipped") == 4
+    assert again.stdout.count("done already, skipped") == 7
     assert json.loads((results / "flexibility.json").read_text())["curves"] == report["curves"]
+
+    other = _run("--smoke", "--steps", "31", "--out", str(out), "--results", str(results))
+    assert other.returncode == 2 and "trained with other settings" in other.stderr

@@ -1,20 +1,29 @@
 """Reproduce FlexiViT's flexibility claim on Fashion-MNIST: accuracy vs patch size, one curve per model.
 
     python tools/reproduce_flexibility.py                       # 3 seeds, recipe budget (hours on 2 CPU cores)
-    python tools/reproduce_flexibility.py --steps 400           # the reduced budget of docs/ablation.md
+    python tools/reproduce_flexibility.py --steps 1800          # FlexiViTs at half the recipe's steps
     python tools/reproduce_flexibility.py --jobs 2              # two runs at a time (one per core)
-    python tools/reproduce_flexibility.py --smoke --out /tmp/r --results /tmp/r   # CI: 1 seed x 30 steps
+    python tools/reproduce_flexibility.py --smoke --out /tmp/r --results /tmp/r   # CI: 1 seed, tiny budget
 
-For every seed it trains, with the same recipe and number of steps (``recipes/fashion_mnist.py``):
-a fixed-patch ViT at a small size and one at a large size (``patch.sizes=[p]``), a FlexiViT over all
-sizes, and a FlexiViT distilled from the small-size baseline and initialised from it
-(``recipes/fashion_mnist_distill.py``). Each model is then evaluated at every patch size; a fixed
-baseline is first reduced to what it really is, its kernel and position grid at its own size
-(``to_fixed``), and taken to the other sizes through PI-resize and, for comparison, plain bilinear
-resizing of the kernel. Results: ``flexibility.{md,json,png}`` under ``--results``.
+For every seed it trains (``tools/flexibility_plan.py`` holds the plan and its arithmetic):
 
-Resumable: a run whose ``eval.json`` exists is not trained again, an interrupted one continues from
-its last checkpoint, and evaluations are cached per run (``flexibility_eval.json``).
+- a FlexiViT over all sizes (``recipes/fashion_mnist.py``, ``--steps`` steps);
+- plain fixed ViTs at a small and a large size: base kernel = the patch size and position grid at its own
+  token grid, the same recipe, trained on the same number of images as the FlexiViT (its steps derived
+  from the FlexiViT's images, not equal to its steps);
+- the same three distilled from the small ViT and initialised from it (``recipes/fashion_mnist_distill.py``):
+  the distilled FlexiViT is compared with fixed ViTs distilled from the same teacher;
+- a label-only FlexiViT trained for as many FLOPs as the distilled one spent (teacher forwards
+  included), so that distillation and labels are compared at equal compute as well as at equal steps.
+
+Each model is then evaluated at every patch size; a fixed ViT is reduced to what it is, its kernel and
+grid at its own size (``to_fixed``), and taken to the other sizes through PI-resize and, for comparison,
+plain bilinear resizing of the kernel. Every row reports its images seen, training FLOPs and
+training-loop wall time. Results: ``flexibility.{md,json,png}`` under ``--results``.
+
+Resumable: a run whose ``eval.json`` exists is not trained again, an interrupted one continues from its
+last checkpoint, and evaluations are cached per run (``flexibility_eval.json``). A run directory made
+with other settings (an earlier protocol, other ``--set`` values) is refused before anything trains.
 """
 
 from __future__ import annotations
@@ -27,7 +36,6 @@ import subprocess
 import sys
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
@@ -37,6 +45,9 @@ import torch.nn.functional as F
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+# The sibling module: a script's own directory is on sys.path.
+from flexibility_plan import (  # noqa: E402
+    ForwardCounter, GFlops, Run, check_settings, comparisons, images_by_patch, plan, run_gflops)
 from flexivit.builders import build_data, eval_loader  # noqa: E402
 from flexivit.checkpoint import find_states, load_model  # noqa: E402
 from flexivit.config import Config, config_from_dict, load_recipe  # noqa: E402
@@ -48,61 +59,23 @@ SMOKE = ["train.steps=30", "train.log_every=10", "train.checkpoint_every=15", "o
          "data.batch_size=64", "train.token_budget=3136"]
 
 
-@dataclass(frozen=True)
-class Run:
-    """One training run of the reproduction."""
-
-    name: str  # run directory name, also the curve family
-    kind: str  # "fixed" | "flexi" | "flexi-distilled"
-    seed: int
-    recipe: str
-    overrides: tuple[str, ...]
-    train_patch_size: int | None = None
-    teacher: str | None = None  # name of the run it distils from (same seed)
-
-    @property
-    def dir_name(self) -> str:
-        return f"{self.name}-seed{self.seed}"
-
-
-def plan(seeds: list[int], small: int, large: int, sizes: list[int]) -> list[Run]:
-    """Every run, in dependency order (the small baseline before the student distilled from it)."""
-    runs = []
-    uniform = ("patch.distribution=uniform", "patch.weights=none")
-    # The recipe's own sampling weights hold for its own sizes only; other sizes are drawn uniformly.
-    own = sizes == load_recipe("fashion_mnist").patch.sizes
-    for seed in seeds:
-        for p in (small, large):
-            fixed = (f"train.seed={seed}", f"patch.sizes={p}", f"patch.default={p}", f"patch.eval_sizes={p}",
-                     *uniform)
-            runs.append(Run(f"fixed-p{p}", "fixed", seed, "fashion_mnist", fixed, p))
-        flexi = (f"train.seed={seed}", f"patch.sizes={','.join(map(str, sizes))}", *(() if own else uniform))
-        runs.append(Run("flexi", "flexi", seed, "fashion_mnist", flexi))
-        runs.append(Run("flexi-distilled", "flexi-distilled", seed, "fashion_mnist_distill", flexi,
-                        teacher=f"fixed-p{small}"))
-    return runs
-
-
 def _say(line: str) -> None:
     """One whole line per write, so that concurrent runs' messages do not interleave."""
     sys.stdout.write(line + "\n")
     sys.stdout.flush()
 
 
-def train_run(run: Run, out: Path, extra: list[str], index: int, total: int, *, quiet: bool = False) -> float:
-    """Train ``run`` into ``out/run.dir_name`` unless it is done; returns the wall time spent (s).
+def train_run(run: Run, out: Path, index: int, total: int, *, quiet: bool = False) -> None:
+    """Train ``run`` into ``out/run.dir_name`` unless it is done.
 
     ``quiet`` sends the run's own output to ``train.log`` in its directory (for concurrent runs).
     """
     run_dir = out / run.dir_name
     if (run_dir / "eval.json").exists():
         _say(f"[{index}/{total}] {run.dir_name}: done already, skipped")
-        return 0.0
-    overrides = [*run.overrides, *extra]
-    if run.teacher:
-        overrides.append(f"distill.teacher={out / f'{run.teacher}-seed{run.seed}'}")
+        return
     cmd = [sys.executable, "-m", "flexivit", "train", run.recipe, "--out", str(run_dir)]
-    cmd += [a for o in overrides for a in ("--set", o)]
+    cmd += [a for o in run.overrides for a in ("--set", o)]
     if find_states(run_dir / "state"):
         cmd.append("--resume")
     _say(f"[{index}/{total}] {run.dir_name}: {' '.join(cmd[2:])}")
@@ -114,32 +87,40 @@ def train_run(run: Run, out: Path, extra: list[str], index: int, total: int, *, 
             subprocess.run(cmd, cwd=ROOT, env=env, check=True, stdout=log, stderr=subprocess.STDOUT)
     else:
         subprocess.run(cmd, cwd=ROOT, env=env, check=True)
-    seconds = time.perf_counter() - t0
-    (run_dir / "wall_time.json").write_text(json.dumps({"train_seconds": seconds}) + "\n")
-    _say(f"[{index}/{total}] {run.dir_name}: trained in {seconds / 60:.1f} min")
-    return seconds
+    _say(f"[{index}/{total}] {run.dir_name}: trained in {(time.perf_counter() - t0) / 60:.1f} min")
 
 
-def train_all(runs: list[Run], out: Path, extra: list[str], jobs: int) -> None:
+def train_all(runs: list[Run], out: Path, jobs: int) -> None:
     """Train every run, ``jobs`` at a time; a distilled run starts once its teacher has finished."""
     if jobs <= 1:
         for i, run in enumerate(runs, 1):
-            train_run(run, out, extra, i, len(runs))
+            train_run(run, out, i, len(runs))
         return
     # Concurrent runs share the cores: one torch thread each unless the caller chose otherwise.
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     done: dict[str, Future] = {}
 
-    def job(i: int, run: Run) -> float:
+    def job(i: int, run: Run) -> None:
         if run.teacher:
             done[f"{run.teacher}-seed{run.seed}"].result()  # submitted earlier, so running or finished
-        return train_run(run, out, extra, i, len(runs), quiet=True)
+        train_run(run, out, i, len(runs), quiet=True)
 
     with ThreadPoolExecutor(max_workers=jobs) as pool:
         for i, run in enumerate(runs, 1):
             done[run.dir_name] = pool.submit(job, i, run)
         for future in done.values():
             future.result()  # re-raise the first failure
+
+
+def run_budget(run: Run, runs: dict[str, Run], out: Path, gflops: GFlops) -> dict[str, Any]:
+    """What ``run`` spent: steps, images per size (sampler draws), images seen and training-loop seconds
+    (the trainer's ``eval.json``), training GFLOPs (``flexibility_plan.run_gflops``)."""
+    cfg = run.config()
+    teacher = runs[f"{run.teacher}-seed{run.seed}"].config() if run.teacher else None
+    report = json.loads((out / run.dir_name / "eval.json").read_text())
+    return {"steps": cfg.train.steps, "images_by_patch": {str(p): n for p, n in images_by_patch(cfg).items()},
+            "images_seen": report["images_seen"], "train_gflops": run_gflops(cfg, gflops, teacher),
+            "train_seconds": report["train_seconds"]}
 
 
 # ---- evaluation -------------------------------------------------------------------------------------
@@ -180,7 +161,7 @@ def evaluate_run(run: Run, out: Path, sizes: list[int]) -> dict[str, dict[str, f
     batches = list(eval_loader(cfg, data, "test"))  # the reported split; decoded once, reused for every curve
     schemes = [PatchScheme(p) for p in sizes]
     hw = (cfg.data.image_size, cfg.data.image_size)
-    subjects = {"": model.eval()} if run.kind != "fixed" else {
+    subjects = {"": model.eval()} if not run.kind.startswith("fixed") else {
         f"/{r}": fixed_model(model, run.train_patch_size, r) for r in ("pi", "bilinear")}
     curves = {}
     for suffix, subject in subjects.items():
@@ -191,31 +172,51 @@ def evaluate_run(run: Run, out: Path, sizes: list[int]) -> dict[str, dict[str, f
 
 
 # ---- report -----------------------------------------------------------------------------------------
-def summarise(runs: list[Run], per_run: dict[str, dict[str, dict[str, float]]], sizes: list[int],
-              seeds: list[int]) -> dict[str, Any]:
+BUDGET_KEYS = ("steps", "images_seen", "train_gflops", "train_seconds")
+
+
+def summarise(runs: list[Run], per_run: dict[str, dict[str, dict[str, float]]], spent: dict[str, dict[str, Any]],
+              sizes: list[int], seeds: list[int]) -> dict[str, Any]:
+    """Curves (top-1 mean ± std over seeds per size) and budgets (per run name: what each seed spent and
+    the means); every curve carries its run's mean images seen, training GFLOPs and seconds."""
+    budgets: dict[str, Any] = {}
+    for run in runs:
+        entry = budgets.setdefault(run.name, {
+            "kind": run.kind, "train_patch_size": run.train_patch_size, "supervision": run.supervision,
+            "teacher": run.teacher, "budget": run.budget, "per_seed": []})
+        entry["per_seed"].append({"seed": run.seed, **spent[run.dir_name]})
+    for entry in budgets.values():
+        rows = entry["per_seed"]
+        entry.update({k: statistics.fmean(r[k] for r in rows) for k in BUDGET_KEYS})
+        entry["images_by_patch"] = {p: statistics.fmean(r["images_by_patch"].get(p, 0) for r in rows)
+                                    for p in sorted({p for r in rows for p in r["images_by_patch"]}, key=int)}
     curves: dict[str, Any] = {}
     for run in runs:
         for name, top1 in per_run[run.dir_name].items():
             entry = curves.setdefault(name, {
                 "kind": run.kind, "train_patch_size": run.train_patch_size,
-                "resize": name.split("/")[1] if "/" in name else None, "_values": {str(p): [] for p in sizes}})
+                "resize": name.split("/")[1] if "/" in name else None, "run": run.name,
+                **{k: budgets[run.name][k] for k in ("supervision", "teacher", "budget", *BUDGET_KEYS)},
+                "_values": {str(p): [] for p in sizes}})
             for p in sizes:
                 entry["_values"][str(p)].append(top1[str(p)])
     for entry in curves.values():
         values = entry.pop("_values")
         entry["top1_mean"] = {p: statistics.fmean(v) for p, v in values.items()}
         entry["top1_std"] = {p: statistics.stdev(v) if len(v) > 1 else 0.0 for p, v in values.items()}
-    return {"patch_sizes": sizes, "seeds": seeds, "curves": curves}
+    return {"patch_sizes": sizes, "seeds": seeds, "curves": curves, "budgets": budgets}
 
 
 def target_checks(result: dict[str, Any]) -> list[dict[str, Any]]:
-    """The issue's two targets, for each FlexiViT against each baseline (through PI-resize)."""
+    """The issue's two targets, for each FlexiViT against each fixed ViT trained on the same images with
+    the same supervision (labels with labels, distilled with distilled), through PI-resize."""
     sizes, curves, checks = result["patch_sizes"], result["curves"], []
     for flexi_name, flexi in curves.items():
-        if flexi["kind"] == "fixed":
+        if flexi["kind"].startswith("fixed") or flexi["budget"] != "images":
             continue
         for base_name, base in curves.items():
-            if base["kind"] != "fixed" or base["resize"] != "pi":
+            if (not base["kind"].startswith("fixed") or base["resize"] != "pi"
+                    or base["supervision"] != flexi["supervision"]):
                 continue
             p = base["train_patch_size"]
             gap = 100 * (base["top1_mean"][str(p)] - flexi["top1_mean"][str(p)])
@@ -231,27 +232,61 @@ def target_checks(result: dict[str, Any]) -> list[dict[str, Any]]:
     return checks
 
 
+def distill_vs_labels(result: dict[str, Any], pairs: list[tuple[str, str, str]]) -> list[dict[str, Any]]:
+    """Top-1 gain (points) of each distilled model over its label-only counterpart, with what each spent."""
+    curves, rows = result["curves"], []
+    for distilled, labels, equal in pairs:
+        d, lab = curves[distilled], curves[labels]
+        rows.append({"distilled": distilled, "labels": labels, "equal": equal,
+                     "top1_gain": {p: 100 * (d["top1_mean"][p] - lab["top1_mean"][p]) for p in d["top1_mean"]},
+                     **{f"{k}_ratio": d[k] / lab[k] for k in ("images_seen", "train_gflops", "train_seconds")}})
+    return rows
+
+
 def write_markdown(result: dict[str, Any], path: Path) -> None:
     sizes = result["patch_sizes"]
     lines = [
         "# Flexibility on Fashion-MNIST: top-1 (%) vs patch size",
         "",
-        f"Mean ± std over seeds {result['seeds']}; {result['steps']} training steps per model, same recipe "
-        f"(`{result['command']}`); {result['eval_images']} test images; {result['train_minutes']:.1f} minutes "
-        "of training, the sum of every run's wall time (runs started with --jobs overlap).",
+        f"Mean ± std over seeds {result['seeds']} (`{result['command']}`); {result['eval_images']} test images. "
+        f"Each FlexiViT trains {result['steps']} steps of the quickstart recipe; each fixed ViT/p (base kernel p, "
+        "position grid at its own token grid) trains by the same recipe on as many images as its FlexiViT. "
+        "Distilled models learn from the label-trained small ViT and start from its weights; `flexi-equal-flops` "
+        "is a label-only FlexiViT given the distilled FlexiViT's training FLOPs. Images, training TFLOPs "
+        "(3 × forward FLOPs per image at its size, teacher forwards included) and training-loop minutes are "
+        f"means per run; all runs together trained for {result['train_minutes']:.1f} minutes (runs started "
+        "with --jobs overlap and share the cores).",
         "",
-        "| model | kind | trained at | resize | " + " | ".join(f"p={p}" for p in sizes) + " |",
-        "|---|---|---:|---|" + "---:|" * len(sizes),
+        "| model | kind | trained at | resize | " + " | ".join(f"p={p}" for p in sizes)
+        + " | images | TFLOPs | minutes |",
+        "|---|---|---:|---|" + "---:|" * (len(sizes) + 3),
     ]
     for name, c in result["curves"].items():
         cells = [f"{100 * c['top1_mean'][str(p)]:.1f} ± {100 * c['top1_std'][str(p)]:.1f}" for p in sizes]
         lines.append(f"| {name} | {c['kind']} | {c['train_patch_size'] or 'all'} | {c['resize'] or '-'} | "
+                     + " | ".join(cells) + f" | {c['images_seen'] / 1e3:.0f}k | {c['train_gflops'] / 1e3:.2f} | "
+                     f"{c['train_seconds'] / 60:.1f} |")
+    lines += ["", "Images per patch size (sampler draws; mean over seeds) and steps:", "",
+              "| run | supervision | teacher | steps | " + " | ".join(f"p={p}" for p in sizes) + " |",
+              "|---|---|---|---:|" + "---:|" * len(sizes)]
+    for name, b in result["budgets"].items():
+        cells = [f"{b['images_by_patch'][str(p)] / 1e3:.1f}k" if str(p) in b["images_by_patch"] else "-" for p in sizes]
+        lines.append(f"| {name} | {b['supervision']} | {b['teacher'] or '-'} | {b['steps']:.0f} | "
                      + " | ".join(cells) + " |")
-    lines += ["", "Targets (FlexiViT vs each baseline through PI-resize; value in points):", "",
-              "| FlexiViT | baseline | target | value | met |", "|---|---|---|---:|---|"]
+    lines += ["", "Targets (FlexiViT vs each fixed ViT of the same supervision and images, through PI-resize; "
+              "value in points):", "", "| FlexiViT | baseline | target | value | met |", "|---|---|---|---:|---|"]
     for c in result["targets"]:
         lines.append(f"| {c['flexi']} | {c['baseline']} | {c['target']} | {c['value']:+.1f} | "
                      f"{'yes' if c['met'] else 'no'} |")
+    lines += ["", "Distillation vs labels (top-1 gain in points; cost ratios distilled / labels; the teacher's own "
+              "training is its row above):", "",
+              "| distilled | labels | equal | " + " | ".join(f"p={p}" for p in sizes)
+              + " | images × | FLOPs × | time × |", "|---|---|---|" + "---:|" * (len(sizes) + 3)]
+    for r in result["distill_vs_labels"]:
+        cells = [f"{r['top1_gain'][str(p)]:+.1f}" for p in sizes]
+        lines.append(f"| {r['distilled']} | {r['labels']} | {r['equal']} | " + " | ".join(cells)
+                     + f" | {r['images_seen_ratio']:.2f} | {r['train_gflops_ratio']:.2f} | "
+                     f"{r['train_seconds_ratio']:.2f} |")
     lines += ["", "![accuracy vs patch size](flexibility.png)", ""]
     path.write_text("\n".join(lines))
 
@@ -263,20 +298,22 @@ def write_plot(result: dict[str, Any], path: Path) -> None:
     import matplotlib.pyplot as plt
 
     sizes = result["patch_sizes"]
-    fig, ax = plt.subplots(figsize=(6.4, 4.4))
+    fig, ax = plt.subplots(figsize=(7.2, 4.8))
     for name, c in result["curves"].items():
         mean = [100 * c["top1_mean"][str(p)] for p in sizes]
         std = [100 * c["top1_std"][str(p)] for p in sizes]
         style = "--" if c["resize"] == "bilinear" else "-"
-        ax.errorbar(sizes, mean, yerr=std, linestyle=style, marker="o", capsize=3, label=name)
+        marker = "s" if c["supervision"] == "distilled" else "o"
+        ax.errorbar(sizes, mean, yerr=std, linestyle=style, marker=marker, capsize=3, label=name)
     ax.set_xscale("log")
     ax.set_xticks(sizes, [str(p) for p in sizes])
     ax.minorticks_off()
     ax.set_xlabel("patch size (pixels, 28 px images)")
     ax.set_ylabel("top-1 (%)")
-    ax.set_title(f"Fashion-MNIST, {result['steps']} steps, seeds {result['seeds']}")
+    ax.set_title(f"Fashion-MNIST, FlexiViT {result['steps']} steps, fixed ViTs at equal images, "
+                 f"seeds {result['seeds']}", fontsize=9)
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
+    ax.legend(fontsize=7, ncol=2)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
@@ -288,22 +325,25 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--results", type=Path, default=ROOT / "docs" / "results", help="where flexibility.* go")
     p.add_argument("--seeds", default="0,1,2", help="comma-separated seeds (default 0,1,2)")
     p.add_argument("--sizes", default="2,4,7,14", help="patch sizes of the FlexiViTs and of the evaluation")
-    p.add_argument("--small", type=int, default=4, help="the small-patch baseline (and distillation teacher)")
-    p.add_argument("--large", type=int, default=14, help="the large-patch baseline")
-    p.add_argument("--steps", type=int, help="training steps of every model (default: the recipe's)")
+    p.add_argument("--small", type=int, default=4, help="the small fixed ViT (and distillation teacher)")
+    p.add_argument("--large", type=int, default=14, help="the large fixed ViT")
+    p.add_argument("--steps", type=int, help="training steps of the FlexiViTs (default: the recipe's); the fixed "
+                                              "ViTs and flexi-equal-flops get theirs from them")
     p.add_argument("--eval-limit", type=int, help="evaluate on the first N test images (default: all)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="a recipe override applied to every run")
     p.add_argument("--jobs", type=int, default=1,
                    help="runs trained at once (one torch thread each unless OMP_NUM_THREADS is set); "
                         "2 uses both cores of a 2-core machine")
-    p.add_argument("--smoke", action="store_true", help="tiny budget for CI: 1 seed x 30 steps, 300 test images")
+    p.add_argument("--smoke", action="store_true", help="tiny budget for CI: 1 seed, FlexiViTs 30 steps, "
+                                                        "300 test images")
     args = p.parse_args(argv)
 
     seeds = [0] if args.smoke else [int(s) for s in args.seeds.split(",") if s.strip()]
     sizes = sorted(int(s) for s in args.sizes.split(",") if s.strip())
-    if args.small not in sizes or args.large not in sizes:
-        p.error(f"--small {args.small} and --large {args.large} must be among --sizes {sizes}")
+    if args.small not in sizes or args.large not in sizes or args.small == args.large:
+        p.error(f"--small {args.small} and --large {args.large} must be two different sizes among --sizes {sizes}")
+    out, results = args.out.resolve(), args.results.resolve()  # the runs' subprocesses start in the repo root
     extra = list(SMOKE) if args.smoke else []
     eval_limit = 300 if args.smoke and args.eval_limit is None else args.eval_limit
     if args.steps is not None:
@@ -311,27 +351,36 @@ def main(argv: list[str] | None = None) -> int:
     if eval_limit is not None:
         extra.append(f"data.eval_limit={eval_limit}")
     extra += args.overrides
-    runs = plan(seeds, args.small, args.large, sizes)
-    args.out.mkdir(parents=True, exist_ok=True)
-    args.results.mkdir(parents=True, exist_ok=True)
+    data = build_data(load_recipe("fashion_mnist", extra))
+    gflops = ForwardCounter(channels=data.channels, num_classes=data.num_classes)
+    try:  # a config the recipe refuses, or run directories made with other settings
+        runs = plan(seeds=seeds, small=args.small, large=args.large, sizes=sizes, extra=extra, out=out, gflops=gflops)
+        for run in runs:
+            check_settings(run, out)
+    except ValueError as e:
+        p.error(str(e))
+    out.mkdir(parents=True, exist_ok=True)
+    results.mkdir(parents=True, exist_ok=True)
 
-    train_all(runs, args.out, extra, args.jobs)
-    per_run = {}
+    train_all(runs, out, args.jobs)
+    by_dir = {run.dir_name: run for run in runs}
+    per_run, spent = {}, {}
     for i, run in enumerate(runs, 1):
         print(f"[eval {i}/{len(runs)}] {run.dir_name} at patch sizes {sizes}", flush=True)
-        per_run[run.dir_name] = evaluate_run(run, args.out, sizes)
+        per_run[run.dir_name] = evaluate_run(run, out, sizes)
+        spent[run.dir_name] = run_budget(run, by_dir, out, gflops)
 
-    first = json.loads((args.out / runs[0].dir_name / "config.json").read_text())
-    minutes = sum(json.loads(f.read_text())["train_seconds"] for f in args.out.glob("*/wall_time.json")) / 60
-    result = summarise(runs, per_run, sizes, seeds)
+    result = summarise(runs, per_run, spent, sizes, seeds)
+    flexi = result["budgets"]["flexi"]
     command = " ".join(["python tools/reproduce_flexibility.py", *(sys.argv[1:] if argv is None else argv)])
-    result.update(steps=first["train"]["steps"], eval_images=_eval_count(args.out, runs[0]),
-                  train_minutes=minutes, command=command)
+    result.update(steps=round(flexi["steps"]), eval_images=_eval_count(out, runs[0]),
+                  train_minutes=sum(b["train_seconds"] for b in spent.values()) / 60, command=command)
     result["targets"] = target_checks(result)
-    (args.results / "flexibility.json").write_text(json.dumps(result, indent=2) + "\n")
-    write_markdown(result, args.results / "flexibility.md")
-    write_plot(result, args.results / "flexibility.png")
-    print((args.results / "flexibility.md").read_text())
+    result["distill_vs_labels"] = distill_vs_labels(result, comparisons(args.small, args.large))
+    (results / "flexibility.json").write_text(json.dumps(result, indent=2) + "\n")
+    write_markdown(result, results / "flexibility.md")
+    write_plot(result, results / "flexibility.png")
+    print((results / "flexibility.md").read_text())
     return 0
 
 
