@@ -227,20 +227,25 @@ def assemble(
     loader = make_loader(data.train, batch_size=d.batch_size, shuffle=True, seed=cfg.train.seed,
                          num_workers=d.num_workers, prefetch_batches=2 * batches.most(), drop_last=True)
     threads = _share_cores(accelerator, d.num_workers)
-    terms = _loss_terms(cfg, model, accelerator)  # anchors taken before DDP/FSDP wrap the model
-    optimizer, scheduler = build_optimizer(cfg, model)
-    # Only the student is prepared: DDP/FSDP never wrap the teacher, and save_state never sees it.
-    model, optimizer, loader = accelerator.prepare(model, optimizer, loader)
-    if teacher is not None:
-        teacher.to(accelerator.device)
-    fsdp = accelerator.distributed_type == DistributedType.FSDP
-    run_hooks = Hooks([*hooks, *option_hooks(cfg, accelerator.unwrap_model(model), sharded=fsdp, say=accelerator.print)])
-    start = _resume(accelerator, out, cfg, model_config, run_hooks) if resume else dict(FRESH)
-    batches.attach(loader=loader, dataset=data.train, skip=accelerator.skip_first_batches, step=start["step"])
-    view = ViewSpec(d.image_size, data.channels, tuple(pre["mean"]), tuple(pre["std"]))
-    objective = build_objective(cfg, num_classes=data.num_classes, teacher=teacher, view=view, terms=terms)
-    eval_schemes = schemes_of(cfg.patch, cfg.patch.eval_sizes) if cfg.patch.eval_sizes else list(sampler.schemes)
-    return Run(cfg=cfg, out=out, accelerator=accelerator, data=data, model=model, teacher=teacher, sampler=sampler,
-               batches=batches, optimizer=optimizer, scheduler=scheduler, objective=objective, hooks=run_hooks,
-               eval_loaders=_eval_loaders(cfg, data, accelerator), eval_schemes=eval_schemes, preprocess=pre,
-               start=start, threads=threads)
+    try:
+        terms = _loss_terms(cfg, model, accelerator)  # anchors taken before DDP/FSDP wrap the model
+        optimizer, scheduler = build_optimizer(cfg, model)
+        # Only the student is prepared: DDP/FSDP never wrap the teacher, and save_state never sees it.
+        model, optimizer, loader = accelerator.prepare(model, optimizer, loader)
+        if teacher is not None:
+            teacher.to(accelerator.device)
+        fsdp = accelerator.distributed_type == DistributedType.FSDP
+        run_hooks = Hooks([*hooks, *option_hooks(cfg, accelerator.unwrap_model(model), sharded=fsdp, say=accelerator.print)])
+        start = _resume(accelerator, out, cfg, model_config, run_hooks) if resume else dict(FRESH)
+        batches.attach(loader=loader, dataset=data.train, skip=accelerator.skip_first_batches, step=start["step"])
+        view = ViewSpec(d.image_size, data.channels, tuple(pre["mean"]), tuple(pre["std"]))
+        objective = build_objective(cfg, num_classes=data.num_classes, teacher=teacher, view=view, terms=terms)
+        eval_schemes = schemes_of(cfg.patch, cfg.patch.eval_sizes) if cfg.patch.eval_sizes else list(sampler.schemes)
+        return Run(cfg=cfg, out=out, accelerator=accelerator, data=data, model=model, teacher=teacher, sampler=sampler,
+                   batches=batches, optimizer=optimizer, scheduler=scheduler, objective=objective, hooks=run_hooks,
+                   eval_loaders=_eval_loaders(cfg, data, accelerator), eval_schemes=eval_schemes, preprocess=pre,
+                   start=start, threads=threads)
+    except BaseException:  # a setup error (a refused resume, say) leaves the caller's threads as they were
+        torch.set_num_threads(threads)
+        raise
+

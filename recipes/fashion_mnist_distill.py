@@ -18,4 +18,7 @@ def get_config(arg: str | None = None) -> Config:
     cfg.distill.teacher = "runs/fashion_mnist_teacher" + (f"-{arg}" if arg else "")
     cfg.distill.temperature = 1.0
     cfg.distill.init_from_teacher = True
+    # The student keeps the quickstart's full-capacity 14x14 base: the teacher's 4x4 kernel is PI-resized
+    # into it (lossy at patch 4 at first; the student trains from there) rather than capping every size.
+    cfg.distill.keep_student_base = True
     return cfg

@@ -3,8 +3,8 @@
     flexivit train fashion_mnist_teacher        # writes runs/fashion_mnist_teacher
     flexivit train fashion_mnist_teacher:smoke
 
-It is a plain fixed-patch ViT in function: every step uses patch 4 (its kernel is stored at the
-quickstart's base size, 4x4, so a student initialised from it gets the same base kernel shape).
+It is a plain ViT/4: every step uses patch 4, and its kernel is stored at 4x4 with a 7x7 position grid,
+so nothing is ever resized and its kernel learns at the full rate.
 Measured results are in docs/distillation.md.
 """
 
@@ -17,4 +17,5 @@ def get_config(arg: str | None = None) -> Config:
     cfg.patch.sizes, cfg.patch.default = [4], 4
     cfg.patch.distribution, cfg.patch.weights = "uniform", None  # one size: nothing to weight
     cfg.patch.eval_sizes = [2, 4, 7, 14]  # to show how a fixed-size model fares elsewhere
+    cfg.model.base_patch_size, cfg.model.base_grid, cfg.optim.kernel_lr_scale = 4, 7, 1.0
     return cfg

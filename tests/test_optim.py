@@ -21,7 +21,7 @@ def _group_of(optimizer, param) -> dict:
 def test_kernel_lr_scale_gives_the_base_kernel_its_own_rate(extra):
     model, twin = _model(), _model()
     optimizer, scheduler = build_optimizer(load_recipe("fashion_mnist", ["optim.kernel_lr_scale=0.25", *extra]), model)
-    plain, plain_scheduler = build_optimizer(load_recipe("fashion_mnist", extra), twin)
+    plain, plain_scheduler = build_optimizer(load_recipe("fashion_mnist", ["optim.kernel_lr_scale=1", *extra]), twin)
     kernel = _group_of(optimizer, model.patch_embed.weight)
     assert kernel["params"] == [model.patch_embed.weight]  # alone in its group
     before = _group_of(plain, twin.patch_embed.weight)
@@ -38,7 +38,7 @@ def test_optimizer_without_scales_is_timms_own():
     from timm.optim import create_optimizer_v2
 
     model = _model()
-    cfg = load_recipe("fashion_mnist")
+    cfg = load_recipe("fashion_mnist", ["optim.kernel_lr_scale=1"])  # the recipe scales its kernel
     ours = build_optimizer(cfg, model)[0]
     timms = create_optimizer_v2(model, opt="adamw", lr=cfg.optim.lr, weight_decay=cfg.optim.weight_decay)
     assert [[id(p) for p in g["params"]] for g in ours.param_groups] == \

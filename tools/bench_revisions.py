@@ -56,7 +56,7 @@ def measure(*, base: str, recipe: str, steps: int, repeats: int, overrides: list
     ratios = {p: statistics.median(h[p] / b[p] for h, b in zip(runs["head"], runs["base"])) for p in patches}
     head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout.strip()
     return {"base": base, "head": f"{head} + working tree", "recipe": recipe, "steps": steps, "repeats": repeats,
-            "overrides": sets, "img_s": runs, "ratio_head_over_base": ratios}
+            "user_overrides": overrides, "overrides": sets, "img_s": runs, "ratio_head_over_base": ratios}
 
 
 def write(result: dict[str, Any], out: Path) -> None:
@@ -64,8 +64,9 @@ def write(result: dict[str, Any], out: Path) -> None:
     out.with_suffix(".json").write_text(json.dumps(result, indent=2) + "\n")
     lines = [f"# Training speed: {result['head']} vs {result['base']}", "",
              f"`python tools/bench_revisions.py --base {result['base']} --recipe {result['recipe']} --steps "
-             f"{result['steps']} --repeats {result['repeats']}`; runs alternate base/head on one machine; "
-             "img/s of the training loop per patch size, first log window dropped.", "",
+             f"{result['steps']} --repeats {result['repeats']}"
+             + "".join(f" --set {o}" for o in result.get("user_overrides", [])) + "`; runs alternate base/head on "
+             "one machine; img/s of the training loop per patch size, first log window dropped.", "",
              "| patch | base img/s (median) | head img/s (median) | head / base (median of paired ratios) |",
              "|---:|---:|---:|---:|"]
     for p, ratio in result["ratio_head_over_base"].items():

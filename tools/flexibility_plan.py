@@ -168,7 +168,8 @@ def plan(*, seeds: Sequence[int], small: int, large: int, sizes: list[int], extr
         for p in (small, large):
             # A plain ViT/p: base kernel p, position grid at its own token grid.
             own_set = (f"train.seed={seed}", f"patch.sizes={p}", f"patch.default={p}", f"patch.eval_sizes={p}",
-                       *uniform, f"model.base_patch_size={p}", f"model.base_grid={image_size // p}", *extra)
+                       *uniform, f"model.base_patch_size={p}", f"model.base_grid={image_size // p}",
+                       "optim.kernel_lr_scale=1", *extra)  # a plain ViT's kernel is never resized: full rate
             # Initialised from the teacher like the FlexiViT, its kernel and grid resized into base p.
             d_set = (*own_set, *distill, "distill.keep_student_base=true")
             steps = equal_image_steps(load_recipe("fashion_mnist", list(own_set)), images)
