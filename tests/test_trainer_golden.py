@@ -34,6 +34,8 @@ OVERRIDES = [
     "data.num_workers=0", "patch.sizes=2,4,8", "patch.distribution=uniform", "patch.weights=none",
     "train.steps=8", "train.grad_accum=2", "train.token_budget=512", "train.log_every=4",
     "train.checkpoint_every=4", "optim.warmup_steps=2",
+    # What the recipe held when the stored weights were written (it has moved on since).
+    "model.kernel_resize=bilinear_aa", "optim.kernel_lr_scale=1",
 ]
 
 
