@@ -14,7 +14,9 @@ PYTEST_ARGS ?=
 
 .PHONY: setup data quickstart test test-fast clean-venv
 
-$(VENV)/.complete: constraints.txt pyproject.toml
+# No file prerequisites: the hash in the venv's path already names what it was built from (a fresh clone's
+# newer file times would otherwise rebuild a venv that is up to date).
+$(VENV)/.complete:
 	# Venvs built from older constraints/pyproject are ~6 GB each: keep only the one being built.
 	find "$(CACHE_DIR)" -maxdepth 1 -name 'venv-*' ! -name 'venv-$(VENV_KEY)' -exec rm -rf {} + 2>/dev/null || true
 	rm -rf "$(VENV)"
