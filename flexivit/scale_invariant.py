@@ -112,11 +112,7 @@ class ScaleInvariantLinear(nn.Linear):
         what ``linear`` did (row mode first gives every row the same norm, which changes nothing)."""
         with torch.device("meta"):  # no memory and no random draws for weights that are replaced below
             layer = cls(linear.in_features, linear.out_features, linear.bias is not None, norm=norm)
-        layer.weight, layer.bias = linear.weight, linear.bias
-        setattr(layer, SI_BUFFER, _initial_scale(name, linear.weight, norm, scale))
-        if norm == "row":
-            _equalise_rows(layer.weight)
-        return layer
+        return _adopt(layer, linear, name=name, norm=norm, scale=scale)
 
     def effective_weight(self) -> torch.Tensor:
         return _normalised(self.weight, getattr(self, SI_BUFFER), self.norm)
@@ -126,6 +122,16 @@ class ScaleInvariantLinear(nn.Linear):
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, norm={self.norm}"
+
+
+def _adopt(layer: nn.Module, source: nn.Module, *, name: str, norm: str, scale: float | None) -> nn.Module:
+    """Give a scale-invariant ``layer`` (built on the meta device) ``source``'s parameters and the scale
+    that keeps its function; row mode first gives every row the same norm."""
+    layer.weight, layer.bias = source.weight, source.bias
+    setattr(layer, SI_BUFFER, _initial_scale(name, source.weight, norm, scale))
+    if norm == "row":
+        _equalise_rows(layer.weight)
+    return layer
 
 
 class ScaleInvariantPatchEmbed(FlexiPatchEmbed):
@@ -144,11 +150,7 @@ class ScaleInvariantPatchEmbed(FlexiPatchEmbed):
         with torch.device("meta"):
             layer = cls(base_patch_size=embed.base_patch_size, in_chans=embed.in_chans, embed_dim=embed.embed_dim,
                         bias=embed.bias is not None, resize=embed.resize, pad=embed.pad, norm=norm)
-        layer.weight, layer.bias = embed.weight, embed.bias
-        setattr(layer, SI_BUFFER, _initial_scale(name, embed.weight, norm, None))
-        if norm == "row":
-            _equalise_rows(layer.weight)
-        return layer
+        return _adopt(layer, embed, name=name, norm=norm, scale=None)
 
     def base_kernel(self) -> torch.Tensor:
         return _normalised(self.weight, getattr(self, SI_BUFFER), self.norm)
