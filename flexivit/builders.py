@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import datasets
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, Subset
 
 from .config import Config, PatchConfig, StageConfig
 from .data import Splits, TransformedDataset, build_transform, load_source, make_loader, select_classes
@@ -122,12 +122,15 @@ def build_data(cfg: Config) -> RunData:
 EVAL_SPLITS = ("val", "test")
 
 
-def eval_loader(cfg: Config, data: RunData, split: str = "val") -> DataLoader:
-    """A loader over ``data.val`` (periodic evaluation, model selection) or ``data.test`` (the report)."""
+def eval_loader(cfg: Config, data: RunData, split: str = "val", *, rank: int = 0, world: int = 1) -> DataLoader:
+    """A loader over ``data.val`` (periodic evaluation, model selection) or ``data.test`` (the report);
+    with ``world`` processes, rank ``rank``'s shard: every ``world``-th image, none evaluated twice."""
     if split not in EVAL_SPLITS:
         raise ValueError(f"eval_loader split must be one of {EVAL_SPLITS}, got {split!r}")
+    dataset = getattr(data, split)
     return make_loader(
-        getattr(data, split), batch_size=cfg.data.eval_batch_size, shuffle=False, seed=cfg.train.seed,
+        dataset if world == 1 else Subset(dataset, range(rank, len(dataset), world)),
+        batch_size=cfg.data.eval_batch_size, shuffle=False, seed=cfg.train.seed,
         num_workers=cfg.data.num_workers, drop_last=False,
     )
 

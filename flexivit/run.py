@@ -17,10 +17,10 @@ import torch
 from accelerate import Accelerator, DataLoaderConfiguration
 from accelerate.utils import DistributedType, broadcast_object_list
 from torch import nn
-from torch.utils.data import DataLoader, Subset
+from torch.utils.data import DataLoader
 
 from . import checkpoint as ckpt
-from .builders import RunData, build_data, build_model, build_sampler, preprocess_meta, schemes_of
+from .builders import RunData, build_data, build_model, build_sampler, eval_loader, preprocess_meta, schemes_of
 from .config import Config, config_from_dict
 from .data import make_loader
 from .distill import Teacher, ViewSpec, load_teacher, student_from_teacher
@@ -156,14 +156,9 @@ def _resume(accelerator: Accelerator, out: Path, cfg: Config, model_config: dict
 
 
 def _eval_loaders(cfg: Config, data: RunData, accelerator: Accelerator) -> dict[str, DataLoader]:
-    """This rank's shard (every ``world``-th image) of the validation and test splits: no image is
-    evaluated twice, and evaluation needs one reduction per patch scheme."""
+    """This rank's shard of the validation and test splits: evaluation needs one reduction per scheme."""
     rank, world = accelerator.process_index, accelerator.num_processes
-    return {
-        split: make_loader(Subset(ds, range(rank, len(ds), world)), batch_size=cfg.data.eval_batch_size,
-                           shuffle=False, seed=cfg.train.seed, num_workers=cfg.data.num_workers, drop_last=False)
-        for split, ds in (("val", data.val), ("test", data.test))
-    }
+    return {split: eval_loader(cfg, data, split, rank=rank, world=world) for split in ("val", "test")}
 
 
 def _model(cfg: Config, data: RunData, teacher: Teacher | None, init: Callable[[FlexiViT], FlexiViT] | None) -> FlexiViT:
