@@ -9,6 +9,9 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 from typing import Any
 
+from .bridge import parse_spans, format_span
+from .graph import BlockGraph, chain
+from .lutq import LUTQ_SCOPES, check_k
 from .patch_embed import PatchScheme, check_patch_sizes
 from .resize import check_method
 
@@ -18,6 +21,7 @@ GLOBAL_POOLS = ("token", "avg")
 SI_SCOPES = ("none", "head", "linears", "all")  # see flexivit.scale_invariant
 SI_NORMS = ("matrix", "row")
 _SI_FIELDS = ("scale_invariant", "si_norm", "si_head_scale")
+_LUTQ_FIELDS = ("lutq_k", "lutq_scope", "lutq_pow2")
 
 
 @dataclass(frozen=True)
@@ -58,6 +62,18 @@ class FlexiViTConfig:
     scale_invariant: str = "none"
     si_norm: str = "matrix"  # ||W|| over the whole matrix or per output row ("row")
     si_head_scale: float | None = None  # the head's S (a logit scale); None: ||W|| when made scale-invariant
+    # LUT-Q weight tying (flexivit.lutq): the Linears in lutq_scope ("blocks" or "blocks+head") compute with
+    # lutq_k shared values per tensor (powers of two with lutq_pow2); None is the plain ViT.
+    lutq_k: int | None = None
+    lutq_scope: str = "blocks"
+    lutq_pow2: bool = False
+    # The blocks wired as a DAG (flexivit.graph, e.g. "0-1,0-2,1-2,2-h"); None, or the chain written out
+    # (stored as None), is the plain ViT.
+    graph: str | None = None
+    # Least-squares bridges (flexivit.bridge): "a:b" replaces blocks a..b-1 (0-based, of `depth`) by one
+    # token-wise linear map; bridge_sizes: the patch sizes with a map of their own (others use the pooled one).
+    bridges: tuple[str, ...] = ()
+    bridge_sizes: tuple[int, ...] = ()
 
     def __post_init__(self) -> None:
         if self.global_pool not in GLOBAL_POOLS:
@@ -70,6 +86,9 @@ class FlexiViTConfig:
             raise ValueError(f"embed_dim {self.embed_dim} is not divisible by num_heads {self.num_heads}")
         check_method(self.kernel_resize)
         self._check_scale_invariance()
+        self._check_lutq()
+        self._check_graph()
+        self._check_bridges()
         check_patch_sizes([PatchScheme(self.patch_size, self.stride)], self.img_size)
 
     @property
@@ -87,12 +106,61 @@ class FlexiViTConfig:
         if self.si_head_scale is not None and not self.si_head_scale > 0:
             raise ValueError(f"si_head_scale must be positive (a logit scale), got {self.si_head_scale}")
 
+    def _check_graph(self) -> None:
+        if self.graph is not None:
+            graph = BlockGraph.parse(self.graph, self.depth)  # raises naming the node and why
+            object.__setattr__(self, "graph", None if graph.is_chain() else graph.format())  # one spelling
+        if self.graph is not None and self.lutq_k is not None:
+            raise ValueError("LUT-Q weight tying and a block graph are not combined in this version; set one of "
+                             "lutq_k and graph")
+
+    def _check_bridges(self) -> None:
+        if isinstance(self.bridge_sizes, (str, int)):
+            raise ValueError(f"bridge_sizes must be a list of patch sizes such as [4, 7], got {self.bridge_sizes!r}")
+        spans = parse_spans(self.bridges, self.depth)  # raises naming the bad spec
+        object.__setattr__(self, "bridges", tuple(map(format_span, spans)))  # one spelling, sorted; lists from JSON
+        object.__setattr__(self, "bridge_sizes", tuple(sorted(int(p) for p in self.bridge_sizes)))
+        if self.bridge_sizes and not spans:
+            raise ValueError("bridge_sizes apply to bridges only; set bridges (e.g. ['2:4']) as well, or leave it empty")
+        if len(set(self.bridge_sizes)) != len(self.bridge_sizes):
+            raise ValueError(f"bridge_sizes {list(self.bridge_sizes)} repeat a size")
+        if self.bridge_sizes:
+            check_patch_sizes(self.bridge_sizes, self.img_size, hint=" (bridge_sizes)")
+        if spans and self.graph is not None:
+            raise ValueError("bridges and a block graph do not combine; set one of bridges and graph")
+
+    @property
+    def block_graph(self) -> BlockGraph:
+        """The blocks' graph: ``graph`` parsed, or the chain."""
+        return chain(self.depth) if self.graph is None else BlockGraph.parse(self.graph, self.depth)
+
+    def _check_lutq(self) -> None:
+        if self.lutq_k is None:
+            if self.lutq_scope != "blocks" or self.lutq_pow2:
+                raise ValueError("lutq_scope and lutq_pow2 apply to LUT-Q weight tying only; set lutq_k (the "
+                                 "number of values per tensor) as well, or leave them unset")
+            return
+        check_k(self.lutq_k)
+        if self.lutq_scope not in LUTQ_SCOPES:
+            raise ValueError(f"unknown lutq_scope {self.lutq_scope!r}; choose one of {', '.join(LUTQ_SCOPES)}")
+        if self.scale_invariant != "none":
+            raise ValueError("LUT-Q weight tying and scale-invariant layers do not combine (a tied weight's norm is "
+                             "not free); set scale_invariant='none' or leave lutq_k unset")
+
     def to_dict(self) -> dict[str, Any]:
-        """The fields as a dict; those of scale-invariant layers only when they are on, so a plain model's
-        config (and every file that stores it) is what it was before the option existed."""
+        """The fields as a dict; those of scale-invariant layers, LUT-Q, the graph and bridges only when they are
+        on, so a plain model's config (and every file that stores it) is what it was before the options existed."""
         values = asdict(self)
         if self.scale_invariant == "none":
             for key in _SI_FIELDS:
+                del values[key]
+        if self.lutq_k is None:
+            for key in _LUTQ_FIELDS:
+                del values[key]
+        if self.graph is None:
+            del values["graph"]
+        for key in ("bridges", "bridge_sizes"):
+            if not values[key]:
                 del values[key]
         return values
 

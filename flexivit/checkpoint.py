@@ -22,6 +22,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file, safe_open
 
+from .lutq import freeze, pack_state, unpack_state
 from .model import FlexiViT, FlexiViTConfig
 
 __all__ = [
@@ -71,13 +72,14 @@ def save_model(model: FlexiViT, path: str | Path, *, class_names: list[str], pre
     """Write ``model.safetensors`` (+ ``model.json``) into ``path`` (a folder) or to ``path`` (a file).
 
     ``state_dict`` replaces ``model.state_dict()`` where the full weights come from elsewhere (Accelerate's
-    ``get_state_dict``, which gathers them under FSDP)."""
+    ``get_state_dict``, which gathers them under FSDP). LUT-Q layers are stored as their values and packed
+    indices, without the shadow weights (``flexivit.lutq.pack_state``); a plain model's file is unaffected."""
     path = Path(path)
     file = path / MODEL_FILE if path.suffix != ".safetensors" else path
     file.parent.mkdir(parents=True, exist_ok=True)
     meta = {"format": FORMAT, "config": model.config.to_dict(), "class_names": list(class_names),
             "preprocess": preprocess}
-    state = model.state_dict() if state_dict is None else state_dict
+    state = pack_state(model, model.state_dict() if state_dict is None else state_dict)
     tensors = {k: v.detach().to("cpu").contiguous() for k, v in state.items()}
     fd, tmp = _temp_file(file)
     os.close(fd)
@@ -126,14 +128,15 @@ def read_model_meta(path: str | Path) -> dict[str, Any]:
 
 
 def load_model(path: str | Path, map_location: str = "cpu") -> tuple[FlexiViT, dict[str, Any]]:
-    """Load a model file or a run directory's model; returns ``(model in eval mode, metadata)``."""
+    """Load a model file or a run directory's model; returns ``(model in eval mode, metadata)``. A LUT-Q
+    model comes back in its frozen form (values and indices, no shadow weights)."""
     meta = read_model_meta(path)
-    model = FlexiViT(FlexiViTConfig.from_dict(meta["config"]))
+    model = freeze(FlexiViT(FlexiViTConfig.from_dict(meta["config"])))
     try:
         state = load_file(str(_model_file(path)), device=map_location)
     except (SafetensorError, OSError) as err:
         raise CheckpointError(f"cannot read the weights in {path}: {err}") from None
-    model.load_state_dict(state, strict=True)
+    model.load_state_dict(unpack_state(model, state), strict=True)
     return model.eval(), meta
 
 

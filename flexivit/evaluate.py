@@ -23,6 +23,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
+from .bridge import bridge_fallback
 from .checkpoint import load_model, run_dir
 from .data import Splits, TransformedDataset, load_source, make_loader, select_classes
 from .export import default_preprocess, is_export_dir, load_export
@@ -53,7 +54,8 @@ def evaluate_schemes(
     reduce: Reduce | None = None,
     device: torch.device | None = None,
 ) -> list[dict[str, Any]]:
-    """Top-1 (top-5 when there are more than 5 classes), mean loss and token count per scheme.
+    """Top-1 (top-5 when there are more than 5 classes), mean loss and token count per scheme; rows where a
+    bridge ran without a map fitted at that patch size (``flexivit.bridge``) have ``bridge_fallback: true``.
 
     ``batches`` is re-iterated for each scheme (pass a callable to build a fresh iterator each time).
     Sums stay on the device until a scheme is done; with several processes, each evaluates its own shard
@@ -97,6 +99,8 @@ def evaluate_schemes(
         }
         if count and many_classes:
             row["top5"] = correct5 / count
+        if bridge_fallback(model, scheme, image_hw):  # a bridge ran without a map fitted at this size
+            row["bridge_fallback"] = True
         results.append(row)
     model.train(was_training)
     return results

@@ -22,6 +22,9 @@ from timm.models.vision_transformer import Block
 from torch import nn
 
 from .architecture import FlexiViTConfig
+from .bridge import bridge_blocks
+from .graph import GraphBlocks
+from .lutq import LutqLinear, apply_lutq, fold_lutq
 from .patch_embed import FlexiPatchEmbed, PatchScheme
 from .resize import pi_resize, resample_posemb
 from .scale_invariant import convert_layers, fold_state_dict
@@ -66,23 +69,25 @@ class FlexiViT(nn.Module):
         self.pos_drop = nn.Dropout(cfg.pos_drop_rate)
         self.norm_pre = norm_layer(dim) if cfg.pre_norm else nn.Identity()
         dpr = torch.linspace(0, cfg.drop_path_rate, cfg.depth).tolist()  # stochastic depth per block
-        self.blocks = nn.Sequential(
-            *[
-                Block(
-                    dim=dim,
-                    num_heads=cfg.num_heads,
-                    mlp_ratio=cfg.mlp_ratio,
-                    qkv_bias=cfg.qkv_bias,
-                    qk_norm=cfg.qk_norm,
-                    init_values=cfg.init_values,
-                    proj_drop=cfg.drop_rate,
-                    attn_drop=cfg.attn_drop_rate,
-                    drop_path=dpr[i],
-                    norm_layer=norm_layer,
-                )
-                for i in range(cfg.depth)
-            ]
-        )
+        blocks = [
+            Block(
+                dim=dim,
+                num_heads=cfg.num_heads,
+                mlp_ratio=cfg.mlp_ratio,
+                qkv_bias=cfg.qkv_bias,
+                qk_norm=cfg.qk_norm,
+                init_values=cfg.init_values,
+                proj_drop=cfg.drop_rate,
+                attn_drop=cfg.attn_drop_rate,
+                drop_path=dpr[i],
+                norm_layer=norm_layer,
+            )
+            for i in range(cfg.depth)
+        ]
+        if cfg.bridges:  # least-squares bridges (flexivit.bridge): one linear map in place of each span
+            blocks = bridge_blocks(blocks, cfg)
+        # A block graph (flexivit.graph) keeps the blocks at their indices and adds its connection logits.
+        self.blocks = nn.Sequential(*blocks) if cfg.graph is None else GraphBlocks(blocks, graph=cfg.block_graph)
         self.norm = norm_layer(dim) if cfg.final_norm and not cfg.use_fc_norm else nn.Identity()
         self.fc_norm = norm_layer(dim) if cfg.final_norm and cfg.use_fc_norm else nn.Identity()
         self.head_drop = nn.Dropout(cfg.drop_rate)
@@ -101,6 +106,8 @@ class FlexiViT(nn.Module):
         self._init_weights()
         if cfg.scale_invariant != "none":
             convert_layers(self, scope=cfg.scale_invariant, norm=cfg.si_norm, head_scale=cfg.si_head_scale)
+        if cfg.lutq_k is not None:
+            apply_lutq(self, k=cfg.lutq_k, scope=cfg.lutq_scope, pow2=cfg.lutq_pow2)
 
     def _init_weights(self) -> None:
         for p in self._posemb_params():
@@ -164,7 +171,10 @@ class FlexiViT(nn.Module):
     ) -> torch.Tensor:
         """Tokens after the final norm: ``(B, prefix + gh*gw, D)``."""
         tokens, _ = self._embed(x, self.scheme(patch_size, stride))
-        if self.grad_checkpointing and torch.is_grad_enabled():
+        use_ckpt = self.grad_checkpointing and torch.is_grad_enabled()
+        if isinstance(self.blocks, GraphBlocks):
+            tokens = self.blocks(tokens, checkpointing=use_ckpt)
+        elif use_ckpt:
             tokens = checkpoint_seq(self.blocks, tokens)
         else:
             tokens = self.blocks(tokens)
@@ -195,13 +205,18 @@ class FlexiViT(nn.Module):
             raise ValueError(f"output_fmt must be 'NCHW' or 'NLC', got {output_fmt!r}")
         take, last = feature_take_indices(len(self.blocks), indices)
         tokens, (gh, gw) = self._embed(x, self.scheme(patch_size, stride))
-        blocks = self.blocks[: last + 1] if stop_early or intermediates_only else self.blocks
-        taken = []
-        for i, block in enumerate(blocks):
-            use_ckpt = self.grad_checkpointing and torch.is_grad_enabled()
-            tokens = checkpoint(block, tokens) if use_ckpt else block(tokens)
-            if i in take:
-                taken.append(self.norm(tokens) if norm else tokens)
+        use_ckpt = self.grad_checkpointing and torch.is_grad_enabled()
+        if isinstance(self.blocks, GraphBlocks):  # block i's output is node i + 1's; the last node's is final
+            nodes = self.blocks.nodes(tokens, last=last + 1 if stop_early or intermediates_only else None,
+                                      checkpointing=use_ckpt)
+            tokens, taken = nodes[-1], [self.norm(nodes[i + 1]) if norm else nodes[i + 1] for i in take]
+        else:
+            blocks = self.blocks[: last + 1] if stop_early or intermediates_only else self.blocks
+            taken = []
+            for i, block in enumerate(blocks):
+                tokens = checkpoint(block, tokens) if use_ckpt else block(tokens)
+                if i in take:
+                    taken.append(self.norm(tokens) if norm else tokens)
         n = self.num_prefix_tokens
         spatial = [t[:, n:] for t in taken]  # (B, gh*gw, D) each
         if output_fmt == "NCHW":
@@ -243,6 +258,9 @@ class FlexiViT(nn.Module):
             nn.init.zeros_(self.head.bias)
             if self.config.scale_invariant != "none":
                 convert_layers(self, scope="head", norm=self.config.si_norm, head_scale=self.config.si_head_scale)
+            if self.config.lutq_k is not None and self.config.lutq_scope == "blocks+head":
+                self.head = LutqLinear.from_linear(self.head, k=self.config.lutq_k, pow2=self.config.lutq_pow2,
+                                                   name="head.weight")
 
     def make_scale_invariant(self, scope: str, *, norm: str = "matrix", head_scale: float | None = None) -> "FlexiViT":
         """Reparametrise this plain model in place (``flexivit.scale_invariant``): the layers in ``scope``
@@ -254,6 +272,16 @@ class FlexiViT(nn.Module):
         config = FlexiViTConfig.from_dict({**self.config.to_dict(), "scale_invariant": scope, "si_norm": norm,
                                            "si_head_scale": head_scale})
         convert_layers(self, scope=scope, norm=norm, head_scale=head_scale)
+        self.config = config
+        return self
+
+    def make_lutq(self, k: int, *, scope: str = "blocks", pow2: bool = False) -> "FlexiViT":
+        """Tie this plain model's weights in place (``flexivit.lutq``, training form): each Linear in ``scope``
+        (``blocks`` or ``blocks+head``) computes with ``k`` shared values (powers of two with ``pow2``),
+        fitted by k-means to its weights now (post-hoc clustering). Returns the model."""
+        fields = {"lutq_k": k, "lutq_scope": scope, "lutq_pow2": pow2}
+        config = FlexiViTConfig.from_dict({**self.config.to_dict(), **fields})
+        apply_lutq(self, k=k, scope=scope, pow2=pow2)
         self.config = config
         return self
 
@@ -303,9 +331,24 @@ class FlexiViT(nn.Module):
             )
         return model
 
+    def non_plain_parts(self) -> list[str]:
+        """What this model has that timm's ``VisionTransformer`` cannot hold (empty for a plain ViT, which
+        ``to_fixed`` bakes; other models export through ONNX / ``torch.export``, ``flexivit.export``)."""
+        cfg = self.config
+        parts = [f"bridges {', '.join(cfg.bridges)}"] if cfg.bridges else []
+        return parts + ([f"a block graph ({cfg.graph})"] if cfg.graph is not None else [])
+
+    def is_plain_vit(self) -> bool:
+        """Whether ``to_fixed`` can bake this model into a plain timm ``VisionTransformer``."""
+        return not self.non_plain_parts()
+
     def to_fixed(self, patch_size: int | None = None, *, img_size: int | None = None) -> nn.Module:
         """A plain timm ``VisionTransformer`` at ``patch_size`` whose outputs equal this model's there."""
         cfg = self.config
+        if not self.is_plain_vit():
+            raise ValueError(f"this model has {' and '.join(self.non_plain_parts())}, which timm's VisionTransformer "
+                             "cannot hold, so to_fixed cannot bake it; export it with `flexivit export --onnx` or "
+                             "`--torch-export` instead")
         if patch_size is None:
             patch_size = cfg.patch_size
             if cfg.stride is not None and cfg.stride != cfg.patch_size:
@@ -315,6 +358,7 @@ class FlexiViT(nn.Module):
         with torch.no_grad():
             kernel = pi_resize(self.patch_embed.base_kernel(), int(patch_size), cfg.kernel_resize)  # (D, C, p, p)
             pos_embed = self._resample_posemb(grid)  # (1, gh, gw, D)
-        # Scale-invariant layers fold into the plain weights they compute with: the export is a plain ViT.
-        vit = flexivit_to_timm(cfg, fold_state_dict(self), kernel=kernel, pos_embed=pos_embed, img_size=img_size)
+        # Scale-invariant and LUT-Q layers fold into the plain weights they compute with: the export is a plain ViT.
+        state = fold_lutq(self, fold_state_dict(self))
+        vit = flexivit_to_timm(cfg, state, kernel=kernel, pos_embed=pos_embed, img_size=img_size)
         return vit.train(self.training)

@@ -25,6 +25,7 @@ from .config import Config, config_from_dict
 from .data import make_loader
 from .distill import Teacher, ViewSpec, load_teacher, student_from_teacher
 from .hooks import Hooks, PostStepHook
+from .lutq import lutq_hooks
 from .model import FlexiViT
 from .objective import LossTerm, Objective, build_objective, l2_sp_term
 from .optim import build_optimizer
@@ -230,7 +231,9 @@ def assemble(
         if teacher is not None:
             teacher.to(accelerator.device)
         fsdp = accelerator.distributed_type == DistributedType.FSDP
-        run_hooks = Hooks([*hooks, *option_hooks(cfg, accelerator.unwrap_model(model), sharded=fsdp, say=accelerator.print)])
+        raw = accelerator.unwrap_model(model)
+        run_hooks = Hooks([*hooks, *option_hooks(cfg, raw, sharded=fsdp, say=accelerator.print),
+                           *lutq_hooks(raw, sharded=fsdp)])  # re-clustering for a LUT-Q model (flexivit.lutq)
         start = _resume(accelerator, out, cfg, model_config, run_hooks) if resume else dict(FRESH)
         batches.attach(loader=loader, dataset=data.train, skip=accelerator.skip_first_batches, step=start["step"])
         view = ViewSpec(d.image_size, data.channels, tuple(pre["mean"]), tuple(pre["std"]))
