@@ -8,6 +8,9 @@
     flexivit export CHECKPOINT --patch-size N --out DIR [--onnx] [--torch-export]
     flexivit search RECIPE[:ARG] --grid KEY=V1,V2 [--grid ...] [--seeds 0,1,2] [--steps N] [--metric worst|mean]
                     [--jobs N] [--init CKPT] [--then-train] [--data SRC] [--out DIR] [--set k=v ...]
+    flexivit evolve RECIPE[:ARG] [--population N] [--iterations N] [--tournament N] [--threshold 0.5|uniform]
+                    [--unguided] [--keep-rate R] [--steps N] [--metric worst|mean] [--seed S] [--then-train]
+                    [--data SRC] [--out DIR] [--set k=v ...]
 """
 
 from __future__ import annotations
@@ -53,7 +56,13 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--patch-size", type=int, help="fine-tune at this one size (default: sample the recipe's sizes, "
                    "which keeps every size usable)")
     p.add_argument("--resume", action="store_true", help="continue from the newest good checkpoint in --out")
+    p = sub.add_parser("compress", help="a compact model derived from a trained FlexiViT (LUT-Q, least-squares "
+                       "bridges, trained on its quantised outputs)", epilog=_recipe_help())
+    p.add_argument("base", help="the trained FlexiViT: a run directory or a model .safetensors file")
+    _add_run_args(p)
+    p.add_argument("--resume", action="store_true", help="continue from the newest good checkpoint in --out")
     _add_search_parser(sub)
+    _add_evolve_parser(sub)
     _add_eval_parser(sub)
     _add_predict_parser(sub)
     _add_export_parser(sub)
@@ -75,6 +84,31 @@ def _add_search_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--jobs", type=int, default=1, help="trials at a time (default 1)")
     p.add_argument("--init", help="a FlexiViT checkpoint: every trial fine-tunes from it (flexivit finetune)")
     p.add_argument("--then-train", action="store_true", help="train the winner at the recipe's budget into "
+                   "OUT/final and report it on the test split")
+
+
+def _add_evolve_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("evolve", help="evolve block graphs guided by their learned connection weights, scored on "
+                       "the validation split, resumable (docs/evolve.md)", epilog=_recipe_help())
+    _add_run_args(p)
+    p.add_argument("--population", type=int, default=8, help="candidates alive at once: the chain and random "
+                   "graphs at the start (default 8)")
+    p.add_argument("--iterations", type=int, default=16, help="children trained after the initial population, one "
+                   "per iteration (default 16)")
+    p.add_argument("--tournament", type=int, default=3, help="members drawn each iteration: the best is the parent, "
+                   "the worst leaves the population (default 3)")
+    p.add_argument("--threshold", default="0.5", help="a parent's edge is kept iff its trained weight exceeds this: a "
+                   "number in [0, 1] (default 0.5) or 'uniform' (drawn from U(0, 1) per edge)")
+    p.add_argument("--unguided", action="store_true", help="the control: keep each edge with probability "
+                   "--keep-rate whatever its weight")
+    p.add_argument("--keep-rate", type=float, default=0.5, help="the coin of --unguided, and of a guided parent "
+                   "with no untrained child (default 0.5; pass a guided run's mean keep-rate to compare with it)")
+    p.add_argument("--steps", type=int, help="training steps of each candidate (default: the recipe's)")
+    p.add_argument("--metric", default="worst", help="worst (default): the lowest validation top-1 over the "
+                   "evaluated sizes; mean: their mean")
+    p.add_argument("--seed", type=int, default=0, help="the search's seed (default 0); candidates train with the "
+                   "recipe's train.seed")
+    p.add_argument("--then-train", action="store_true", help="train the best graph at the recipe's budget into "
                    "OUT/final and report it on the test split")
 
 
@@ -127,11 +161,13 @@ def _add_predict_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def _add_export_parser(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("export", help="a plain timm VisionTransformer at one patch size (+ ONNX, torch.export)")
+    p = sub.add_parser("export", help="a plain timm VisionTransformer at one patch size (+ ONNX, torch.export); "
+                       "a model that is not a plain ViT (bridges) as ONNX / torch.export only")
     p.add_argument("checkpoint", help="a run directory or a model .safetensors file")
     p.add_argument("--patch-size", type=int, required=True, help="the size to bake in")
     p.add_argument("--out", type=Path, required=True, help="folder for config.json + model.safetensors")
-    p.add_argument("--onnx", action="store_true", help="also write model.onnx (needs onnx and onnxscript)")
+    p.add_argument("--onnx", action="store_true", help="also write model.onnx (needs onnx and onnxscript); the "
+                   "only way, with --torch-export, to export a model that is not a plain ViT")
     p.add_argument("--torch-export", action="store_true", help="also write model.pt2 (torch.export.save)")
     p.add_argument("--atol", type=float, default=1e-5, help="logit tolerance of the check (default 1e-5)")
 
@@ -163,6 +199,13 @@ def _finetune(args: argparse.Namespace) -> None:
     finetune(args.checkpoint, cfg, out_dir=out, resume=args.resume)
 
 
+def _compress(args: argparse.Namespace) -> None:
+    from .compress import compress
+
+    cfg, out = _resolve(args)
+    compress(args.base, cfg, out_dir=out, resume=args.resume)
+
+
 def _search(args: argparse.Namespace) -> None:
     from .search import SearchError, run_search
 
@@ -177,6 +220,24 @@ def _search(args: argparse.Namespace) -> None:
                       then_train=args.then_train)
     print(f"best on validation ({best['metric']} size): {best['setting']} -> {100 * best['score']:.2f} %; "
           f"wrote {out / 'search.md'}, {out / 'search.png'}, {out / 'best.json'}")
+    if "final" in best:
+        print(f"final run {best['final']['run']}, test top-1: " +
+              ", ".join(f"p={p} {100 * v:.2f}" for p, v in best["final"]["test"].items()))
+
+
+def _evolve(args: argparse.Namespace) -> None:
+    from .evolve import Settings, parse_threshold, run_evolve
+
+    settings = Settings(population=args.population, iterations=args.iterations, tournament=args.tournament,
+                        threshold=parse_threshold(args.threshold), unguided=args.unguided, keep_rate=args.keep_rate,
+                        seed=args.seed, metric=args.metric)
+    overrides = ([f"data.source={args.data}"] if args.data else []) + list(args.overrides)
+    out = args.out or Path("runs") / ("evolve-" + args.recipe.replace(":", "-").replace("/", "_").removesuffix(".py"))
+    best = run_evolve(recipe=args.recipe, settings=settings, steps=args.steps, out=out, overrides=overrides,
+                      then_train=args.then_train)
+    print(f"best on validation ({best['metric']} size): candidate {best['id']}, {best['graph']} -> "
+          f"{100 * best['score']:.2f} %; wrote {out / 'evolve.md'}, {out / 'evolve.png'}, {out / 'best_graph.json'}")
+    print(f"train it: {best['command']}")
     if "final" in best:
         print(f"final run {best['final']['run']}, test top-1: " +
               ", ".join(f"p={p} {100 * v:.2f}" for p, v in best["final"]["test"].items()))
@@ -272,6 +333,9 @@ def _export(args: argparse.Namespace) -> None:
     diffs = ", ".join(f"{k} {v:.2g}" for k, v in result.max_abs_diff.items())
     print(f"exported patch size {args.patch_size} to {result.out_dir}: {', '.join(result.files)}")
     print(f"checked against the flexible model on a sample batch (max |logit diff|: {diffs})")
+    if "model.safetensors" not in result.files:  # not a plain ViT: ONNX / torch.export only
+        print("not a timm model: run model.onnx, or torch.export.load('model.pt2').module(); see docs/compress.md")
+        return
     print("load with timm alone: VisionTransformer(**json.load(open('config.json'))['model_args']) + "
           "load_state_dict(safetensors.torch.load_file('model.safetensors')); see docs/deploy.md")
 
@@ -281,14 +345,15 @@ def _user_errors(command: str) -> tuple[type[BaseException], ...]:
     from .transforms import CorruptImageError
 
     errors: tuple[type[BaseException], ...] = (*USER_ERRORS, CheckpointError, CorruptImageError)
-    if command in ("train", "finetune"):
+    if command in ("train", "finetune", "compress"):
         from .run import TrainingError
 
         errors += (TrainingError,)
     return errors
 
 
-COMMANDS = {"train": _train, "finetune": _finetune, "search": _search, "eval": _eval, "predict": _predict, "export": _export}
+COMMANDS = {"train": _train, "finetune": _finetune, "compress": _compress, "search": _search, "evolve": _evolve,
+            "eval": _eval, "predict": _predict, "export": _export}
 
 
 def main(argv: list[str] | None = None) -> int:

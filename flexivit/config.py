@@ -19,7 +19,7 @@ from typing import Any
 
 __all__ = [
     "ConfigError", "Config", "ModelConfig", "DataConfig", "PatchConfig", "StageConfig", "OptimConfig", "TrainConfig",
-    "DistillConfig", "FinetuneConfig", "load_recipe", "apply_overrides", "config_from_dict", "list_recipes", "RECIPES_DIR",
+    "DistillConfig", "FinetuneConfig", "CompressConfig", "load_recipe", "apply_overrides", "config_from_dict", "list_recipes", "RECIPES_DIR",
     "recipe_search_grid",
 ]
 
@@ -52,6 +52,8 @@ class ModelConfig:
     scale_invariant: str | None = None
     si_norm: str | None = None  # "matrix" (default) | "row"
     si_head_scale: float | None = None  # the head's S, a logit scale; unset: the head's norm when converted
+    # A block graph (docs/evolve.md), e.g. "0-1,0-2,1-2,2-3,3-4,4-h"; unset: the chain, today's ViT.
+    graph: str | None = None
 
 
 @dataclass
@@ -136,6 +138,20 @@ class DistillConfig:
 
 
 @dataclass
+class CompressConfig:
+    """How `flexivit compress` derives a compact model from a trained one (docs/compress.md)."""
+
+    bridges: list[str] = field(default_factory=list)  # "a:b" replaces blocks a..b-1 by one linear map
+    bridge_per_size: bool = True  # one map per training patch size (the pooled one elsewhere)
+    bridge_init: str = "lstsq"  # "lstsq" (fitted to the base's signals) | "identity" | "random"
+    bridge_ridge: float = 1e-6  # relative ridge of the least-squares fit
+    calib_images: int = 512  # training images the bridges are fitted on
+    lutq_k: int | None = None  # values per tied tensor (LUT-Q); unset: float weights
+    lutq_scope: str = "blocks"  # "blocks" | "blocks+head"
+    lutq_pow2: bool = False  # dictionary of powers of two (multiplier-less)
+
+
+@dataclass
 class FinetuneConfig:
     """Adjustments for `flexivit finetune --patch-size N` (fine-tuning at one fixed size)."""
 
@@ -173,6 +189,7 @@ class Config:
     train: TrainConfig = field(default_factory=TrainConfig)
     distill: DistillConfig = field(default_factory=DistillConfig)
     finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
+    compress: CompressConfig = field(default_factory=CompressConfig)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

@@ -19,6 +19,12 @@ It loads with timm alone (no flexivit import), in either of two ways::
 architecture argument comes from ``model_args``.) Nothing is written unless the exported model's logits
 match the flexible model's on a sample batch, and each file is checked again after it has been read
 back; the files then move into ``--out`` together.
+
+A model that is not a plain ViT (``FlexiViT.is_plain_vit()`` false: least-squares bridges, ...) has no
+timm form. Its export holds ``config.json`` (format ``flexivit-program-export-v1``: what the model is, its
+input and output, preprocessing, class names, the check) and ``model.onnx`` and/or ``model.pt2``: the
+FlexiViT called at the fixed patch size (``FixedPatchModel``), traced, read back and checked the same way.
+Without ``--onnx`` / ``--torch-export`` such an export is refused.
 """
 
 from __future__ import annotations
@@ -35,6 +41,7 @@ from typing import Any, Callable
 import torch
 from safetensors.torch import load_file, save_file
 from timm.models.vision_transformer import VisionTransformer
+from torch import nn
 
 from .checkpoint import load_model
 from .model import FlexiViT
@@ -43,11 +50,12 @@ from .timm_interop import timm_vit_kwargs
 from .transforms import preprocess_spec
 
 __all__ = [
-    "ExportError", "ExportResult", "EXPORT_FORMAT", "export_model", "export_checkpoint", "load_export",
-    "is_export_dir", "default_preprocess",
+    "ExportError", "ExportResult", "EXPORT_FORMAT", "PROGRAM_FORMAT", "FixedPatchModel", "export_model",
+    "export_checkpoint", "load_export", "is_export_dir", "default_preprocess",
 ]
 
 EXPORT_FORMAT = "flexivit-timm-export-v1"
+PROGRAM_FORMAT = "flexivit-program-export-v1"  # ONNX / torch.export only: a model that is not a plain ViT
 CONFIG_FILE, WEIGHTS_FILE, ONNX_FILE, PROGRAM_FILE = "config.json", "model.safetensors", "model.onnx", "model.pt2"
 TIMM_ARCHITECTURE = "vit_tiny_patch16_224"  # any plain ViT entrypoint: model_args override all its defaults
 SAMPLE_BATCH = 4
@@ -55,6 +63,19 @@ SAMPLE_BATCH = 4
 
 class ExportError(ValueError):
     """An export that cannot be made or does not reproduce the model; nothing was written."""
+
+
+class FixedPatchModel(nn.Module):
+    """A FlexiViT at one patch size, ``forward(image) -> logits``: what ONNX / ``torch.export`` trace for a
+    model that ``to_fixed`` cannot turn into a timm ViT."""
+
+    def __init__(self, model: FlexiViT, patch_size: int) -> None:
+        super().__init__()
+        self.model = model
+        self.patch_size = patch_size
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # (B, C, H, W) -> (B, classes)
+        return self.model(x, self.patch_size)
 
 
 @dataclass
@@ -86,11 +107,17 @@ def _config(model: FlexiViT, patch: int, meta: dict[str, Any], source: str | Non
     cfg = model.config
     pre = {**default_preprocess(model), **(meta.get("preprocess") or {})}
     names = list(meta.get("class_names") or [str(i) for i in range(cfg.num_classes)])
+    if model.is_plain_vit():
+        head = {"format": EXPORT_FORMAT, "architecture": TIMM_ARCHITECTURE, "num_classes": cfg.num_classes,
+                "model_args": timm_vit_kwargs(cfg, patch, cfg.img_size)}
+    else:
+        head = {"format": PROGRAM_FORMAT, "num_classes": cfg.num_classes,
+                "model": f"a FlexiViT with {' and '.join(model.non_plain_parts())} at patch size {patch} (not a timm "
+                         "VisionTransformer: load model.pt2 with torch.export.load, or run model.onnx)",
+                "inputs": {"image": ["batch", pre["channels"], pre["image_size"], pre["image_size"]]},
+                "outputs": {"logits": ["batch", cfg.num_classes]}}
     return {
-        "format": EXPORT_FORMAT,
-        "architecture": TIMM_ARCHITECTURE,
-        "num_classes": cfg.num_classes,
-        "model_args": timm_vit_kwargs(cfg, patch, cfg.img_size),
+        **head,
         "patch_size": patch,
         "class_names": names,
         "label_names": names,
@@ -148,14 +175,14 @@ def _sample(model: FlexiViT, batch: int = SAMPLE_BATCH) -> torch.Tensor:
     return torch.randn(batch, cfg.in_chans, cfg.img_size, cfg.img_size, generator=generator)  # (B, C, H, W)
 
 
-def _write_program(fixed: VisionTransformer, x: torch.Tensor, path: Path) -> Callable[[torch.Tensor], torch.Tensor]:
+def _write_program(fixed: nn.Module, x: torch.Tensor, path: Path) -> Callable[[torch.Tensor], torch.Tensor]:
     batch = torch.export.Dim("batch", min=1)
     program = torch.export.export(fixed, (x,), dynamic_shapes=({0: batch},))
     torch.export.save(program, str(path))
     return torch.export.load(str(path)).module()
 
 
-def _write_onnx(fixed: VisionTransformer, x: torch.Tensor, path: Path) -> Callable[[torch.Tensor], torch.Tensor]:
+def _write_onnx(fixed: nn.Module, x: torch.Tensor, path: Path) -> Callable[[torch.Tensor], torch.Tensor]:
     batch = torch.export.Dim("batch", min=1)
     torch.onnx.export(fixed, (x,), str(path), dynamo=True, dynamic_shapes=({0: batch},),
                       input_names=["image"], output_names=["logits"], external_data=False, verbose=False)
@@ -190,28 +217,39 @@ def export_model(
     model: FlexiViT, meta: dict[str, Any], patch_size: int, out_dir: str | Path, *, onnx: bool = False,
     torch_export: bool = False, atol: float = 1e-5, rtol: float = 1e-5, source: str | None = None,
 ) -> ExportResult:
-    """Write ``model`` at ``patch_size`` as a timm ViT into ``out_dir`` after checking its logits."""
+    """Write ``model`` at ``patch_size`` as a timm ViT into ``out_dir`` after checking its logits; a model that
+    is not a plain ViT as ONNX / ``torch.export`` only (one of the two must be asked for)."""
     patch = check_patch_sizes([int(patch_size)], model.config.img_size)[0].patch
+    plain = model.is_plain_vit()
+    if not plain and not (onnx or torch_export):
+        raise ExportError(
+            f"this model has {' and '.join(model.non_plain_parts())}, which timm's VisionTransformer cannot hold, so "
+            f"there are no timm files to write; pass --onnx and/or --torch-export to export it at patch size {patch} "
+            "as model.onnx / model.pt2 instead"
+        )
     if onnx:
         _require_onnx()
     model = model.eval().to("cpu")
     x = _sample(model)
     ref = model(x, patch)  # (B, classes)
-    fixed = model.to_fixed(patch).eval()
+    fixed = model.to_fixed(patch).eval() if plain else FixedPatchModel(model, patch).eval()
     result = ExportResult(out_dir=Path(out_dir))
-    result.max_abs_diff["timm"] = _check("the timm VisionTransformer", fixed(x), ref, atol, rtol)
+    if plain:
+        result.max_abs_diff["timm"] = _check("the timm VisionTransformer", fixed(x), ref, atol, rtol)
 
     out = Path(out_dir)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.tmp-"))
     try:
         config = _config(model, patch, meta, source)
-        state = {k: v.detach().contiguous() for k, v in fixed.state_dict().items()}
-        save_file(state, str(tmp / WEIGHTS_FILE), metadata={"format": "pt"})
-        (tmp / CONFIG_FILE).write_text(json.dumps(config, indent=2) + "\n")
-        reloaded, _ = load_export(tmp)
-        result.max_abs_diff[WEIGHTS_FILE] = _check(f"{WEIGHTS_FILE} read back", reloaded(x), ref, atol, rtol)
-        names = [CONFIG_FILE, WEIGHTS_FILE]
+        names = [CONFIG_FILE]
+        if plain:
+            state = {k: v.detach().contiguous() for k, v in fixed.state_dict().items()}
+            save_file(state, str(tmp / WEIGHTS_FILE), metadata={"format": "pt"})
+            (tmp / CONFIG_FILE).write_text(json.dumps(config, indent=2) + "\n")
+            reloaded, _ = load_export(tmp)
+            result.max_abs_diff[WEIGHTS_FILE] = _check(f"{WEIGHTS_FILE} read back", reloaded(x), ref, atol, rtol)
+            names.append(WEIGHTS_FILE)
         if torch_export:
             program = _write_program(fixed, x, tmp / PROGRAM_FILE)
             result.max_abs_diff[PROGRAM_FILE] = _check(f"{PROGRAM_FILE} read back", program(x), ref, atol, rtol)

@@ -12,6 +12,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from .checkpoint import load_model
+from .lutq import fold_lutq
 from .config import Config
 from .model import FlexiViT, FlexiViTConfig
 from .patch_embed import check_patch_sizes
@@ -37,7 +38,8 @@ def from_pretrained(pretrained: FlexiViT, fresh: FlexiViT) -> FlexiViT:
     """The pretrained network with ``fresh``'s image size, default patch and a new head for its classes,
     and ``fresh``'s scale-invariant layers (the recipe's ``model.scale_invariant``, ``si_norm`` and
     ``si_head_scale``): the checkpoint is folded into plain weights and reparametrised, which keeps the
-    function of every pretrained layer."""
+    function of every pretrained layer. A LUT-Q checkpoint fine-tunes as the dense weights it computes
+    with (float; compress the result again to tie it)."""
     if pretrained.config.in_chans != fresh.config.in_chans:
         raise ValueError(
             f"the checkpoint takes {pretrained.config.in_chans}-channel images but the data gives "
@@ -46,9 +48,10 @@ def from_pretrained(pretrained: FlexiViT, fresh: FlexiViT) -> FlexiViT:
     fields = {**pretrained.config.to_dict(), "img_size": fresh.config.img_size,
               "patch_size": fresh.config.patch_size, "stride": fresh.config.stride,
               "num_classes": fresh.config.num_classes, "scale_invariant": "none", "si_norm": "matrix",
-              "si_head_scale": None}
+              "si_head_scale": None, "lutq_k": None, "lutq_scope": "blocks", "lutq_pow2": False}
     model = FlexiViT(FlexiViTConfig.from_dict(fields))
-    body = {k: v for k, v in fold_state_dict(pretrained).items() if not k.startswith("head.")}
+    dense = fold_lutq(pretrained, fold_state_dict(pretrained))  # LUT-Q layers fine-tune as their dense weights
+    body = {k: v for k, v in dense.items() if not k.startswith("head.")}
     missing, unexpected = model.load_state_dict(body, strict=False)
     if unexpected or any(not k.startswith("head.") for k in missing):
         raise ValueError(f"the checkpoint's weights do not fit its own config: missing {missing}, unexpected {unexpected}")

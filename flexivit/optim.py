@@ -58,9 +58,10 @@ def build_optimizer(cfg: Config, model: nn.Module) -> tuple[torch.optim.Optimize
         model, opt=o.opt, lr=o.lr, weight_decay=o.weight_decay, layer_decay=o.layer_decay
     )
     _split_scaled(optimizer, model, lr_scales(cfg, model), fixed_norm_names(cfg, model))
-    # timm's scheduler is a pure function of the update count, so it needs no checkpointed state.
+    # timm's scheduler is a pure function of the update count, so it needs no checkpointed state. A 0-step
+    # run (a training-free `flexivit compress`) never steps; timm's scheduler wants a positive length.
     scheduler = CosineLRScheduler(
-        optimizer, t_initial=cfg.train.steps, lr_min=o.min_lr, warmup_t=o.warmup_steps,
+        optimizer, t_initial=max(1, cfg.train.steps), lr_min=o.min_lr, warmup_t=o.warmup_steps,
         warmup_lr_init=o.lr * 1e-3, t_in_epochs=False,
     )
     scheduler.step_update(0)  # every group's first step at its own scale, warmup or not

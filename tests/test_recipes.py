@@ -14,6 +14,7 @@ from flexivit.patch_embed import check_patch_sizes
 # listed here, and every `NAME:ARG` its docstring shows must be among them.
 ARGUMENTS: dict[str, list[str | None]] = {
     "fashion_mnist": [None, "smoke"],
+    "fashion_mnist_compress": [None, "lutq", "bridge", "smoke"],
     "fashion_mnist_distill": [None, "smoke"],
     "fashion_mnist_finetune": [None, "smoke"],
     "fashion_mnist_fixednorm": [None, "smoke"],
@@ -48,6 +49,14 @@ def test_smoke_arguments_shrink_the_run() -> None:
     for name, args in ARGUMENTS.items():
         if "smoke" in args:
             assert load_recipe(f"{name}:smoke").train.steps < load_recipe(name).train.steps, name
+
+
+def test_compress_card_arguments_pick_the_parts() -> None:
+    parts = {arg: load_recipe(f"fashion_mnist_compress:{arg}" if arg else "fashion_mnist_compress").compress
+             for arg in (None, "lutq", "bridge")}
+    assert (parts[None].bridges, parts[None].lutq_k) == (["2:4"], 4)
+    assert (parts["lutq"].bridges, parts["lutq"].lutq_k) == ([], 4)
+    assert (parts["bridge"].bridges, parts["bridge"].lutq_k) == (["2:4"], None)
 
 
 def test_imagenet_card_arguments_pick_the_model() -> None:
