@@ -34,6 +34,7 @@ from .transforms import eval_transform
 __all__ = ["compress", "derive", "check_compress", "COMPRESS_FILE"]
 
 COMPRESS_FILE = "compress.json"
+TARGETS = ("base", "labels")  # what the derived model trains on
 
 
 def check_compress(c: CompressConfig, depth: int) -> None:
@@ -49,6 +50,8 @@ def check_compress(c: CompressConfig, depth: int) -> None:
         check_k(c.lutq_k)
     if c.lutq_scope not in LUTQ_SCOPES:
         raise ConfigError(f"compress.lutq_scope must be one of {', '.join(LUTQ_SCOPES)}, got {c.lutq_scope!r}")
+    if c.targets not in TARGETS:
+        raise ConfigError(f"compress.targets must be one of {', '.join(TARGETS)}, got {c.targets!r}")
     if c.calib_images < 1:
         raise ConfigError(f"compress.calib_images must be positive, got {c.calib_images}")
 
@@ -126,8 +129,12 @@ def compress(base: str | Path, cfg: Config, *, out_dir: str | Path, resume: bool
     if base_model.config.bridges or base_model.config.lutq_k is not None:
         raise ValueError(f"{base} is compressed already (bridges or LUT-Q); compress its uncompressed base instead")
     if cfg.distill.teacher not in (None, str(base)):
-        raise ConfigError("compress trains on the base's own outputs; leave distill.teacher unset")
-    cfg.distill.teacher, cfg.distill.init_from_teacher = str(base), False
+        raise ConfigError("compress trains on the base's own outputs (or on labels with compress.targets=labels); "
+                          "leave distill.teacher unset")
+    if cfg.compress.targets == "base":
+        cfg.distill.teacher, cfg.distill.init_from_teacher = str(base), False
+    else:  # the labels alone: no teacher, and nothing to quantise
+        cfg.distill.teacher, cfg.distill.quantize = None, "none"
     sizes = [s.patch for s in schemes_of(cfg.patch)]
     residuals: dict[str, Any] = {}
 
@@ -144,7 +151,8 @@ def compress(base: str | Path, cfg: Config, *, out_dir: str | Path, resume: bool
 
     result = train(cfg, out_dir=out_dir, resume=resume, init=init)
     derived, _ = load_model(out_dir)
-    report = {"base": str(base), "settings": {**dataclasses.asdict(cfg.compress), "quantize": cfg.distill.quantize},
+    report = {"base": str(base), "settings": {**dataclasses.asdict(cfg.compress), "quantize": cfg.distill.quantize,
+                                              "teacher_patch_size": cfg.distill.teacher_patch_size},
               "steps": cfg.train.steps, "patch_sizes": sizes, "bridge_residuals": residuals,
               "base_model": _describe(base_model, Path(base), sizes),
               "derived_model": _describe(derived, Path(out_dir), sizes)}

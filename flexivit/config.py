@@ -54,6 +54,12 @@ class ModelConfig:
     si_head_scale: float | None = None  # the head's S, a logit scale; unset: the head's norm when converted
     # A block graph (docs/evolve.md), e.g. "0-1,0-2,1-2,2-3,3-4,4-h"; unset: the chain, today's ViT.
     graph: str | None = None
+    # Batch-statistics norms (docs/batchnorm.md): "batchnorm" | "bgn"; unset: LayerNorm, today's ViT.
+    norm: str | None = None
+    norm_groups: int | None = None  # bgn: channel groups (default 8; must divide the width)
+    norm_regions: int | None = None  # bgn: regions per side of the token grid (default 2)
+    norm_sizes: list[int] | None = None  # patch sizes with running statistics; unset: patch.sizes
+    pow2_scale: bool | None = None  # power-of-two inference scale (batchnorm or bgn)
 
 
 @dataclass
@@ -149,6 +155,7 @@ class CompressConfig:
     lutq_k: int | None = None  # values per tied tensor (LUT-Q); unset: float weights
     lutq_scope: str = "blocks"  # "blocks" | "blocks+head"
     lutq_pow2: bool = False  # dictionary of powers of two (multiplier-less)
+    targets: str = "base"  # "base": the base's outputs (quantised by distill.quantize) | "labels": the labels
 
 
 @dataclass

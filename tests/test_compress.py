@@ -39,6 +39,7 @@ def _images(n: int = 48) -> torch.Tensor:
     ({"lutq_k": 300}, "256"),
     ({"lutq_k": 4, "lutq_scope": "all"}, "lutq_scope"),
     ({"lutq_k": 4, "calib_images": 0}, "calib_images"),
+    ({"lutq_k": 4, "targets": "teacher"}, "compress.targets"),
 ])
 def test_bad_settings_are_refused_before_any_work(settings, message):
     with pytest.raises(ValueError, match=message):
