@@ -27,7 +27,7 @@ from typing import Any, Sequence
 from .checkpoint import atomic_write_text, read_model_meta
 from .config import ConfigError, apply_overrides, load_recipe, recipe_search_grid
 
-__all__ = ["Trial", "SearchError", "parse_grid", "plan", "run_search", "METRICS"]
+__all__ = ["Trial", "SearchError", "parse_grid", "plan", "run_search", "train_run", "METRICS"]
 
 METRICS = ("worst", "mean")
 
@@ -100,20 +100,30 @@ def _read_done(path: Path) -> dict[str, dict[str, Any]]:
     return {r["trial"]: r for r in map(json.loads, path.read_text().splitlines()) if r}
 
 
+def train_run(run: Path, sets: Sequence[str], *, recipe: str, init: str | None = None,
+              log: Path | None = None) -> int:
+    """``flexivit train`` (``finetune`` from ``init``) of ``recipe`` with ``sets`` into ``run``, in a
+    subprocess, resuming from ``run``'s last checkpoint if it was interrupted; its output goes to ``log``
+    (default: this terminal). Returns the exit code."""
+    command = [sys.executable, "-m", "flexivit", *(["finetune", init] if init else ["train"]), recipe, "--out", str(run)]
+    command += [a for s in sets for a in ("--set", s)]
+    if (run / "state").is_dir():
+        command.append("--resume")
+    if log is None:
+        return subprocess.run(command).returncode
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    with open(log, "w") as f:
+        return subprocess.run(command, stdout=f, stderr=subprocess.STDOUT, env=env).returncode
+
+
 def _run_trial(trial: Trial, *, recipe: str, init: str | None, overrides: list[str], steps: int | None,
                out: Path) -> dict[str, Any]:
     """Train one trial in a subprocess (so several run at once), resuming if it was interrupted."""
     run = out / "trials" / trial.name
     sets = [*overrides, *trial.overrides(), "train.test_eval=false", *([f"train.steps={steps}"] if steps else [])]
-    command = [sys.executable, "-m", "flexivit", *(["finetune", init] if init else ["train"]), recipe, "--out", str(run)]
-    command += [a for s in sets for a in ("--set", s)]
-    if (run / "state").is_dir():
-        command.append("--resume")
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    with open(out / "trials" / f"{trial.name}.log", "w") as log:
-        done = subprocess.run(command, stdout=log, stderr=subprocess.STDOUT, env=env)
-    if done.returncode != 0:
-        return {"trial": trial.name, "failed": done.returncode, "log": str(out / "trials" / f"{trial.name}.log")}
+    code = train_run(run, sets, recipe=recipe, init=init, log=out / "trials" / f"{trial.name}.log")
+    if code != 0:
+        return {"trial": trial.name, "failed": code, "log": str(out / "trials" / f"{trial.name}.log")}
     report = json.loads((run / "eval.json").read_text())
     val = {str(r["patch_size"]): r["top1"] for r in report["val"]}
     return {"trial": trial.name, "setting": trial.setting, "values": dict(trial.values), "seed": trial.seed,
@@ -250,11 +260,7 @@ def _final(best: dict[str, Any], *, recipe: str, init: str | None, overrides: li
     """Train the winning setting at the recipe's own budget and report it on the test split."""
     run = out / "final"
     sets = [*overrides, *(f"{k}={v}" for k, v in best["values"].items())]
-    command = [sys.executable, "-m", "flexivit", *(["finetune", init] if init else ["train"]), recipe, "--out", str(run)]
-    command += [a for s in sets for a in ("--set", s)]
-    if (run / "state").is_dir():
-        command.append("--resume")
-    if subprocess.run(command).returncode != 0:
+    if train_run(run, sets, recipe=recipe, init=init) != 0:
         raise SearchError(f"the final run of {best['setting']} failed; rerun the same command to resume it")
     report = json.loads((run / "eval.json").read_text())
     return {"run": str(run), "test": {str(r["patch_size"]): r["top1"] for r in report["results"]}}
