@@ -15,13 +15,17 @@ from .lutq import LUTQ_SCOPES, check_k
 from .patch_embed import PatchScheme, check_patch_sizes
 from .resize import check_method
 
-__all__ = ["FlexiViTConfig", "GLOBAL_POOLS", "SI_SCOPES", "SI_NORMS"]
+__all__ = ["FlexiViTConfig", "GLOBAL_POOLS", "SI_SCOPES", "SI_NORMS", "NORMS"]
 
 GLOBAL_POOLS = ("token", "avg")
 SI_SCOPES = ("none", "head", "linears", "all")  # see flexivit.scale_invariant
 SI_NORMS = ("matrix", "row")
 _SI_FIELDS = ("scale_invariant", "si_norm", "si_head_scale")
 _LUTQ_FIELDS = ("lutq_k", "lutq_scope", "lutq_pow2")
+NORMS = ("layernorm", "batchnorm", "bgn")  # see flexivit.bgn
+_NORM_FIELDS = ("norm", "norm_groups", "norm_regions", "norm_sizes", "pow2_scale")
+_BGN_FIELDS = ("norm_groups", "norm_regions")
+_BGN_DEFAULTS = (8, 2)  # norm_groups (8 divides every registered width), norm_regions (a 2x2 split)
 
 
 @dataclass(frozen=True)
@@ -74,6 +78,15 @@ class FlexiViTConfig:
     # token-wise linear map; bridge_sizes: the patch sizes with a map of their own (others use the pooled one).
     bridges: tuple[str, ...] = ()
     bridge_sizes: tuple[int, ...] = ()
+    # Batch-statistics norms (flexivit.bgn) in place of the blocks' norm1/norm2 and the final norm: "batchnorm"
+    # (per channel) or "bgn" (norm_groups channel groups x norm_regions^2 regions of the token grid, the class
+    # token a region of its own), with running statistics per patch size in norm_sizes (the training sizes);
+    # pow2_scale: the inference scale of every norm is a power of two. "layernorm" is the plain ViT.
+    norm: str = "layernorm"
+    norm_groups: int = _BGN_DEFAULTS[0]
+    norm_regions: int = _BGN_DEFAULTS[1]
+    norm_sizes: tuple[int, ...] = ()
+    pow2_scale: bool = False
 
     def __post_init__(self) -> None:
         if self.global_pool not in GLOBAL_POOLS:
@@ -89,6 +102,7 @@ class FlexiViTConfig:
         self._check_lutq()
         self._check_graph()
         self._check_bridges()
+        self._check_norm()
         check_patch_sizes([PatchScheme(self.patch_size, self.stride)], self.img_size)
 
     @property
@@ -129,6 +143,39 @@ class FlexiViTConfig:
         if spans and self.graph is not None:
             raise ValueError("bridges and a block graph do not combine; set one of bridges and graph")
 
+    def _check_norm(self) -> None:
+        if self.norm not in NORMS:
+            raise ValueError(f"unknown norm {self.norm!r}; choose one of {', '.join(NORMS)}")
+        if isinstance(self.norm_sizes, (str, int)):
+            raise ValueError(f"norm_sizes must be a list of patch sizes such as [4, 7], got {self.norm_sizes!r}")
+        sizes = tuple(sorted(int(p) for p in self.norm_sizes))
+        object.__setattr__(self, "norm_sizes", sizes)  # one spelling, sorted; lists from JSON
+        if self.norm == "layernorm":
+            if sizes or self.pow2_scale or (self.norm_groups, self.norm_regions) != _BGN_DEFAULTS:
+                raise ValueError("norm_groups, norm_regions, norm_sizes and pow2_scale apply to batch-statistics norms "
+                                 "only; set norm to 'batchnorm' or 'bgn' as well, or leave them unset")
+            return
+        if self.norm == "batchnorm" and (self.norm_groups, self.norm_regions) != _BGN_DEFAULTS:
+            raise ValueError("norm_groups and norm_regions apply to norm='bgn' only (batchnorm keeps one statistic "
+                             "per channel over every token); set norm='bgn' or leave them unset")
+        if not sizes:
+            raise ValueError(f"norm={self.norm!r} keeps running statistics per patch size: set norm_sizes to the "
+                             "training patch sizes (a recipe's builder fills them from patch.sizes)")
+        if len(set(sizes)) != len(sizes):
+            raise ValueError(f"norm_sizes {list(sizes)} repeat a size")
+        if not self.pad:
+            check_patch_sizes(sizes, self.img_size, hint=" (norm_sizes)")
+        if self.norm == "bgn":
+            if self.norm_groups < 1 or self.embed_dim % self.norm_groups:
+                divisors = [g for g in range(1, self.embed_dim + 1) if self.embed_dim % g == 0]
+                raise ValueError(f"norm_groups={self.norm_groups} does not divide embed_dim={self.embed_dim}; choose "
+                                 f"one of {', '.join(map(str, divisors))}")
+            smallest = -(-self.img_size // max(sizes))  # token rows (= columns) of the largest trained patch
+            if not 1 <= self.norm_regions <= smallest:
+                raise ValueError(f"norm_regions={self.norm_regions} (regions per side of the token grid) must be between "
+                                 f"1 and {smallest}, the grid side at the largest patch in norm_sizes ({max(sizes)} on "
+                                 f"{self.img_size} px): every region needs tokens in training")
+
     @property
     def block_graph(self) -> BlockGraph:
         """The blocks' graph: ``graph`` parsed, or the chain."""
@@ -148,8 +195,9 @@ class FlexiViTConfig:
                              "not free); set scale_invariant='none' or leave lutq_k unset")
 
     def to_dict(self) -> dict[str, Any]:
-        """The fields as a dict; those of scale-invariant layers, LUT-Q, the graph and bridges only when they are
-        on, so a plain model's config (and every file that stores it) is what it was before the options existed."""
+        """The fields as a dict; those of scale-invariant layers, LUT-Q, the graph, bridges and batch-statistics
+        norms only when they are on, so a plain model's config (and every file that stores it) is what it was
+        before the options existed."""
         values = asdict(self)
         if self.scale_invariant == "none":
             for key in _SI_FIELDS:
@@ -162,6 +210,11 @@ class FlexiViTConfig:
         for key in ("bridges", "bridge_sizes"):
             if not values[key]:
                 del values[key]
+        for key in _NORM_FIELDS if self.norm == "layernorm" else _BGN_FIELDS if self.norm == "batchnorm" else ():
+            del values[key]
+        for key in ("norm_sizes", "bridges", "bridge_sizes"):  # as JSON reads them back: a resumed run compares
+            if key in values:                                  # the saved config with the current one
+                values[key] = list(values[key])
         return values
 
     @classmethod

@@ -41,6 +41,8 @@ def build_model(cfg: Config, *, channels: int, num_classes: int) -> FlexiViT:
     overrides = {k: v for k, v in dataclasses.asdict(cfg.model).items() if k != "variant" and v is not None}
     if cfg.model.variant not in VARIANTS:
         raise ValueError(f"unknown model.variant {cfg.model.variant!r}; known: {sorted(VARIANTS)}")
+    if overrides.get("norm", "layernorm") != "layernorm":  # batch statistics are kept per training patch size
+        overrides.setdefault("norm_sizes", tuple(cfg.patch.sizes))
     return create_variant(
         cfg.model.variant,
         img_size=cfg.data.image_size,

@@ -6,6 +6,7 @@
                   [--max-latency-ms X] [--max-gflops X] [--min-accuracy X] [--compile] [--precision P]
     flexivit predict CHECKPOINT IMAGE... [--patch-size N | --budget-ms X] [--topk 5] [--json]
     flexivit export CHECKPOINT --patch-size N --out DIR [--onnx] [--torch-export]
+    flexivit recalibrate CHECKPOINT --patch-sizes 3,5 [--data SRC] [--images N] [--out FILE_OR_DIR]
     flexivit search RECIPE[:ARG] --grid KEY=V1,V2 [--grid ...] [--seeds 0,1,2] [--steps N] [--metric worst|mean]
                     [--jobs N] [--init CKPT] [--then-train] [--data SRC] [--out DIR] [--set k=v ...]
     flexivit evolve RECIPE[:ARG] [--population N] [--iterations N] [--tournament N] [--threshold 0.5|uniform]
@@ -66,6 +67,7 @@ def _parser() -> argparse.ArgumentParser:
     _add_eval_parser(sub)
     _add_predict_parser(sub)
     _add_export_parser(sub)
+    _add_recalibrate_parser(sub)
     return parser
 
 
@@ -170,6 +172,16 @@ def _add_export_parser(sub: argparse._SubParsersAction) -> None:
                    "only way, with --torch-export, to export a model that is not a plain ViT")
     p.add_argument("--torch-export", action="store_true", help="also write model.pt2 (torch.export.save)")
     p.add_argument("--atol", type=float, default=1e-5, help="logit tolerance of the check (default 1e-5)")
+
+
+def _add_recalibrate_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("recalibrate", help="running statistics of batch-statistics norms (model.norm=batchnorm|bgn) "
+                       "for new patch sizes, estimated on training images without gradients (docs/batchnorm.md)")
+    p.add_argument("checkpoint", help="a run directory or a model .safetensors file")
+    p.add_argument("--patch-sizes", required=True, help="comma-separated new sizes, e.g. 3,5")
+    p.add_argument("--data", help="where the training images come from (default: the run's dataset, else fashion-mnist)")
+    p.add_argument("--images", type=int, default=512, help="training images to estimate on (default 512)")
+    p.add_argument("--out", type=Path, help="model file or folder to write (default: over the checkpoint's model)")
 
 
 def _resolve(args: argparse.Namespace):
@@ -340,6 +352,17 @@ def _export(args: argparse.Namespace) -> None:
           "load_state_dict(safetensors.torch.load_file('model.safetensors')); see docs/deploy.md")
 
 
+def _recalibrate(args: argparse.Namespace) -> None:
+    from .bgn import recalibrate_checkpoint
+
+    try:
+        sizes = [int(s) for s in args.patch_sizes.split(",") if s.strip()]
+    except ValueError:
+        raise ValueError(f"--patch-sizes takes comma-separated integers such as 3,5, got {args.patch_sizes!r}") from None
+    file, new, images = recalibrate_checkpoint(args.checkpoint, sizes, data=args.data, images=args.images, out=args.out)
+    print(f"running statistics for patch size(s) {', '.join(map(str, new))} from {images} training images; wrote {file}")
+
+
 def _user_errors(command: str) -> tuple[type[BaseException], ...]:
     from .checkpoint import CheckpointError
     from .transforms import CorruptImageError
@@ -353,7 +376,7 @@ def _user_errors(command: str) -> tuple[type[BaseException], ...]:
 
 
 COMMANDS = {"train": _train, "finetune": _finetune, "compress": _compress, "search": _search, "evolve": _evolve,
-            "eval": _eval, "predict": _predict, "export": _export}
+            "eval": _eval, "predict": _predict, "export": _export, "recalibrate": _recalibrate}
 
 
 def main(argv: list[str] | None = None) -> int:

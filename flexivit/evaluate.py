@@ -23,6 +23,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
+from .bgn import norm_stats_source
 from .bridge import bridge_fallback
 from .checkpoint import load_model, run_dir
 from .data import Splits, TransformedDataset, load_source, make_loader, select_classes
@@ -55,7 +56,9 @@ def evaluate_schemes(
     device: torch.device | None = None,
 ) -> list[dict[str, Any]]:
     """Top-1 (top-5 when there are more than 5 classes), mean loss and token count per scheme; rows where a
-    bridge ran without a map fitted at that patch size (``flexivit.bridge``) have ``bridge_fallback: true``.
+    bridge ran without a map fitted at that patch size (``flexivit.bridge``) have ``bridge_fallback: true``;
+    rows where batch-statistics norms used another size's running statistics (``flexivit.bgn``) name that size
+    in ``norm_stats_from``.
 
     ``batches`` is re-iterated for each scheme (pass a callable to build a fresh iterator each time).
     Sums stay on the device until a scheme is done; with several processes, each evaluates its own shard
@@ -101,6 +104,9 @@ def evaluate_schemes(
             row["top5"] = correct5 / count
         if bridge_fallback(model, scheme, image_hw):  # a bridge ran without a map fitted at this size
             row["bridge_fallback"] = True
+        borrowed = norm_stats_source(model, scheme.patch)  # batch-statistics norms without statistics of this size
+        if borrowed is not None:
+            row["norm_stats_from"] = borrowed
         results.append(row)
     model.train(was_training)
     return results
@@ -115,7 +121,7 @@ _COLUMNS: list[tuple[str, str, Callable[[Any], str]]] = [
     ("top-1 (%)", "top1", _pct), ("top-5 (%)", "top5", _pct), ("loss", "loss", "{:.4f}".format),
     ("GFLOPs", "gflops", "{:.4g}".format), ("params", "params", "{:,}".format),
     ("img/s", "img_per_s", "{:.1f}".format), ("latency (ms)", "latency_ms", "{:.3g}".format),
-    ("peak mem (MB)", "peak_mem_mb", "{:.1f}".format),
+    ("peak mem (MB)", "peak_mem_mb", "{:.1f}".format), ("norm stats from", "norm_stats_from", str),
 ]
 
 

@@ -22,6 +22,7 @@ from timm.models.vision_transformer import Block
 from torch import nn
 
 from .architecture import FlexiViTConfig
+from .bgn import install_norms, set_token_grid
 from .bridge import bridge_blocks
 from .graph import GraphBlocks
 from .lutq import LutqLinear, apply_lutq, fold_lutq
@@ -92,6 +93,8 @@ class FlexiViT(nn.Module):
         self.fc_norm = norm_layer(dim) if cfg.final_norm and cfg.use_fc_norm else nn.Identity()
         self.head_drop = nn.Dropout(cfg.drop_rate)
         self.head = nn.Linear(dim, cfg.num_classes) if cfg.num_classes > 0 else nn.Identity()
+        if cfg.norm != "layernorm":  # batch-statistics norms (flexivit.bgn) in the blocks and at the end
+            install_norms(self, cfg)
         # timm-style metadata so timm.data.resolve_data_config(model=...) works.
         self.pretrained_cfg = {
             "input_size": (cfg.in_chans, cfg.img_size, cfg.img_size),
@@ -161,6 +164,8 @@ class FlexiViT(nn.Module):
         """Tokens entering the blocks ``(B, prefix + gh*gw, D)`` and the token grid ``(gh, gw)``."""
         tokens = self.patch_embed(x, scheme)  # (B, gh, gw, D)
         b, gh, gw, _ = tokens.shape
+        if self.config.norm != "layernorm":  # the norms' statistics depend on the patch size and token grid
+            set_token_grid(self, scheme.patch, (gh, gw))
         tokens = (tokens + self.posemb_grid((gh, gw))).flatten(1, 2)  # (B, N, D); per step, so not einops
         if self.cls_token is not None:
             tokens = torch.cat([self.cls_token.expand(b, -1, -1), tokens], dim=1)  # (B, 1 + N, D)
@@ -300,6 +305,10 @@ class FlexiViT(nn.Module):
 
     def set_grad_checkpointing(self, enable: bool = True) -> None:
         """Recompute each block's activations in the backward pass instead of storing them."""
+        if enable and self.config.norm != "layernorm":
+            raise ValueError("gradient checkpointing recomputes each block in the backward pass, which would update the "
+                             f"running statistics of the {self.config.norm} norms twice per step; set "
+                             "train.grad_checkpointing=false, or use model.norm=layernorm")
         self.grad_checkpointing = enable
 
     # ---- interop (the conversions live in flexivit.timm_interop) -------------------------------
@@ -336,7 +345,8 @@ class FlexiViT(nn.Module):
         ``to_fixed`` bakes; other models export through ONNX / ``torch.export``, ``flexivit.export``)."""
         cfg = self.config
         parts = [f"bridges {', '.join(cfg.bridges)}"] if cfg.bridges else []
-        return parts + ([f"a block graph ({cfg.graph})"] if cfg.graph is not None else [])
+        parts += [f"a block graph ({cfg.graph})"] if cfg.graph is not None else []
+        return parts + ([f"batch-statistics norms ({cfg.norm})"] if cfg.norm != "layernorm" else [])
 
     def is_plain_vit(self) -> bool:
         """Whether ``to_fixed`` can bake this model into a plain timm ``VisionTransformer``."""

@@ -64,6 +64,13 @@ def test_derived_model_is_smaller_tied_and_leaves_the_base_alone():
     assert torch.equal(tied.values[nearest], tied.tied_weight().detach())
 
 
+def test_derived_config_reads_back_from_json_unchanged():
+    derived, _ = derive(_base(), CompressConfig(bridges=["2:4"], lutq_k=4), patch_sizes=SIZES, calibration=_images())
+    # A resumed run compares the config saved as JSON with the rebuilt one: tuples must not differ from lists.
+    assert json.loads(json.dumps(derived.config.to_dict())) == derived.config.to_dict()
+    assert FlexiViTConfig.from_dict(json.loads(json.dumps(derived.config.to_dict()))) == derived.config
+
+
 def test_lutq_only_copies_the_base_and_runs_at_every_size():
     base = _base()
     derived, residuals = derive(base, CompressConfig(lutq_k=16), patch_sizes=SIZES)
@@ -132,6 +139,10 @@ def test_compress_smoke_eval_export(tmp_path):
     assert done.returncode == 0, done.stderr[-3000:]
     assert (tmp_path / "prog" / "model.pt2").is_file()
 
+    done = _cli("compress", str(base), "fashion_mnist_compress:smoke", "--out", str(derived), "--resume",
+                "--set", "train.steps=30")  # a longer run continues from the saved state
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "resumed from" in done.stdout + done.stderr
     done = _cli("compress", str(derived), "fashion_mnist_compress:smoke", "--out", str(tmp_path / "again"))
     assert done.returncode == 2 and "compressed already" in done.stderr
 
