@@ -13,9 +13,10 @@ from .bridge import parse_spans, format_span
 from .graph import BlockGraph, chain
 from .lutq import LUTQ_SCOPES, check_k
 from .patch_embed import PatchScheme, check_patch_sizes
+from .proxies import HEADS, check_proxy_fields
 from .resize import check_method
 
-__all__ = ["FlexiViTConfig", "GLOBAL_POOLS", "SI_SCOPES", "SI_NORMS", "NORMS"]
+__all__ = ["FlexiViTConfig", "GLOBAL_POOLS", "SI_SCOPES", "SI_NORMS", "NORMS", "HEADS"]
 
 GLOBAL_POOLS = ("token", "avg")
 SI_SCOPES = ("none", "head", "linears", "all")  # see flexivit.scale_invariant
@@ -26,6 +27,10 @@ NORMS = ("layernorm", "batchnorm", "bgn")  # see flexivit.bgn
 _NORM_FIELDS = ("norm", "norm_groups", "norm_regions", "norm_sizes", "pow2_scale")
 _BGN_FIELDS = ("norm_groups", "norm_regions")
 _BGN_DEFAULTS = (8, 2)  # norm_groups (8 divides every registered width), norm_regions (a 2x2 split)
+_PROXY_FIELDS = ("proxy_local", "proxy_mix", "proxy_scale")
+# proxy_local: the count in issue 14's calibration run; proxy_mix: global and local weighed alike; proxy_scale:
+# logits in [-16, 16]; with the true class at cosine 1 and nine others at 0, softmax gives it 1 - 1e-6.
+_PROXY_DEFAULTS = (16, 0.5, 16.0)
 
 
 @dataclass(frozen=True)
@@ -87,6 +92,13 @@ class FlexiViTConfig:
     norm_regions: int = _BGN_DEFAULTS[1]
     norm_sizes: tuple[int, ...] = ()
     pow2_scale: bool = False
+    # Class-proxy head (flexivit.proxies): "proxies" scores class k by cosine similarity to its global proxy (the
+    # pooled feature) and to its proxy_local local proxies (the patch tokens, a soft maximum over tokens), weighed
+    # proxy_mix : 1 - proxy_mix, times proxy_scale. "linear" is the plain ViT.
+    head: str = "linear"
+    proxy_local: int = _PROXY_DEFAULTS[0]
+    proxy_mix: float = _PROXY_DEFAULTS[1]
+    proxy_scale: float = _PROXY_DEFAULTS[2]
 
     def __post_init__(self) -> None:
         if self.global_pool not in GLOBAL_POOLS:
@@ -103,6 +115,7 @@ class FlexiViTConfig:
         self._check_graph()
         self._check_bridges()
         self._check_norm()
+        self._check_head()
         check_patch_sizes([PatchScheme(self.patch_size, self.stride)], self.img_size)
 
     @property
@@ -176,6 +189,25 @@ class FlexiViTConfig:
                                  f"1 and {smallest}, the grid side at the largest patch in norm_sizes ({max(sizes)} on "
                                  f"{self.img_size} px): every region needs tokens in training")
 
+    def _check_head(self) -> None:
+        if self.head not in HEADS:
+            raise ValueError(f"unknown head {self.head!r}; choose one of {', '.join(HEADS)}")
+        check_proxy_fields(local=self.proxy_local, mix=self.proxy_mix, scale=self.proxy_scale)
+        if self.head == "linear":
+            if (self.proxy_local, self.proxy_mix, self.proxy_scale) != _PROXY_DEFAULTS:
+                raise ValueError("proxy_local, proxy_mix and proxy_scale apply to head='proxies' only; set "
+                                 "head='proxies' as well, or leave them unset")
+            return
+        if self.scale_invariant == "head" or self.si_head_scale is not None:
+            raise ValueError("the proxy head is scale-invariant already (cosine similarities); set its logit scale "
+                             "with proxy_scale, and scale_invariant to 'none', 'linears' or 'all' without si_head_scale")
+        if self.lutq_scope == "blocks+head":
+            raise ValueError("lutq_scope='blocks+head' ties a linear head's weights; the proxy head has none: use "
+                             "lutq_scope='blocks'")
+        if self.proxy_mix == 0 and self.final_norm and self.use_fc_norm:
+            raise ValueError("proxy_mix=0 ignores the pooled feature, so fc_norm (the norm after average pooling) would "
+                             "get no gradient; set proxy_mix above 0, or fc_norm=false")
+
     @property
     def block_graph(self) -> BlockGraph:
         """The blocks' graph: ``graph`` parsed, or the chain."""
@@ -195,9 +227,9 @@ class FlexiViTConfig:
                              "not free); set scale_invariant='none' or leave lutq_k unset")
 
     def to_dict(self) -> dict[str, Any]:
-        """The fields as a dict; those of scale-invariant layers, LUT-Q, the graph, bridges and batch-statistics
-        norms only when they are on, so a plain model's config (and every file that stores it) is what it was
-        before the options existed."""
+        """The fields as a dict; those of scale-invariant layers, LUT-Q, the graph, bridges, batch-statistics
+        norms and the proxy head only when they are on, so a plain model's config (and every file that stores
+        it) is what it was before the options existed."""
         values = asdict(self)
         if self.scale_invariant == "none":
             for key in _SI_FIELDS:
@@ -211,6 +243,8 @@ class FlexiViTConfig:
             if not values[key]:
                 del values[key]
         for key in _NORM_FIELDS if self.norm == "layernorm" else _BGN_FIELDS if self.norm == "batchnorm" else ():
+            del values[key]
+        for key in ("head", *_PROXY_FIELDS) if self.head == "linear" else ():
             del values[key]
         for key in ("norm_sizes", "bridges", "bridge_sizes"):  # as JSON reads them back: a resumed run compares
             if key in values:                                  # the saved config with the current one

@@ -7,6 +7,9 @@
     flexivit predict CHECKPOINT IMAGE... [--patch-size N | --budget-ms X] [--topk 5] [--json]
     flexivit export CHECKPOINT --patch-size N --out DIR [--onnx] [--torch-export]
     flexivit recalibrate CHECKPOINT --patch-sizes 3,5 [--data SRC] [--images N] [--out FILE_OR_DIR]
+    flexivit fewshot CHECKPOINT --data SRC [--classes a,b] [--ways N] [--shots 1,5] [--queries Q] [--episodes E]
+                     [--patch-sizes 4,7] [--methods global,local,global+local] [--local M|all] [--mix A] [--seed S]
+                     [--out DIR]
     flexivit search RECIPE[:ARG] --grid KEY=V1,V2 [--grid ...] [--seeds 0,1,2] [--steps N] [--metric worst|mean]
                     [--jobs N] [--init CKPT] [--then-train] [--data SRC] [--out DIR] [--set k=v ...]
     flexivit evolve RECIPE[:ARG] [--population N] [--iterations N] [--tournament N] [--threshold 0.5|uniform]
@@ -68,6 +71,7 @@ def _parser() -> argparse.ArgumentParser:
     _add_predict_parser(sub)
     _add_export_parser(sub)
     _add_recalibrate_parser(sub)
+    _add_fewshot_parser(sub)
     return parser
 
 
@@ -182,6 +186,28 @@ def _add_recalibrate_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--data", help="where the training images come from (default: the run's dataset, else fashion-mnist)")
     p.add_argument("--images", type=int, default=512, help="training images to estimate on (default 512)")
     p.add_argument("--out", type=Path, help="model file or folder to write (default: over the checkpoint's model)")
+
+
+def _add_fewshot_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("fewshot", help="few-shot accuracy of a frozen FlexiViT with class proxies built from each "
+                       "episode's support set, per method, shot count and patch size (docs/proxies.md)")
+    p.add_argument("checkpoint", help="a run directory or a model .safetensors file (its head is ignored)")
+    p.add_argument("--data", required=True, help="fashion-mnist, an image folder or hf:NAME[:CONFIG]; episodes come "
+                   "from its test split")
+    p.add_argument("--classes", help="comma-separated class names to draw episodes from (default: every class)")
+    p.add_argument("--ways", type=int, default=5, help="classes per episode (default 5)")
+    p.add_argument("--shots", default="1,5", help="support images per class, comma-separated (default 1,5)")
+    p.add_argument("--queries", type=int, default=15, help="query images per class and episode (default 15)")
+    p.add_argument("--episodes", type=int, default=100, help="episodes (default 100)")
+    p.add_argument("--patch-sizes", help="comma-separated sizes, or 'all' (default: the run's training sizes)")
+    p.add_argument("--methods", default="global,local,global+local", help="comma-separated, among global, local and "
+                   "global+local (default: all three)")
+    p.add_argument("--local", default="16", help="local proxies per class (k-means of the support tokens), or 'all' "
+                   "(every support token); default 16")
+    p.add_argument("--mix", type=float, default=0.5, help="weight of the global proxies in global+local (default 0.5)")
+    p.add_argument("--seed", type=int, default=0, help="episodes and k-means derive from it (default 0)")
+    p.add_argument("--device", help="cpu, cuda or cuda:N (default: cuda when available)")
+    p.add_argument("--out", type=Path, help="where fewshot.json/.md/.png go (default: the checkpoint's folder)")
 
 
 def _resolve(args: argparse.Namespace):
@@ -363,6 +389,21 @@ def _recalibrate(args: argparse.Namespace) -> None:
     print(f"running statistics for patch size(s) {', '.join(map(str, new))} from {images} training images; wrote {file}")
 
 
+def _fewshot(args: argparse.Namespace) -> None:
+    from .checkpoint import run_dir
+    from .fewshot import FewShotSettings, markdown, parse_list, parse_local, run_fewshot, write_fewshot
+
+    settings = FewShotSettings(ways=args.ways, shots=tuple(parse_list(args.shots, "--shots")), queries=args.queries,
+                               episodes=args.episodes, methods=tuple(m.strip() for m in args.methods.split(",")),
+                               local=parse_local(args.local), mix=args.mix, seed=args.seed)
+    classes = [c.strip() for c in args.classes.split(",")] if args.classes else None
+    report = run_fewshot(args.checkpoint, data=args.data, settings=settings, classes=classes,
+                         patch_sizes=args.patch_sizes, device=_device(args.device))
+    files = write_fewshot(report, args.out or run_dir(args.checkpoint))
+    print(markdown(report), end="")
+    print(f"wrote {', '.join(str(f) for f in files.values())}")
+
+
 def _user_errors(command: str) -> tuple[type[BaseException], ...]:
     from .checkpoint import CheckpointError
     from .transforms import CorruptImageError
@@ -376,7 +417,7 @@ def _user_errors(command: str) -> tuple[type[BaseException], ...]:
 
 
 COMMANDS = {"train": _train, "finetune": _finetune, "compress": _compress, "search": _search, "evolve": _evolve,
-            "eval": _eval, "predict": _predict, "export": _export, "recalibrate": _recalibrate}
+            "eval": _eval, "predict": _predict, "export": _export, "recalibrate": _recalibrate, "fewshot": _fewshot}
 
 
 def main(argv: list[str] | None = None) -> int:

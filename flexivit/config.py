@@ -60,6 +60,12 @@ class ModelConfig:
     norm_regions: int | None = None  # bgn: regions per side of the token grid (default 2)
     norm_sizes: list[int] | None = None  # patch sizes with running statistics; unset: patch.sizes
     pow2_scale: bool | None = None  # power-of-two inference scale (batchnorm or bgn)
+    # Class-proxy head (docs/proxies.md): "proxies" | "linear"; unset: linear, today's ViT. A fine-tune takes
+    # these four from the recipe (the proxies are then initialised from the new task's training images).
+    head: str | None = None
+    proxy_local: int | None = None  # local proxies per class, matched to the patch tokens (default 16; 0: none)
+    proxy_mix: float | None = None  # weight alpha of the global proxies in [0, 1] (default 0.5)
+    proxy_scale: float | None = None  # logit scale (default 16)
 
 
 @dataclass

@@ -27,6 +27,7 @@ from .bridge import bridge_blocks
 from .graph import GraphBlocks
 from .lutq import LutqLinear, apply_lutq, fold_lutq
 from .patch_embed import FlexiPatchEmbed, PatchScheme
+from .proxies import ProxyHead
 from .resize import pi_resize, resample_posemb
 from .scale_invariant import convert_layers, fold_state_dict
 from .timm_interop import flexivit_to_timm, timm_to_flexivit
@@ -92,7 +93,7 @@ class FlexiViT(nn.Module):
         self.norm = norm_layer(dim) if cfg.final_norm and not cfg.use_fc_norm else nn.Identity()
         self.fc_norm = norm_layer(dim) if cfg.final_norm and cfg.use_fc_norm else nn.Identity()
         self.head_drop = nn.Dropout(cfg.drop_rate)
-        self.head = nn.Linear(dim, cfg.num_classes) if cfg.num_classes > 0 else nn.Identity()
+        self.head = self._new_head(cfg.num_classes)
         if cfg.norm != "layernorm":  # batch-statistics norms (flexivit.bgn) in the blocks and at the end
             install_norms(self, cfg)
         # timm-style metadata so timm.data.resolve_data_config(model=...) works.
@@ -111,6 +112,16 @@ class FlexiViT(nn.Module):
             convert_layers(self, scope=cfg.scale_invariant, norm=cfg.si_norm, head_scale=cfg.si_head_scale)
         if cfg.lutq_k is not None:
             apply_lutq(self, k=cfg.lutq_k, scope=cfg.lutq_scope, pow2=cfg.lutq_pow2)
+
+    def _new_head(self, num_classes: int) -> nn.Module:
+        """The classifier for ``num_classes`` outputs: ``nn.Linear``, or class proxies (``flexivit.proxies``)."""
+        cfg = self.config
+        if num_classes <= 0:
+            return nn.Identity()
+        if cfg.head == "proxies":
+            return ProxyHead(dim=self.embed_dim, num_classes=num_classes, local=cfg.proxy_local, mix=cfg.proxy_mix,
+                             scale=cfg.proxy_scale)
+        return nn.Linear(self.embed_dim, num_classes)
 
     def _init_weights(self) -> None:
         for p in self._posemb_params():
@@ -230,10 +241,15 @@ class FlexiViT(nn.Module):
         return out if intermediates_only else (self.norm(tokens), out)
 
     def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
-        """Pool the tokens of ``forward_features`` and apply the classifier."""
-        x = x[:, 0] if self.global_pool == "token" else x[:, self.num_prefix_tokens :].mean(dim=1)  # (B, D)
-        x = self.head_drop(self.fc_norm(x))
-        return x if pre_logits else self.head(x)
+        """Pool the tokens of ``forward_features`` and apply the classifier (a proxy head also sees the patch
+        tokens)."""
+        pooled = x[:, 0] if self.global_pool == "token" else x[:, self.num_prefix_tokens :].mean(dim=1)  # (B, D)
+        pooled = self.head_drop(self.fc_norm(pooled))
+        if pre_logits:
+            return pooled
+        if isinstance(self.head, ProxyHead):
+            return self.head(pooled, x[:, self.num_prefix_tokens :])  # patch tokens (B, N, D)
+        return self.head(pooled)
 
     def forward(
         self, x: torch.Tensor, patch_size: int | PatchScheme | None = None, stride: int | None = None
@@ -255,7 +271,10 @@ class FlexiViT(nn.Module):
         self.config = FlexiViTConfig.from_dict({**self.config.to_dict(), "num_classes": num_classes})
         self.pretrained_cfg["num_classes"] = num_classes
         old = self.head
-        self.head = nn.Linear(self.embed_dim, num_classes) if num_classes > 0 else nn.Identity()
+        self.head = self._new_head(num_classes)
+        if isinstance(self.head, ProxyHead) and isinstance(old, ProxyHead):
+            ref = next(old.parameters())
+            self.head.to(device=ref.device, dtype=ref.dtype)
         if isinstance(self.head, nn.Linear):
             if isinstance(old, nn.Linear):
                 self.head.to(device=old.weight.device, dtype=old.weight.dtype)
@@ -346,7 +365,9 @@ class FlexiViT(nn.Module):
         cfg = self.config
         parts = [f"bridges {', '.join(cfg.bridges)}"] if cfg.bridges else []
         parts += [f"a block graph ({cfg.graph})"] if cfg.graph is not None else []
-        return parts + ([f"batch-statistics norms ({cfg.norm})"] if cfg.norm != "layernorm" else [])
+        parts += [f"batch-statistics norms ({cfg.norm})"] if cfg.norm != "layernorm" else []
+        return parts + ([f"a class-proxy head ({cfg.proxy_local} local proxies per class)"] if cfg.head == "proxies"
+                        else [])
 
     def is_plain_vit(self) -> bool:
         """Whether ``to_fixed`` can bake this model into a plain timm ``VisionTransformer``."""

@@ -1,0 +1,309 @@
+"""``flexivit fewshot``: few-shot classification with class proxies on a frozen FlexiViT, at every patch size.
+
+Episodes come from the test split of ``--data`` (optionally only its ``--classes``). Episode ``e`` draws, with
+a generator seeded by ``(seed, e)``, ``ways`` classes and, per class, ``max(shots) + queries`` distinct images:
+the first ``max(shots)`` are the support, the rest the queries, so no support image is ever a query. For
+each patch size the backbone (any FlexiViT; its own head ignored; eval mode, no gradients) gives every
+episode image's pooled feature and patch tokens; for each shot count the first ``shots`` support images of
+each class make the episode's proxies (``flexivit.proxies.support_proxies``) and every query is classified by
+each method:
+
+- ``global``: cosine to the class means of the pooled features (the global proxies alone);
+- ``local``: the local proxies alone (``--local M`` k-means centres of each class's support tokens, capped at
+  its token count; ``--local all``: every support token);
+- ``global+local``: ``mix * global + (1 - mix) * local`` (``--mix``, default 0.5).
+
+Every method, shot count and patch size sees the same episodes and queries, so their differences are paired.
+An episode's accuracy is over its ``ways * queries`` queries; ``fewshot.json`` holds each episode's, their
+mean and a 95 % confidence interval ``1.96 * std / sqrt(episodes)`` (normal approximation, sample std), and
+the paired gain of ``global+local`` over ``global`` with its interval. Deterministic for a seed.
+
+``task_support`` draws the support set with which ``flexivit finetune`` initialises a proxy head.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from .builders import preprocess_meta
+from .checkpoint import atomic_write_text
+from .config import Config
+from .data import TransformedDataset, collate, load_source, select_classes
+from .evaluate import default_device, load_eval_splits, load_subject, resolve_patch_sizes
+from .model import FlexiViT
+from .proxies import LOCAL_TEMPERATURE, global_similarity, local_similarity, pooled_and_tokens, support_proxies
+from .rng import mix
+from .transforms import eval_transform
+
+__all__ = ["METHODS", "FewShotSettings", "Episode", "draw_episodes", "run_fewshot", "write_fewshot", "task_support",
+           "parse_local", "parse_list", "markdown", "score_episode"]
+
+METHODS = ("global", "local", "global+local")
+Z95 = 1.96  # two-sided 95 % quantile of the normal distribution
+QUERY_CHUNK = 16  # queries scored at once against the local proxies: bounds the (B, K, M, N) similarities
+SUPPORT_PER_CLASS = 16  # training images per class that initialise a fine-tuned proxy head
+SUPPORT_STREAM = 2  # task_support draws with mix(train.seed, 2)
+
+
+@dataclass(frozen=True)
+class FewShotSettings:
+    """What an episode is and how it is scored; ``local=None`` makes every support token a local proxy."""
+
+    ways: int = 5
+    shots: tuple[int, ...] = (1, 5)
+    queries: int = 15
+    episodes: int = 100
+    methods: tuple[str, ...] = METHODS
+    local: int | None = 16
+    mix: float = 0.5
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        for name in ("ways", "queries", "episodes"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"--{name} must be 1 or more, got {getattr(self, name)}")
+        if not self.shots or min(self.shots) < 1:
+            raise ValueError(f"--shots must be positive integers such as 1,5, got {list(self.shots)}")
+        unknown = [m for m in self.methods if m not in METHODS]
+        if unknown or not self.methods:
+            raise ValueError(f"unknown --methods {unknown}; choose among {', '.join(METHODS)}")
+        if not 0.0 <= self.mix <= 1.0:
+            raise ValueError(f"--mix (the weight of the global proxies in global+local) must be in [0, 1], got "
+                             f"{self.mix}")
+        if self.local is not None and self.local < 1 and set(self.methods) - {"global"}:
+            raise ValueError(f"--local {self.local}: the local and global+local methods need local proxies; pass "
+                             "--local 1 or more (or all), or --methods global")
+
+
+def parse_list(spec: str, what: str) -> list[int]:
+    """``"1,5"`` → ``[1, 5]``, or an error naming ``what``."""
+    try:
+        return [int(s) for s in spec.split(",") if s.strip()]
+    except ValueError:
+        raise ValueError(f"{what} takes comma-separated integers such as 1,5, got {spec!r}") from None
+
+
+def parse_local(spec: str) -> int | None:
+    """``--local``: a count, or ``all`` (every support token, ``None``)."""
+    if spec.strip().lower() == "all":
+        return None
+    try:
+        return int(spec)
+    except ValueError:
+        raise ValueError(f"--local takes a number of local proxies per class or 'all', got {spec!r}") from None
+
+
+@dataclass(frozen=True)
+class Episode:
+    """Rows of the test split: ``support`` ``(ways, max shots)`` and ``query`` ``(ways, queries)``, row ``i``
+    of both from class ``classes[i]`` (a label of the data)."""
+
+    classes: tuple[int, ...]
+    support: np.ndarray
+    query: np.ndarray
+
+
+def draw_episodes(labels: np.ndarray, *, ways: int, shots: int, queries: int, episodes: int, seed: int,
+                  class_names: Sequence[str]) -> list[Episode]:
+    """``episodes`` episodes of ``ways`` classes with ``shots`` support and ``queries`` query rows per class,
+    all distinct; episode ``e`` depends only on ``(labels, seed, e)`` and the sizes."""
+    if ways > len(class_names):
+        raise ValueError(f"--ways {ways} is above the {len(class_names)} classes of the data; pass --ways "
+                         f"{len(class_names)} or fewer, or more --classes")
+    rows = {c: np.flatnonzero(labels == c) for c in range(len(class_names))}
+    smallest = min(rows, key=lambda c: len(rows[c]))
+    if shots + queries > len(rows[smallest]):
+        raise ValueError(f"{shots} shots + {queries} queries need {shots + queries} images per class, but class "
+                         f"{class_names[smallest]!r} has only {len(rows[smallest])} test images; lower --shots or "
+                         "--queries, or leave that class out with --classes")
+    drawn = []
+    for e in range(episodes):
+        rng = np.random.default_rng(mix(seed, e))
+        classes = tuple(int(c) for c in rng.choice(len(class_names), ways, replace=False))
+        picked = np.stack([rng.choice(rows[c], shots + queries, replace=False) for c in classes])  # (ways, S + Q)
+        drawn.append(Episode(classes, picked[:, :shots], picked[:, shots:]))
+    return drawn
+
+
+def _method_scores(method: str, alpha: float, glob: torch.Tensor, loc: torch.Tensor | None) -> torch.Tensor:
+    if method == "global":
+        return glob
+    return loc if method == "local" else alpha * glob + (1 - alpha) * loc
+
+
+def score_episode(pooled: torch.Tensor, tokens: torch.Tensor, settings: FewShotSettings, *, seed: int,
+                  ) -> dict[tuple[str, int], tuple[float, int | None]]:
+    """Accuracy of each (method, shots) on one episode, and the local proxies per class it used. ``pooled``
+    ``(ways, S + Q, D)`` and ``tokens`` ``(ways, S + Q, N, D)``: the support (first ``S = max shots``) and query
+    images of each class."""
+    ways, n = pooled.shape[0], tokens.shape[2]
+    top = max(settings.shots)
+    q_pooled, q_tokens = pooled[:, top:].flatten(0, 1), tokens[:, top:].flatten(0, 1)  # (ways * Q, D), (ways * Q, N, D)
+    q_labels = torch.arange(ways).repeat_interleave(settings.queries)
+    needs_local = bool(set(settings.methods) - {"global"})
+    out = {}
+    for shots in settings.shots:
+        local = (None if settings.local is None else min(settings.local, shots * n)) if needs_local else 0
+        support = [(pooled[:, :shots].flatten(0, 1), tokens[:, :shots].flatten(0, 1))]  # (W*s, D), (W*s, N, D)
+        labels = torch.arange(ways).repeat_interleave(shots)
+        g, l = support_proxies(support, labels, num_classes=ways, local=local, seed=mix(seed, shots))
+        glob = global_similarity(q_pooled, g)  # (ways * Q, ways)
+        loc = torch.cat([local_similarity(c, l) for c in q_tokens.split(QUERY_CHUNK)]) if l is not None else None
+        used = None if l is None else l.shape[1]
+        for method in settings.methods:
+            hits = _method_scores(method, settings.mix, glob, loc).argmax(dim=1).eq(q_labels)
+            out[(method, shots)] = (hits.float().mean().item(), used)
+    return out
+
+
+def _summary(values: Sequence[float]) -> tuple[float, float, float]:
+    """Mean, sample std and the half-width of the 95 % CI of the mean."""
+    arr = np.asarray(values, dtype=np.float64)
+    std = float(arr.std(ddof=1)) if len(arr) > 1 else 0.0
+    return float(arr.mean()), std, Z95 * std / math.sqrt(len(arr))
+
+
+def run_fewshot(checkpoint: str | Path, *, data: str, settings: FewShotSettings, classes: Sequence[str] | None = None,
+                patch_sizes: str | Sequence[int] | None = None, device: torch.device | None = None,
+                progress: bool = True) -> dict[str, Any]:
+    """The ``fewshot.json`` report of ``checkpoint``'s backbone on episodes from ``data``'s test split."""
+    subject = load_subject(checkpoint)
+    model = subject.model
+    if not isinstance(model, FlexiViT):
+        raise ValueError(f"{checkpoint} is a timm export at one patch size; fewshot needs a FlexiViT run directory or "
+                         "model file")
+    sizes = resolve_patch_sizes(patch_sizes, subject.valid_sizes, subject.default_sizes,
+                                image_size=model.config.img_size)
+    source, splits = load_eval_splits(data, subject.run_config)
+    if splits.channels != model.config.in_chans:
+        raise ValueError(f"{source} has {splits.channels}-channel images but the backbone takes {model.config.in_chans}"
+                         f"-channel ones; pass data with {model.config.in_chans}-channel images")
+    if classes:
+        splits = select_classes(splits, list(classes))
+    labels = np.asarray(splits.test.with_format("numpy", columns=["label"])[:]["label"])
+    s = settings
+    episodes = draw_episodes(labels, ways=s.ways, shots=max(s.shots), queries=s.queries, episodes=s.episodes,
+                             seed=s.seed, class_names=splits.class_names)
+    dataset = TransformedDataset(splits.test, eval_transform(subject.preprocess))
+    device = device or default_device()
+    model.to(device).eval()
+    accuracy: dict[tuple[int, str, int], list[float]] = {}
+    used: dict[tuple[int, str, int], int | None] = {}
+    tokens_at: dict[int, int] = {}
+    for e, episode in enumerate(tqdm(episodes, desc="fewshot", disable=not progress, leave=False)):
+        rows = np.concatenate([episode.support, episode.query], axis=1)  # (ways, S + Q)
+        images = collate(dataset.__getitems__(rows.flatten().tolist()))["image"]  # (ways * (S + Q), C, H, W)
+        for p in sizes:
+            pooled, tokens = pooled_and_tokens(model, images, p)  # (B, D), (B, N, D)
+            tokens_at[p] = tokens.shape[1]
+            pooled, tokens = pooled.unflatten(0, rows.shape), tokens.unflatten(0, rows.shape)
+            for (method, shots), (acc, m) in score_episode(pooled, tokens, s, seed=mix(s.seed, e)).items():
+                accuracy.setdefault((p, method, shots), []).append(acc)
+                used[(p, method, shots)] = m
+    results, paired = [], []
+    for p in sizes:
+        for shots in s.shots:
+            for method in s.methods:
+                top1, std, ci95 = _summary(accuracy[(p, method, shots)])
+                results.append({"patch_size": p, "tokens": tokens_at[p], "shots": shots, "method": method,
+                                "local_proxies": used[(p, method, shots)] if method != "global" else 0, "top1": top1,
+                                "std": std, "ci95": ci95, "episodes_top1": accuracy[(p, method, shots)]})
+            if {"global", "global+local"} <= set(s.methods):
+                both = accuracy[(p, "global+local", shots)], accuracy[(p, "global", shots)]
+                gain, _, ci95 = _summary(np.subtract(*both))
+                paired.append({"patch_size": p, "shots": shots, "gain": gain, "ci95": ci95})
+    trained_on = set(subject.meta.get("class_names") or [])
+    return {
+        "checkpoint": str(checkpoint), "data": source, "split": "test", "classes": list(splits.class_names),
+        "backbone_classes_in_episodes": [c for c in splits.class_names if c in trained_on],
+        "ways": s.ways, "shots": list(s.shots), "queries": s.queries, "episodes": s.episodes,
+        "methods": list(s.methods), "local": "all" if s.local is None else s.local, "mix": s.mix, "seed": s.seed,
+        "temperature": LOCAL_TEMPERATURE, "patch_sizes": sizes, "device": str(device),
+        "results": results, "paired_gain_over_global": paired,
+    }
+
+
+def markdown(report: dict[str, Any]) -> str:
+    """``fewshot.md``: the settings, accuracy per patch size, shots and method, and the paired gains."""
+    r = report
+    lines = [f"# Few-shot: {r['checkpoint']} on {r['data']} ({r['split']} split)", "",
+             f"{r['episodes']} episodes of {r['ways']} ways from classes {', '.join(r['classes'])}, {r['queries']} "
+             f"queries per class, seed {r['seed']}; local proxies per class: {r['local']} (k-means of the support "
+             f"tokens, capped at their count), global+local mix {r['mix']}, token temperature {r['temperature']}. "
+             "Accuracy: mean over episodes ± 95 % CI (1.96 std / sqrt(episodes)).", ""]
+    if r["backbone_classes_in_episodes"]:
+        lines += [f"Note: the backbone was trained on {', '.join(r['backbone_classes_in_episodes'])} (not new "
+                  "classes).", ""]
+    lines += ["| patch | tokens | shots | method | top-1 (%) | ± 95 % CI | local proxies |",
+              "|---:|---:|---:|---|---:|---:|---:|"]
+    lines += [f"| {x['patch_size']} | {x['tokens']} | {x['shots']} | {x['method']} | {100 * x['top1']:.2f} | "
+              f"{100 * x['ci95']:.2f} | {x['local_proxies']} |" for x in r["results"]]
+    if r["paired_gain_over_global"]:
+        lines += ["", "Paired gain of global+local over global (points, same episodes and queries):", "",
+                  "| patch | shots | gain | ± 95 % CI |", "|---:|---:|---:|---:|"]
+        lines += [f"| {x['patch_size']} | {x['shots']} | {100 * x['gain']:+.2f} | {100 * x['ci95']:.2f} |"
+                  for x in r["paired_gain_over_global"]]
+    return "\n".join(lines) + "\n"
+
+
+def save_plot(report: dict[str, Any], path: str | Path) -> None:
+    """Accuracy vs patch size, one line (with its 95 % CI) per method and shot count."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(6.5, 4.5), layout="constrained")
+    FigureCanvasAgg(fig)
+    ax = fig.subplots()
+    styles = ("-", "--", ":", "-.")
+    for i, method in enumerate(report["methods"]):
+        for j, shots in enumerate(report["shots"]):
+            rows = [x for x in report["results"] if x["method"] == method and x["shots"] == shots]
+            ax.errorbar([x["patch_size"] for x in rows], [100 * x["top1"] for x in rows],
+                        yerr=[100 * x["ci95"] for x in rows], color=f"C{i}", linestyle=styles[j % len(styles)],
+                        marker="o", capsize=3, label=f"{method}, {shots}-shot")
+    ax.set_xscale("log")
+    ax.set_xticks(report["patch_sizes"], [str(p) for p in report["patch_sizes"]])
+    ax.minorticks_off()
+    ax.set_xlabel("patch size")
+    ax.set_ylabel("top-1 (%)")
+    ax.grid(True, alpha=0.3)
+    ax.legend(fontsize=8, loc="best")
+    ax.set_title(f"{report['ways']}-way few-shot, {report['episodes']} episodes ({report['data']})", fontsize=9)
+    fig.savefig(str(path), dpi=110)
+
+
+def write_fewshot(report: dict[str, Any], out_dir: str | Path) -> dict[str, Path]:
+    """Write ``fewshot.json``, ``fewshot.md`` and ``fewshot.png`` into ``out_dir``."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    files = {"json": out / "fewshot.json", "md": out / "fewshot.md", "png": out / "fewshot.png"}
+    atomic_write_text(files["json"], json.dumps(report, indent=2) + "\n")
+    atomic_write_text(files["md"], markdown(report))
+    save_plot(report, files["png"])
+    return files
+
+
+def task_support(cfg: Config, per_class: int = SUPPORT_PER_CLASS) -> tuple[torch.Tensor, torch.Tensor]:
+    """Images ``(B, C, H, W)`` and labels ``(B,)`` of up to ``per_class`` training images of each class of
+    ``cfg``'s task (``data.classes`` applied), drawn with ``mix(train.seed, 2)`` and prepared as evaluation
+    prepares them: the support set a fine-tuned proxy head starts from."""
+    d = cfg.data
+    splits = load_source(d.source, val_fraction=d.val_fraction, seed=cfg.train.seed, split_train=d.split_train,
+                         split_test=d.split_test, image_column=d.image_column, label_column=d.label_column)
+    if d.classes:
+        splits = select_classes(splits, d.classes)
+    transform = eval_transform(preprocess_meta(cfg, d.channels or splits.channels))
+    labels = np.asarray(splits.train.with_format("numpy", columns=["label"])[:]["label"])
+    rng = np.random.default_rng(mix(cfg.train.seed, SUPPORT_STREAM))
+    rows = [int(i) for c in np.unique(labels) for i in
+            rng.choice(np.flatnonzero(labels == c), min(per_class, int((labels == c).sum())), replace=False)]
+    batch = collate(TransformedDataset(splits.train, transform, on_corrupt=d.on_corrupt).__getitems__(rows))
+    return batch["image"], batch["label"]
