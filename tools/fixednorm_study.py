@@ -14,8 +14,7 @@ Stages (each a resumable `flexivit search`, or plain runs for the test seeds; fi
 - ``sensitivity``: the ELR grid again at weight decay 0.3 (fixed-norm tensors ignore it) and the head
   scale S in {1, 4, 16} at the best ELR (S = 2 is the recipe's).
 - ``scratch``: the quickstart recipe from scratch at ``--scratch-steps`` steps, AdamW at 3 learning
-  rates against fixed-norm at 3 ELR values for each scope (head, linears, all) and, labelled as not
-  the seed's, per-row norms for scope all.
+  rates against fixed-norm at 3 ELR values for each scope (head, linears, all), constant S.
 - ``overhead``: step time of the same scale-invariant fine-tune with and without the fixed-norm
   projection, alternated three times in one process tree (ratio of medians).
 
@@ -49,7 +48,6 @@ SCRATCH_ARMS = {  # name -> fixed overrides of the quickstart recipe
     "head": ["model.scale_invariant=head", "optim.fixed_norm=true"],
     "linears": ["model.scale_invariant=linears", "optim.fixed_norm=true"],
     "all": ["model.scale_invariant=all", "optim.fixed_norm=true"],
-    "all-row (not the seed's)": ["model.scale_invariant=all", "model.si_norm=row", "optim.fixed_norm=true"],
 }
 STAGES = ("finetune", "winners", "sensitivity", "scratch", "overhead")
 
@@ -115,7 +113,7 @@ def stage_scratch(out: Path, steps: int, jobs: int) -> None:
                 jobs=jobs, steps=steps, fixed=fixed)
 
 
-def stage_overhead(out: Path, base: str, steps: int = 150, repeats: int = 3) -> None:
+def stage_overhead(out: Path, base: str, steps: int = 100, repeats: int = 3) -> None:
     """Alternate the two arms so machine load hits both alike; one trial at a time."""
     arms = {"projection": ("fashion_mnist_fixednorm", []),
             "no projection": ("fashion_mnist_finetune", ["model.scale_invariant=all"])}
@@ -227,7 +225,7 @@ def _plot(result: dict[str, Any], path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4), sharey=True)  # one scale: flatness compares by eye
     for name, curve in result["curves"].items():
         ax = axes[0] if name.startswith("AdamW") else axes[1]
         ax.plot([v for v, _ in curve], [s for _, s in curve], marker="o", label=name)
@@ -302,7 +300,7 @@ def write(result: dict[str, Any], results: Path) -> None:
     if result.get("overhead"):
         o = result["overhead"]
         lines += ["", "## Overhead of the projection", "",
-                  f"Training seconds of the same 150-step scale-invariant fine-tune, arms alternated: with the "
+                  f"Training seconds of the same 100-step scale-invariant fine-tune, arms alternated: with the "
                   f"projection {', '.join(f'{s:.1f}' for s in o['seconds']['projection'])}; without "
                   f"{', '.join(f'{s:.1f}' for s in o['seconds']['no projection'])}; ratio of medians "
                   f"**{o['ratio']:.3f}x**."]
@@ -313,7 +311,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--base", required=True, help="the quickstart run directory to fine-tune from")
     parser.add_argument("--jobs", type=int, default=2)
-    parser.add_argument("--scratch-steps", type=int, default=600)
+    parser.add_argument("--scratch-steps", type=int, default=400)
     parser.add_argument("--stages", default=",".join(STAGES), help=f"comma list of {STAGES}")
     parser.add_argument("--out", type=Path, default=ROOT / "runs" / "fixednorm_study")
     parser.add_argument("--results", type=Path, default=ROOT / "docs" / "results" / "fixednorm")
