@@ -28,7 +28,7 @@ from .checkpoint import atomic_write_text
 from .config import load_recipe
 from .evolution import Mutation, check_threshold, mutate, random_graph, tournament
 from .graph import HEAD, BlockGraph, Edge, chain
-from .search import METRICS, _check_data, _metric, train_run
+from .search import METRICS, check_data, score_of, train_run
 from .variants import VARIANTS
 
 __all__ = ["EvolveError", "Settings", "Child", "parse_threshold", "evolve_graphs", "run_evolve", "RETRIES"]
@@ -194,7 +194,7 @@ def _record(child: Child, run: Path, metric: str) -> dict[str, Any]:
              for k in ("kept", "pruned", "added", "repaired")}
     return {"id": child.id, "iteration": child.iteration, "parent": child.parent, "removed": child.removed,
             "operator": child.operator, "draws": child.draws, "graph": child.graph.format(),
-            "edges": len(child.graph.edges), "val": val, "metric": metric, "score": _metric(val, metric),
+            "edges": len(child.graph.edges), "val": val, "metric": metric, "score": score_of(val, metric),
             "gflops": gflops, "weights": {_edge_text(e, depth): w for e, w in weights.items()}, **edges,
             "keep_rate": m.keep_rate if m else None, "population": list(child.population),
             "run": f"{run.parent.name}/{run.name}",
@@ -226,7 +226,7 @@ def _prepare(*, recipe: str, settings: Settings, steps: int | None, out: Path,
     depth = cfg.model.depth or VARIANTS[cfg.model.variant]["depth"]
     fixed = {**asdict(settings), "recipe": recipe, "overrides": list(overrides), "steps": steps, "depth": depth}
     _check_settings(out, fixed)
-    _check_data(recipe, overrides)
+    check_data(recipe, overrides)
     (out / "candidates").mkdir(parents=True, exist_ok=True)
     atomic_write_text(out / "settings.json", json.dumps(fixed, indent=2) + "\n")
     log_path = out / "evolve.jsonl"

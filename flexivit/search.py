@@ -27,7 +27,7 @@ from typing import Any, Sequence
 from .checkpoint import atomic_write_text, read_model_meta
 from .config import ConfigError, apply_overrides, load_recipe, recipe_search_grid
 
-__all__ = ["Trial", "SearchError", "parse_grid", "plan", "run_search", "train_run", "METRICS"]
+__all__ = ["Trial", "SearchError", "parse_grid", "plan", "run_search", "train_run", "check_data", "score_of", "METRICS"]
 
 METRICS = ("worst", "mean")
 
@@ -90,7 +90,7 @@ def plan(grid: list[tuple[str, list[str]]], seeds: Sequence[int]) -> list[Trial]
             for combo in itertools.product(*(values for _, values in grid)) for seed in seeds]
 
 
-def _metric(val: dict[str, float], metric: str) -> float:
+def score_of(val: dict[str, float], metric: str) -> float:
     return min(val.values()) if metric == "worst" else statistics.mean(val.values())
 
 
@@ -135,7 +135,7 @@ def summarise(records: list[dict[str, Any]], metric: str) -> list[dict[str, Any]
     rows = []
     for setting, group in itertools.groupby(sorted(records, key=lambda r: r["setting"]), key=lambda r: r["setting"]):
         group = list(group)
-        scores = [_metric(r["val"], metric) for r in group]
+        scores = [score_of(r["val"], metric) for r in group]
         sizes = sorted(group[0]["val"], key=int)
         rows.append({
             "setting": setting, "values": group[0]["values"], "seeds": [r["seed"] for r in group],
@@ -207,7 +207,7 @@ def run_search(*, recipe: str, grid_specs: Sequence[str], seeds: Sequence[int], 
         if grid_specs:
             say(f"search: no --grid given; the recipe's SEARCH_GRID: {' '.join(grid_specs)}")
     grid = parse_grid(grid_specs, overrides, recipe)
-    _check_data(recipe, overrides)
+    check_data(recipe, overrides)
     trials = plan(grid, seeds)
     (out / "trials").mkdir(parents=True, exist_ok=True)
     log_path = out / "search.jsonl"
@@ -227,7 +227,7 @@ def run_search(*, recipe: str, grid_specs: Sequence[str], seeds: Sequence[int], 
             with open(log_path, "a") as f:
                 f.write(json.dumps(record) + "\n")
             done[record["trial"]] = record
-            say(f"  {record['trial']}: validation {metric} {_metric(record['val'], metric):.4f}")
+            say(f"  {record['trial']}: validation {metric} {score_of(record['val'], metric):.4f}")
     records = [done[t.name] for t in trials if t.name in done]
     if not records:
         raise SearchError(f"no trial finished ({len(failed)} failed; see {failed[0]['log'] if failed else out}), so "
@@ -248,7 +248,7 @@ def run_search(*, recipe: str, grid_specs: Sequence[str], seeds: Sequence[int], 
     return best
 
 
-def _check_data(recipe: str, overrides: Sequence[str]) -> None:
+def check_data(recipe: str, overrides: Sequence[str]) -> None:
     """Load the data once before any trial, so a missing source or a split too small to hold out a
     validation split is one clear error rather than a failure per trial."""
     from .builders import build_data

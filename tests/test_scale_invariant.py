@@ -398,7 +398,7 @@ def test_search_without_a_grid_runs_the_recipes_grid(tmp_path, monkeypatch):
         return {"trial": trial.name, "setting": trial.setting, "values": dict(trial.values), "seed": trial.seed,
                 "val": {"7": elr}, "train_seconds": 1.0, "images_seen": 1}
 
-    monkeypatch.setattr(search, "_check_data", lambda *_: None)
+    monkeypatch.setattr(search, "check_data", lambda *_: None)
     monkeypatch.setattr(search, "_run_trial", fake_trial)
     said: list[str] = []
     best = search.run_search(recipe="fashion_mnist_fixednorm", grid_specs=[], seeds=[0], steps=2, metric="worst",
