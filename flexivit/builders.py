@@ -92,14 +92,19 @@ class RunData:
         return len(self.splits.class_names)
 
 
-def build_data(cfg: Config) -> RunData:
+def load_splits(cfg: Config) -> Splits:
+    """The run's train / validation / test splits (``data.classes`` applied), before any transform."""
     d = cfg.data
     splits = load_source(
         d.source, val_fraction=d.val_fraction, seed=cfg.train.seed, split_train=d.split_train,
         split_test=d.split_test, image_column=d.image_column, label_column=d.label_column,
     )
-    if d.classes:
-        splits = select_classes(splits, d.classes)
+    return select_classes(splits, d.classes) if d.classes else splits
+
+
+def build_data(cfg: Config) -> RunData:
+    d = cfg.data
+    splits = load_splits(cfg)
     channels = d.channels or splits.channels
     train_tf = build_transform(
         image_size=d.image_size, channels=channels, train=True, scale=tuple(d.scale), hflip=d.hflip,

@@ -20,10 +20,10 @@ import torch
 from torch.utils.data import DataLoader
 
 from .bridge import BRIDGE_INITS, insert_bridges, parse_spans
-from .builders import preprocess_meta, schemes_of
+from .builders import load_splits, preprocess_meta, schemes_of
 from .checkpoint import MODEL_FILE, CheckpointError, atomic_write_text, load_model, read_model_meta
 from .config import CompressConfig, Config, ConfigError
-from .data import TransformedDataset, load_source, select_classes
+from .data import TransformedDataset
 from .lutq import LUTQ_SCOPES, check_k, lutq_layers
 from .measure import count_gflops
 from .model import FlexiViT, FlexiViTConfig
@@ -88,13 +88,9 @@ def _calibration(cfg: Config, channels: int) -> DataLoader:
     """The first ``compress.calib_images`` training images, as a saved model preprocesses them (no
     augmentation): the bridges are fitted to what the base computes on training data, never on the
     validation or test split."""
-    d = cfg.data
-    splits = load_source(d.source, val_fraction=d.val_fraction, seed=cfg.train.seed, split_train=d.split_train,
-                         split_test=d.split_test, image_column=d.image_column, label_column=d.label_column)
-    if d.classes:
-        splits = select_classes(splits, d.classes)
-    train = splits.train.select(range(min(cfg.compress.calib_images, len(splits.train))))
-    dataset = TransformedDataset(train, eval_transform(preprocess_meta(cfg, channels)), on_corrupt=d.on_corrupt)
+    train = load_splits(cfg).train
+    train = train.select(range(min(cfg.compress.calib_images, len(train))))
+    dataset = TransformedDataset(train, eval_transform(preprocess_meta(cfg, channels)), on_corrupt=cfg.data.on_corrupt)
     return DataLoader(dataset, batch_size=64, shuffle=False)
 
 

@@ -33,10 +33,10 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from .builders import preprocess_meta
+from .builders import load_splits, preprocess_meta
 from .checkpoint import atomic_write_text
 from .config import Config
-from .data import TransformedDataset, collate, load_source, select_classes
+from .data import TransformedDataset, collate, select_classes
 from .evaluate import default_device, load_eval_splits, load_subject, resolve_patch_sizes
 from .model import FlexiViT
 from .proxies import LOCAL_TEMPERATURE, global_similarity, local_similarity, pooled_and_tokens, support_proxies
@@ -296,10 +296,7 @@ def task_support(cfg: Config, per_class: int = SUPPORT_PER_CLASS) -> tuple[torch
     ``cfg``'s task (``data.classes`` applied), drawn with ``mix(train.seed, 2)`` and prepared as evaluation
     prepares them: the support set a fine-tuned proxy head starts from."""
     d = cfg.data
-    splits = load_source(d.source, val_fraction=d.val_fraction, seed=cfg.train.seed, split_train=d.split_train,
-                         split_test=d.split_test, image_column=d.image_column, label_column=d.label_column)
-    if d.classes:
-        splits = select_classes(splits, d.classes)
+    splits = load_splits(cfg)
     transform = eval_transform(preprocess_meta(cfg, d.channels or splits.channels))
     labels = np.asarray(splits.train.with_format("numpy", columns=["label"])[:]["label"])
     rng = np.random.default_rng(mix(cfg.train.seed, SUPPORT_STREAM))
