@@ -116,6 +116,7 @@ class BatchGroupNorm(nn.Module):
         self._patch: int | None = None
         self._grid: tuple[int, int] | None = None
         self._layouts: dict[tuple, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}  # not in state_dict
+        self._affines: dict[tuple, tuple[torch.Tensor, ...]] = {}  # eval's per-token affine, not in state_dict
         self._seen: dict[int, int] = {}  # batches averaged per size while momentum is None
 
     def add_size(self, patch: int) -> None:
@@ -202,15 +203,34 @@ class BatchGroupNorm(nn.Module):
         return normed * gamma_ste[idx] + bias
 
     def _normalise_running(self, xg: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+        mean, scale, bias = self._running_affine(idx)  # (N, G, C) each
+        return (xg - mean) * scale + bias  # a power-of-two scale multiplies exactly: ldexp(x - mean, k) + bias
+
+    def _running_affine(self, idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Per-token mean, scale (``sign * 2^k`` with ``pow2``) and bias, ``(N, G, C)`` each, of the current
+        patch size's statistics source. Without autograd they are computed once per grid and reused while
+        the weights and statistics stay as they are (checked by the tensors' in-place version counters);
+        a compiled or exported graph computes them in the graph instead."""
         source = self.stats_source(self._patch)
         mean, var = self.stats(source)  # (S, G) each
-        centred = xg - mean[idx][None, :, :, None]  # (B, N, G, C)
-        bias = self.bias.float().view(self.groups, -1)
+        if torch.is_grad_enabled() or torch.compiler.is_compiling():
+            return self._affine(source, idx)
+        key = (source, idx.shape[0], self._grid, idx.device)
+        versions = tuple((id(t), t._version) for t in (self.weight, self.bias, mean, var))
+        if key not in self._affines or self._affines[key][0] != versions:
+            self._affines[key] = (versions, self._affine(source, idx))
+        return self._affines[key][1]
+
+    def _affine(self, source: int, idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        mean, var = self.stats(source)  # (S, G) each
+        c = self.dim // self.groups
         if self.pow2:
             sign, k = self.exponents(source)  # (S, G, C)
-            return torch.ldexp(centred * sign[idx], k[idx]) + bias
-        scale = torch.rsqrt(var + self.eps)[..., None] * self.weight.float().view(self.groups, -1)  # (S, G, C)
-        return centred * scale[idx] + bias
+            scale = torch.ldexp(sign, k)
+        else:
+            scale = torch.rsqrt(var + self.eps)[..., None] * self.weight.float().view(self.groups, c)  # (S, G, C)
+        bias = self.bias.float().view(self.groups, c).expand(idx.shape[0], -1, -1)  # (N, G, C)
+        return mean[idx][:, :, None].expand(-1, -1, c), scale[idx], bias
 
     def _update(self, patch: int, mean: torch.Tensor, var: torch.Tensor) -> None:
         seen = self._seen.get(patch, 0)

@@ -153,6 +153,32 @@ def test_pow2_eval_is_ldexp_exactly():
     xg = x.view(3, 17, groups, -1)  # (B, N, G, C)
     expected = torch.ldexp(xg - mean[idx][None, :, :, None], exponents[idx]) + norm.bias.detach().view(groups, -1)
     assert torch.equal(norm(x), expected.view(3, 17, d))
+    with torch.no_grad():  # the cached eval affine, twice: computed, then reused
+        assert torch.equal(norm(x), expected.view(3, 17, d)) and torch.equal(norm(x), expected.view(3, 17, d))
+
+
+@pytest.mark.parametrize("pow2", [False, True])
+def test_cached_eval_affine_follows_every_change_of_weights_and_statistics(pow2):
+    model = _model(pow2_scale=pow2)
+    _train_steps(model)
+    model.eval()
+    x = torch.randn(3, 1, 16, 16)
+
+    def uncached(p: int) -> torch.Tensor:  # with autograd on, every call computes the affine afresh
+        return model(x, p).detach()
+
+    with torch.no_grad():
+        first = {p: model(x, p) for p in SIZES}
+    assert all(torch.equal(first[p], uncached(p)) for p in SIZES)
+    with torch.no_grad():
+        model.blocks[0].norm1.weight.mul_(3)
+        model.norm.bias.add_(1)
+        model.blocks[0].norm2.stats(4)[1].mul_(4)
+        changed = {p: model(x, p) for p in SIZES}
+    assert all(torch.equal(changed[p], uncached(p)) and not torch.equal(changed[p], first[p]) for p in SIZES)
+    model.load_state_dict(_model(pow2_scale=pow2).state_dict())
+    with torch.no_grad():
+        assert all(torch.equal(model(x, p), uncached(p)) for p in SIZES)
 
 
 def test_pow2_training_uses_the_approximated_gamma_with_a_straight_through_gradient():
