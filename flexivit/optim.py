@@ -19,11 +19,15 @@ from .scale_invariant import elr_scales, fixed_norm_names
 
 __all__ = ["build_optimizer"]
 
+GRAPH_LOGITS = "blocks.edge_logits"  # a block graph's connection logits (flexivit.graph.GraphBlocks)
+
 
 def lr_scales(cfg: Config, model: nn.Module) -> dict[str, float]:
     """Learning-rate multipliers by parameter name that the config asks for, its options' included (the
-    equivalent learning rate of fixed-norm weights); a parameter named twice gets the product; 1 is left out."""
+    equivalent learning rate of fixed-norm weights, a block graph's connection logits); a parameter named twice gets the product; 1 is left out."""
     scales = {"patch_embed.weight": cfg.optim.kernel_lr_scale}
+    if any(name == GRAPH_LOGITS for name, _ in model.named_parameters()):
+        scales[GRAPH_LOGITS] = cfg.optim.graph_lr_scale
     for name, scale in elr_scales(cfg, model).items():
         scales[name] = scales.get(name, 1.0) * scale
     return {name: scale for name, scale in scales.items() if scale != 1.0}
