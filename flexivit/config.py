@@ -131,10 +131,11 @@ class OptimConfig:
     # and a PI-resize that averages (area, bilinear_aa) sums up to (base/p)^2 of those moves into one
     # weight of a small patch's kernel; a scale below 1 keeps a large base kernel's small-patch steps sane.
     kernel_lr_scale: float = 1.0
-    # Learning-rate multiplier of a block graph's connection logits (`model.graph`, docs/evolve.md). Adam
-    # moves a logit by about lr a step, so at lr 3e-3 a few hundred steps leave every weight near its 1/2
-    # start and evolve's threshold cannot tell the connections apart; the chain has no logits.
-    graph_lr_scale: float = 1.0
+    # Learning-rate multiplier of a block graph's connection logits (`model.graph`, docs/evolve.md; the
+    # chain has none). Adam moves a logit by about lr a step: at x1 and lr 3e-3, 150 steps left every
+    # weight within 0.03 of its 1/2 start, so evolve's threshold could not tell the connections apart; at
+    # x100 they spread over 0.03-0.98 and the all-edges graph scored best on validation (x1/30/100/300).
+    graph_lr_scale: float = 100.0
     # Fixed-norm training of scale-invariant weights (docs/scale_invariant.md): after each step they are
     # scaled back to their norm at the start, without weight decay; `elr` (the equivalent learning rate)
     # then sets their rate from their norm and size, and the other parameters keep `lr`.
