@@ -45,3 +45,30 @@ def test_verdict_needs_the_worst_size_gap_above_twice_the_larger_std():
     assert not evolve_study.verdict([71.0, 73.0, 75.0], chain)["beats"]  # gap 2.5 < 2 x 2.0 (the best's std)
     assert not evolve_study.verdict([67.5, 68.0, 68.5], chain)["beats"]  # worse than the chain
     assert evolve_study.verdict([72.5, 73.0, 73.5], chain)["gap"] == pytest.approx(2.5)
+
+
+def _finished_run(path: Path, **changes) -> Path:
+    import json
+
+    train = {"steps": 3600, "seed": changes.pop("seed", 0), "test_eval": True}
+    cfg = {"name": "fashion_mnist", "model": {"graph": changes.pop("graph", None)}, "train": train,
+           "data": {"eval_limit": None}}
+    path.mkdir(parents=True)
+    (path / "config.json").write_text(json.dumps(cfg))
+    (path / "eval.json").write_text("{}")
+    return path
+
+
+def test_chain_runs_are_checked_then_linked_as_the_chain_arm(tmp_path):
+    plan = evolve_study.Plan(train_steps=3600, train_seeds=(0, 1))
+    runs = [_finished_run(tmp_path / f"q{s}", seed=s) for s in (0, 1)]
+    out = tmp_path / "study"
+    evolve_study.link_chain_runs(out, plan, runs)
+    evolve_study.link_chain_runs(out, plan, runs)  # a rerun with the same runs is a no-op
+    assert [(out / "retrain" / f"chain-seed{s}").resolve() for s in (0, 1)] == [r.resolve() for r in runs]
+    with pytest.raises(SystemExit, match="train.seed"):  # seeds in the wrong order
+        evolve_study.link_chain_runs(tmp_path / "other", plan, runs[::-1])
+    with pytest.raises(SystemExit, match="model.graph"):
+        evolve_study.link_chain_runs(tmp_path / "g", plan, [runs[0], _finished_run(tmp_path / "g1", seed=1, graph=CHAIN)])
+    with pytest.raises(SystemExit, match="one run per train seed"):
+        evolve_study.link_chain_runs(tmp_path / "n", plan, runs[:1])
