@@ -8,10 +8,10 @@ Base kernel (2026-11-29, chosen on the validation split, docs/results/base_kerne
 at the worst size (71.2 +- 0.7 vs 71.4 +- 0.9 % validation top-1, 3 seeds at 1200 steps), gains at
 patch 14 (75.6 vs 74.5) and is not rank-capped (rank 64 instead of 16 at patch 14).
 
-The last full-budget measurement is of the former recipe (base 4, bilinear_aa, trained on all 60k
-images; 2026-11-24, seed 0, full 10k test set, alone on 2 cores): 80.8 / 83.0 / 84.4 / 80.8 % at patch
-2 / 4 / 7 / 14 in 9.7 minutes. This recipe (54k training images, 6k held out for validation) has not yet
-been measured at its full budget over 3 seeds; docs/LOG.md has every run behind each setting.
+Measured at the full budget over train seeds 0/1/2 (2026-11-30, docs/results/quickstart_seeds.md), test
+top-1: 80.45 +- 0.77 / 82.33 +- 0.43 / 84.08 +- 0.16 / 81.45 +- 0.17 % at patch 2 / 4 / 7 / 14. The
+settings other than the base kernel were chosen on test before the validation split existed;
+docs/LOG.md has every run behind each setting.
 """
 
 from flexivit.config import Config, DataConfig, ModelConfig, OptimConfig, PatchConfig, TrainConfig

@@ -20,3 +20,23 @@ def test_compare_runs(tmp_path):
     assert "| A | 50.0 | 70.0 |" in out.with_suffix(".md").read_text()
     assert json.loads(out.with_suffix(".json").read_text())["top1"]["B"] == {"4": 60.0, "7": 65.0}
     assert out.with_suffix(".png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_runs_sharing_a_label_are_averaged_with_their_std(tmp_path):
+    for name, (test, val) in {"s0": ([0.80, 0.70], [0.81, 0.71]), "s1": ([0.82, 0.74], [0.83, 0.75]),
+                              "other": ([0.5, 0.6], [0.5, 0.6])}.items():
+        (tmp_path / name).mkdir()
+        rows = lambda accs: [{"patch_size": p, "top1": a} for p, a in zip((4, 7), accs)]  # noqa: E731
+        (tmp_path / name / "eval.json").write_text(json.dumps(
+            {"split": "test", "results": rows(test), "val": rows(val), "images_seen": 100, "train_seconds": 120}))
+    out = tmp_path / "cmp" / "seeds"
+    done = subprocess.run([sys.executable, str(ROOT / "tools" / "compare_runs.py"), *(str(tmp_path / n) for n in
+                           ("s0", "s1", "other")), "--labels", "D", "D", "O", "--out", str(out)],
+                          capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    md = out.with_suffix(".md").read_text()
+    assert "| D (2 runs) | 81.00 ± 1.41 | 72.00 ± 2.83 |" in md  # test: mean ± sample std
+    assert "| D (2 runs) | 82.00 ± 1.41 | 73.00 ± 2.83 |" in md  # validation
+    assert "| O | 50.0 | 60.0 |" in md
+    record = json.loads(out.with_suffix(".json").read_text())
+    assert record["runs"] == {"D": 2, "O": 1} and record["train_minutes"]["D"] == 2.0

@@ -2,15 +2,21 @@
 
     python tools/compare_runs.py runs/fashion_mnist runs/fashion_mnist_distill \\
         --labels label-only distilled --out docs/results/distillation --title "..."
+    python tools/compare_runs.py runs/qs-seed0 runs/qs-seed1 runs/qs-seed2 --labels default default default \\
+        --out docs/results/quickstart_seeds --title "..."     # one label thrice: mean ± std over the seeds
 
-Reads each run's eval.json (written at the end of `flexivit train`/`finetune`).
+Reads each run's eval.json (written at the end of `flexivit train`/`finetune`). Runs that share a label are
+seeds of one setting: their row is the mean ± sample std over them, of the scored split (test) and, where
+every run has one, of the validation split, with the mean images seen and training minutes.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import statistics
 from pathlib import Path
+from typing import Any
 
 import matplotlib
 
@@ -18,26 +24,73 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
 
-def load_curves(runs: list[Path], labels: list[str]) -> dict[str, dict[int, float]]:
-    curves = {}
+def _top1(rows: list[dict[str, Any]]) -> dict[int, float]:
+    return {r["patch_size"]: 100 * r["top1"] for r in rows}
+
+
+def load_groups(runs: list[Path], labels: list[str]) -> dict[str, list[dict[str, Any]]]:
+    """The eval.json reports of ``runs`` grouped by label, in first-seen label order."""
+    groups: dict[str, list[dict[str, Any]]] = {}
     for run, label in zip(runs, labels):
-        report = json.loads((run / "eval.json").read_text())
-        curves[label] = {r["patch_size"]: 100 * r["top1"] for r in report["results"]}
-    return curves
+        groups.setdefault(label, []).append(json.loads((run / "eval.json").read_text()))
+    return groups
 
 
-def write(curves: dict[str, dict[int, float]], out: Path, title: str) -> None:
-    out.parent.mkdir(parents=True, exist_ok=True)
-    sizes = sorted({p for c in curves.values() for p in c})
-    out.with_suffix(".json").write_text(json.dumps({"patch_sizes": sizes, "top1": curves}, indent=2) + "\n")
+def summarise(reports: list[dict[str, Any]], key: str) -> dict[str, dict[int, float]] | None:
+    """Mean and sample std (0 for one run) per patch size of ``key`` ("results" or "val") over ``reports``;
+    None if a report lacks it."""
+    if any(not r.get(key) for r in reports):
+        return None
+    per: dict[int, list[float]] = {}
+    for report in reports:
+        for p, a in _top1(report[key]).items():
+            per.setdefault(p, []).append(a)
+    return {"mean": {p: statistics.mean(v) for p, v in per.items()},
+            "std": {p: statistics.stdev(v) if len(v) > 1 else 0.0 for p, v in per.items()}}
+
+
+def _cell(s: dict[str, dict[int, float]], p: int, seeds: int) -> str:
+    if p not in s["mean"]:
+        return "–"
+    return f"{s['mean'][p]:.1f}" if seeds == 1 else f"{s['mean'][p]:.2f} ± {s['std'][p]:.2f}"
+
+
+def _table(groups: dict[str, list[dict[str, Any]]], key: str, sizes: list[int]) -> list[str]:
     lines = [f"| run | {' | '.join(f'p={p}' for p in sizes)} |", "|---|" + "---:|" * len(sizes)]
-    for label, c in curves.items():
-        lines.append(f"| {label} | " + " | ".join(f"{c[p]:.1f}" if p in c else "–" for p in sizes) + " |")
-    out.with_suffix(".md").write_text(f"# {title}\n\n" + "\n".join(lines) + "\n")
+    for label, reports in groups.items():
+        s = summarise(reports, key)
+        if s is not None:
+            seeds = f" ({len(reports)} runs)" if len(reports) > 1 else ""
+            lines.append(f"| {label}{seeds} | " + " | ".join(_cell(s, p, len(reports)) for p in sizes) + " |")
+    return lines
+
+
+def write(groups: dict[str, list[dict[str, Any]]], out: Path, title: str) -> None:
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tests = {label: summarise(reports, "results") for label, reports in groups.items()}
+    sizes = sorted({p for s in tests.values() for p in s["mean"]})
+    record: dict[str, Any] = {"patch_sizes": sizes, "top1": {k: s["mean"] for k, s in tests.items()},
+                              "std": {k: s["std"] for k, s in tests.items()},
+                              "runs": {k: len(v) for k, v in groups.items()}}
+    vals = {label: summarise(reports, "val") for label, reports in groups.items()}
+    record["val_top1"] = {k: s["mean"] for k, s in vals.items() if s}
+    record["val_std"] = {k: s["std"] for k, s in vals.items() if s}
+    record["images_seen"] = {k: statistics.mean(r.get("images_seen", 0) for r in v) for k, v in groups.items()}
+    record["train_minutes"] = {k: statistics.mean(r.get("train_seconds", 0) for r in v) / 60 for k, v in groups.items()}
+    out.with_suffix(".json").write_text(json.dumps(record, indent=2) + "\n")
+    split = next(iter(groups.values()))[0].get("split", "test")
+    md = [f"# {title}", "", f"Top-1 (%) on the {split} split; runs sharing a label: mean ± sample std.", "",
+          *_table(groups, "results", sizes)]
+    if record["val_top1"]:
+        md += ["", "Validation split (what settings are chosen on):", "", *_table(groups, "val", sizes)]
+    md += ["", "| run | images seen (mean) | training minutes (mean) |", "|---|---:|---:|"]
+    md += [f"| {k} | {record['images_seen'][k]:.0f} | {record['train_minutes'][k]:.1f} |" for k in groups]
+    out.with_suffix(".md").write_text("\n".join(md) + "\n")
     fig, ax = plt.subplots(figsize=(6, 4))
-    for label, c in curves.items():
-        ps = sorted(c)
-        ax.plot(ps, [c[p] for p in ps], marker="o", label=label)
+    for label, s in tests.items():
+        ps = sorted(s["mean"])
+        ax.errorbar(ps, [s["mean"][p] for p in ps], yerr=[s["std"][p] for p in ps], marker="o", capsize=3,
+                    label=label)
     ax.set_xscale("log", base=2)
     ax.set_xticks(sizes, [str(p) for p in sizes])
     ax.set_xlabel("patch size")
@@ -59,7 +112,7 @@ def main() -> None:
     labels = args.labels or [r.name for r in args.runs]
     if len(labels) != len(args.runs):
         parser.error(f"{len(args.runs)} runs but {len(labels)} labels")
-    write(load_curves(args.runs, labels), args.out, args.title)
+    write(load_groups(args.runs, labels), args.out, args.title)
     print(args.out.with_suffix(".md").read_text())
 
 
