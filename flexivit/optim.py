@@ -24,7 +24,8 @@ GRAPH_LOGITS = "blocks.edge_logits"  # a block graph's connection logits (flexiv
 
 def lr_scales(cfg: Config, model: nn.Module) -> dict[str, float]:
     """Learning-rate multipliers by parameter name that the config asks for, its options' included (the
-    equivalent learning rate of fixed-norm weights, a block graph's connection logits); a parameter named twice gets the product; 1 is left out."""
+    equivalent learning rate of fixed-norm weights, a block graph's connection logits); a parameter named twice
+    gets the product; 1 is left out."""
     scales = {"patch_embed.weight": cfg.optim.kernel_lr_scale}
     if any(name == GRAPH_LOGITS for name, _ in model.named_parameters()):
         scales[GRAPH_LOGITS] = cfg.optim.graph_lr_scale

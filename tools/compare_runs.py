@@ -55,13 +55,14 @@ def _cell(s: dict[str, dict[int, float]], p: int, seeds: int) -> str:
     return f"{s['mean'][p]:.1f}" if seeds == 1 else f"{s['mean'][p]:.2f} ± {s['std'][p]:.2f}"
 
 
-def _table(groups: dict[str, list[dict[str, Any]]], key: str, sizes: list[int]) -> list[str]:
+def _table(summaries: dict[str, dict[str, dict[int, float]] | None], runs: dict[str, int],
+           sizes: list[int]) -> list[str]:
+    """One row per label with a summary; ``runs`` is each label's run count."""
     lines = [f"| run | {' | '.join(f'p={p}' for p in sizes)} |", "|---|" + "---:|" * len(sizes)]
-    for label, reports in groups.items():
-        s = summarise(reports, key)
+    for label, s in summaries.items():
         if s is not None:
-            seeds = f" ({len(reports)} runs)" if len(reports) > 1 else ""
-            lines.append(f"| {label}{seeds} | " + " | ".join(_cell(s, p, len(reports)) for p in sizes) + " |")
+            seeds = f" ({runs[label]} runs)" if runs[label] > 1 else ""
+            lines.append(f"| {label}{seeds} | " + " | ".join(_cell(s, p, runs[label]) for p in sizes) + " |")
     return lines
 
 
@@ -80,9 +81,9 @@ def write(groups: dict[str, list[dict[str, Any]]], out: Path, title: str) -> Non
     out.with_suffix(".json").write_text(json.dumps(record, indent=2) + "\n")
     split = next(iter(groups.values()))[0].get("split", "test")
     md = [f"# {title}", "", f"Top-1 (%) on the {split} split; runs sharing a label: mean ± sample std.", "",
-          *_table(groups, "results", sizes)]
+          *_table(tests, record["runs"], sizes)]
     if record["val_top1"]:
-        md += ["", "Validation split (what settings are chosen on):", "", *_table(groups, "val", sizes)]
+        md += ["", "Validation split (what settings are chosen on):", "", *_table(vals, record["runs"], sizes)]
     md += ["", "| run | images seen (mean) | training minutes (mean) |", "|---|---:|---:|"]
     md += [f"| {k} | {record['images_seen'][k]:.0f} | {record['train_minutes'][k]:.1f} |" for k in groups]
     out.with_suffix(".md").write_text("\n".join(md) + "\n")

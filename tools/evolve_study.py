@@ -177,16 +177,18 @@ def link_chain_runs(out: Path, plan: Plan, runs: list[Path]) -> None:
     they are what the retrain would have trained."""
     if len(runs) != len(plan.train_seeds):
         raise SystemExit(f"--chain-runs needs one run per train seed {plan.train_seeds}, got {len(runs)}")
+    name = load_recipe(RECIPE, []).name
     for seed, run in zip(plan.train_seeds, runs):
         cfg = json.loads((run / "config.json").read_text()) if (run / "config.json").exists() else None
         if cfg is None or not (run / "eval.json").exists():
             raise SystemExit(f"--chain-runs: {run} is not a finished run (config.json and eval.json)")
-        wrong = {k: v for k, v in (("model.graph", cfg["model"].get("graph")), ("train.steps", cfg["train"]["steps"]),
-                                   ("train.seed", cfg["train"]["seed"]), ("data.eval_limit", cfg["data"]["eval_limit"]),
-                                   ("train.test_eval", cfg["train"]["test_eval"]))
-                 if v != {"model.graph": None, "train.steps": plan.train_steps, "train.seed": seed,
-                          "data.eval_limit": plan.test_limit, "train.test_eval": True}[k]}
-        if cfg["name"] != load_recipe(RECIPE, []).name or wrong:
+        found = {"model.graph": cfg["model"].get("graph"), "train.steps": cfg["train"]["steps"],
+                 "train.seed": cfg["train"]["seed"], "data.eval_limit": cfg["data"]["eval_limit"],
+                 "train.test_eval": cfg["train"]["test_eval"]}
+        expected = {"model.graph": None, "train.steps": plan.train_steps, "train.seed": seed,
+                    "data.eval_limit": plan.test_limit, "train.test_eval": True}
+        wrong = {k: v for k, v in found.items() if v != expected[k]}
+        if cfg["name"] != name or wrong:
             raise SystemExit(f"--chain-runs: {run} is not the {RECIPE} chain at {plan.train_steps} steps with train "
                              f"seed {seed} on the whole test split: {cfg['name']}, {wrong}")
         link = out / "retrain" / f"chain-seed{seed}"
