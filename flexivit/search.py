@@ -101,12 +101,12 @@ def _read_done(path: Path) -> dict[str, dict[str, Any]]:
 
 
 def train_run(run: Path, sets: Sequence[str], *, recipe: str, init: str | None = None,
-              log: Path | None = None) -> int:
-    """``flexivit train`` (``finetune`` from ``init``) of ``recipe`` with ``sets`` into ``run``, in a
-    subprocess, resuming from ``run``'s last checkpoint if it was interrupted; its output goes to ``log``
-    (default: this terminal). Returns the exit code."""
+              log: Path | None = None, args: Sequence[str] = ()) -> int:
+    """``flexivit train`` (``finetune`` from ``init``) of ``recipe`` with ``sets`` and the further command-line
+    ``args`` (e.g. ``--patch-size 7``) into ``run``, in a subprocess, resuming from ``run``'s last checkpoint
+    if it was interrupted; its output goes to ``log`` (default: this terminal). Returns the exit code."""
     command = [sys.executable, "-m", "flexivit", *(["finetune", init] if init else ["train"]), recipe, "--out", str(run)]
-    command += [a for s in sets for a in ("--set", s)]
+    command += [a for s in sets for a in ("--set", s)] + list(args)
     if (run / "state").is_dir():
         command.append("--resume")
     if log is None:
