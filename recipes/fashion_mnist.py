@@ -26,9 +26,12 @@ def get_config(arg: str | None = None) -> Config:
         # (~1/49, patch 2's share); plain bilinear samples a few base pixels instead and trailed by 7-11
         # points (docs/results/base_kernel.md).
         model=ModelConfig(variant="flexi_vit_micro", base_patch_size=14, base_grid=7, kernel_resize="area"),
-        # No random-resized crop (scale 1..1, flips only): at 2-3 epochs the model underfits, and the
-        # crop cost 4 points at every size (docs/LOG.md). One worker prepares batches on the second core.
-        data=DataConfig(source="fashion-mnist", image_size=28, batch_size=16, scale=(1.0, 1.0), num_workers=1),
+        # No augmentation. No random-resized crop: at 2-3 epochs the model underfits, and the crop cost 4
+        # points at every size (docs/LOG.md). No horizontal flips: they cost 0.5-0.8 points at every size
+        # on the validation split at the full budget (docs/results/recipe_select_fashion_mnist.md) and
+        # mirror digits and text on other data. One worker prepares batches on the second core.
+        data=DataConfig(source="fashion-mnist", image_size=28, batch_size=16, scale=(1.0, 1.0), hflip=0.0,
+                        num_workers=1),
         # Patch 2 is drawn more often: at this token budget its steps are no dearer than the others'.
         patch=PatchConfig(sizes=[2, 4, 7, 14], distribution="weighted", weights=[0.4, 0.25, 0.25, 0.1]),
         optim=OptimConfig(lr=3e-3, weight_decay=0.05, warmup_steps=100, kernel_lr_scale=0.02),

@@ -35,7 +35,7 @@ OVERRIDES = [
     "train.steps=8", "train.grad_accum=2", "train.token_budget=512", "train.log_every=4",
     "train.checkpoint_every=4", "optim.warmup_steps=2",
     # What the recipe held when the stored weights were written (it has moved on since).
-    "model.kernel_resize=bilinear_aa", "optim.kernel_lr_scale=1",
+    "model.kernel_resize=bilinear_aa", "optim.kernel_lr_scale=1", "data.hflip=0.5",
 ]
 
 
