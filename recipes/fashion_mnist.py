@@ -8,10 +8,13 @@ Base kernel (2026-11-29, chosen on the validation split, docs/results/base_kerne
 at the worst size (71.2 +- 0.7 vs 71.4 +- 0.9 % validation top-1, 3 seeds at 1200 steps), gains at
 patch 14 (75.6 vs 74.5) and is not rank-capped (rank 64 instead of 16 at patch 14).
 
+Horizontal flips (2026-11-30, chosen on the validation split at the full budget, 3 seeds): off, +0.9 to
++1.1 points at every size over flips at 0.5 (docs/LOG.md).
+
 Measured at the full budget over train seeds 0/1/2 (2026-11-30, docs/results/quickstart_seeds.md), test
-top-1: 80.45 +- 0.77 / 82.33 +- 0.43 / 84.08 +- 0.16 / 81.45 +- 0.17 % at patch 2 / 4 / 7 / 14. The
-settings other than the base kernel were chosen on test before the validation split existed;
-docs/LOG.md has every run behind each setting.
+top-1: 81.67 +- 0.52 / 83.36 +- 0.56 / 84.57 +- 0.20 / 82.11 +- 0.48 % at patch 2 / 4 / 7 / 14. The
+batch, token budget and crop were chosen on test before the validation split existed; docs/LOG.md has
+every run behind each setting.
 """
 
 from flexivit.config import Config, DataConfig, ModelConfig, OptimConfig, PatchConfig, TrainConfig
