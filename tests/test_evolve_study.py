@@ -52,7 +52,7 @@ def _finished_run(path: Path, **changes) -> Path:
 
     train = {"steps": 3600, "seed": changes.pop("seed", 0), "test_eval": True}
     cfg = {"name": "fashion_mnist", "model": {"graph": changes.pop("graph", None)}, "train": train,
-           "data": {"eval_limit": None}}
+           "data": {"eval_limit": None, "hflip": changes.pop("hflip", 0.5)}}
     path.mkdir(parents=True)
     (path / "config.json").write_text(json.dumps(cfg))
     (path / "eval.json").write_text("{}")
@@ -70,5 +70,7 @@ def test_chain_runs_are_checked_then_linked_as_the_chain_arm(tmp_path):
         evolve_study.link_chain_runs(tmp_path / "other", plan, runs[::-1])
     with pytest.raises(SystemExit, match="model.graph"):
         evolve_study.link_chain_runs(tmp_path / "g", plan, [runs[0], _finished_run(tmp_path / "g1", seed=1, graph=CHAIN)])
+    with pytest.raises(SystemExit, match="data.hflip"):  # the study's flips, not today's recipe's
+        evolve_study.link_chain_runs(tmp_path / "f", plan, [runs[0], _finished_run(tmp_path / "f1", seed=1, hflip=0.0)])
     with pytest.raises(SystemExit, match="one run per train seed"):
         evolve_study.link_chain_runs(tmp_path / "n", plan, runs[:1])

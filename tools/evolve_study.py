@@ -77,8 +77,13 @@ SMOKE = Plan(population=2, iterations=1, tournament=2, steps=3, val_limit=64, tr
              test_limit=64)
 
 
-def _limit(n: int | None) -> list[str]:
-    return ["data.num_workers=0", *([f"data.eval_limit={n}"] if n else [])]
+# The study ran with the recipe's horizontal flips of the time; pinned so that a rerun measures the same
+# thing now that the recipe has none.
+HFLIP = 0.5
+
+
+def _data(n: int | None) -> list[str]:
+    return ["data.num_workers=0", f"data.hflip={HFLIP}", *([f"data.eval_limit={n}"] if n else [])]
 
 
 def _call(command: list[str], log: Path) -> dict[str, float]:
@@ -117,7 +122,7 @@ def _evolve(out: Path, plan: Plan, seed: int, keep_rate: float | None) -> None:
         return
     command = [sys.executable, "-m", "flexivit", "evolve", RECIPE, "--population", str(plan.population),
                "--iterations", str(plan.iterations), "--tournament", str(plan.tournament), "--steps", str(plan.steps),
-               "--seed", str(seed), "--out", str(run), *(a for s in _limit(plan.val_limit) for a in ("--set", s))]
+               "--seed", str(seed), "--out", str(run), *(a for s in _data(plan.val_limit) for a in ("--set", s))]
     if keep_rate is not None:
         command += ["--unguided", "--keep-rate", repr(keep_rate)]
         if not (run / "evolve.jsonl").exists():  # the same initial population: reuse the guided records of it
@@ -184,9 +189,9 @@ def link_chain_runs(out: Path, plan: Plan, runs: list[Path]) -> None:
             raise SystemExit(f"--chain-runs: {run} is not a finished run (config.json and eval.json)")
         found = {"model.graph": cfg["model"].get("graph"), "train.steps": cfg["train"]["steps"],
                  "train.seed": cfg["train"]["seed"], "data.eval_limit": cfg["data"]["eval_limit"],
-                 "train.test_eval": cfg["train"]["test_eval"]}
+                 "train.test_eval": cfg["train"]["test_eval"], "data.hflip": cfg["data"]["hflip"]}
         expected = {"model.graph": None, "train.steps": plan.train_steps, "train.seed": seed,
-                    "data.eval_limit": plan.test_limit, "train.test_eval": True}
+                    "data.eval_limit": plan.test_limit, "train.test_eval": True, "data.hflip": HFLIP}
         wrong = {k: v for k, v in found.items() if v != expected[k]}
         if cfg["name"] != name or wrong:
             raise SystemExit(f"--chain-runs: {run} is not the {RECIPE} chain at {plan.train_steps} steps with train "
@@ -205,7 +210,7 @@ def _retrain_runs(out: Path, plan: Plan) -> list[tuple[str, list[str]]]:
     if len(searches) < 4 or any(len(r) < plan.population + plan.iterations for r in searches.values()):
         raise SystemExit(f"the retrain part picks from the four searches, unfinished in {out}: run the search part")
     chosen = pick(searches, chain(_arch()[0]).format())["best"]["graph"]
-    base = [*_limit(plan.test_limit), f"train.steps={plan.train_steps}", "train.test_eval=true"]
+    base = [*_data(plan.test_limit), f"train.steps={plan.train_steps}", "train.test_eval=true"]
     return [(f"retrain/{arm}-seed{s}", [*base, *graph, f"train.seed={s}"]) for s in plan.train_seeds
             for arm, graph in (("best", [f"model.graph={chosen}"]), ("chain", []))]
 
@@ -349,7 +354,7 @@ def main() -> None:
                 runs = _retrain_runs(out, plan) if "retrain" in group else []
                 if "heatmap" in group:
                     graph = BlockGraph(depth := _arch()[0], tuple(allowed_edges(depth))).format()  # every edge
-                    runs.append(("heatmap", [*_limit(plan.val_limit), f"model.graph={graph}",
+                    runs.append(("heatmap", [*_data(plan.val_limit), f"model.graph={graph}",
                                              f"train.steps={plan.train_steps}", "train.test_eval=false"]))
                 with ThreadPoolExecutor(max_workers=args.jobs) as pool:
                     list(pool.map(lambda r: _train(out, *r), runs))
