@@ -41,12 +41,11 @@ sys.path.insert(0, str(ROOT))
 
 # Sibling modules: a script's own directory is on sys.path.
 from compare_runs import load_groups, summarise  # noqa: E402
-from flexibility_plan import images_by_patch, train_gflops  # noqa: E402
+from flexibility_plan import images_by_patch, saved_changes, train_gflops  # noqa: E402
 from flexivit.checkpoint import load_model  # noqa: E402
 from flexivit.config import Config, config_from_dict, load_recipe  # noqa: E402
 from flexivit.finetune import fixed_size  # noqa: E402
 from flexivit.measure import count_gflops  # noqa: E402
-from flexivit.run import config_changes  # noqa: E402
 from flexivit.search import SearchError, check_data, check_init, train_run  # noqa: E402
 
 RECIPE = "fashion_mnist_finetune"
@@ -111,11 +110,7 @@ def check_settings(ft: FineTune, out: Path) -> None:
     saved_file = out / ft.path / "config.json"
     if not saved_file.exists():
         return
-    saved = json.loads(json.dumps(config_from_dict(Config, json.loads(saved_file.read_text())).to_dict()))
-    now = json.loads(json.dumps(ft.config().to_dict()))  # tuples as lists, as saved
-    changed = config_changes(saved, now)
-    changed.update({f"{s}.{k}": (saved[s][k], now[s][k]) for s, k in (("train", "steps"), ("data", "eval_limit"))
-                    if saved[s][k] != now[s][k]})
+    changed = saved_changes(saved_file, ft.config(), also=("train.steps", "data.eval_limit"))
     if changed:
         listed = "; ".join(f"{k}: {a!r} -> {b!r}" for k, (a, b) in sorted(changed.items()))
         raise SearchError(f"{out / ft.path} was made with other settings ({listed}); use another --out or delete it")

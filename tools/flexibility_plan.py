@@ -188,17 +188,26 @@ def plan(*, seeds: Sequence[int], small: int, large: int, sizes: list[int], extr
     return [*labelled, *distilled]
 
 
+def saved_changes(saved_file: Path, cfg: Config, also: Sequence[str] = ("train.steps",)) -> dict[str, tuple]:
+    """Fields where the run config saved in ``saved_file`` differs from ``cfg``: those a resume refuses
+    (``flexivit.run.config_changes``) and the ``also`` fields ("section.key"). Fields added to the config
+    since the run was made take their defaults there."""
+    saved = json.loads(json.dumps(config_from_dict(Config, json.loads(saved_file.read_text())).to_dict()))
+    now = json.loads(json.dumps(cfg.to_dict()))  # tuples as lists, as saved
+    changed = config_changes(saved, now)
+    for field in also:
+        section, key = field.split(".")
+        if saved[section][key] != now[section][key]:
+            changed[field] = (saved[section][key], now[section][key])
+    return changed
+
+
 def check_settings(run: Run, out: Path) -> None:
-    """Refuse a run directory whose saved config is not the plan's (steps included). Fields added to the
-    config since the run was made take their defaults there."""
+    """Refuse a run directory whose saved config is not the plan's (steps included)."""
     saved_file = out / run.dir_name / "config.json"
     if not saved_file.exists():
         return
-    saved = json.loads(json.dumps(config_from_dict(Config, json.loads(saved_file.read_text())).to_dict()))
-    now = json.loads(json.dumps(run.config().to_dict()))  # tuples as lists, as saved
-    changed = config_changes(saved, now)
-    if saved["train"]["steps"] != now["train"]["steps"]:
-        changed["train.steps"] = (saved["train"]["steps"], now["train"]["steps"])
+    changed = saved_changes(saved_file, run.config())
     if changed:
         fields = ", ".join(f"{k}: {a!r} there, {b!r} now" for k, (a, b) in changed.items())
         raise ValueError(f"{saved_file.parent} was trained with other settings ({fields}); pass a new --out, "
