@@ -52,6 +52,8 @@ def test_fixed_vits_are_plain_and_see_the_flexivits_images(tmp_path):
                 # Only the kernel's learning rate differs: a plain ViT's kernel is never resized, so it
                 # learns at the full rate rather than the FlexiViT's scaled one.
                 assert fixed.optim.kernel_lr_scale == 1.0
+                # Its zero-shot curve uses the paper's operator, not the one the FlexiViT recipe chose.
+                assert fixed.model.kernel_resize == "bilinear"
                 assert (replace(fixed.optim, kernel_lr_scale=flexi.optim.kernel_lr_scale), fixed.data) == \
                     (flexi.optim, flexi.data)
                 assert (fixed.train.token_budget, fixed.train.seed) == (flexi.train.token_budget, seed)

@@ -167,9 +167,12 @@ def plan(*, seeds: Sequence[int], small: int, large: int, sizes: list[int], extr
         fixed, fixed_d = [], []
         for p in (small, large):
             # A plain ViT/p: base kernel p, position grid at its own token grid.
+            # A plain ViT's kernel is never resized while it trains, so it learns at the full rate, and its
+            # zero-shot curve (and a teacher's kernel taken into its base) uses the paper's operator,
+            # bilinear PI-resize, whatever operator the FlexiViT recipe picked.
             own_set = (f"train.seed={seed}", f"patch.sizes={p}", f"patch.default={p}", f"patch.eval_sizes={p}",
                        *uniform, f"model.base_patch_size={p}", f"model.base_grid={image_size // p}",
-                       "optim.kernel_lr_scale=1", *extra)  # a plain ViT's kernel is never resized: full rate
+                       "optim.kernel_lr_scale=1", "model.kernel_resize=bilinear", *extra)
             # Initialised from the teacher like the FlexiViT, its kernel and grid resized into base p.
             d_set = (*own_set, *distill, "distill.keep_student_base=true")
             steps = equal_image_steps(load_recipe("fashion_mnist", list(own_set)), images)
