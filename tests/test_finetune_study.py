@@ -91,6 +91,17 @@ def test_a_run_directory_made_with_other_settings_is_refused(tmp_path):
         fs.check_settings(other, tmp_path / "out")
 
 
+def test_a_run_directory_fine_tuned_from_another_pretrained_run_is_refused(tmp_path):
+    first, second = tmp_path / "a", tmp_path / "b"
+    (ft,) = [r for r in fs.plan([first, second], {"tops": []}, SIZES, []) if r.patch is None and r.seed == 0]
+    (swapped,) = [r for r in fs.plan([second, first], {"tops": []}, SIZES, []) if r.patch is None and r.seed == 0]
+    (tmp_path / "out" / ft.path).mkdir(parents=True)
+    (tmp_path / "out" / ft.path / fs.PRETRAINED_FILE).write_text(f"{first}\n")
+    fs.check_settings(ft, tmp_path / "out")
+    with pytest.raises(SearchError, match="fine-tuned from .*a, not .*b"):
+        fs.check_settings(swapped, tmp_path / "out")
+
+
 def _study(*args: str) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, str(ROOT / "tools" / "finetune_study.py"), *args], capture_output=True,
                           text=True, env=subprocess_env(), timeout=900)

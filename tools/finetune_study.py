@@ -18,7 +18,8 @@ Targets, per task, on the test split (mean over seeds): at ``--size`` the defaul
 the fixed fine-tune at that size, at every other size within 5 points of the fixed fine-tune at that size.
 
 Resumable: a run whose ``eval.json`` exists is skipped, an interrupted one resumes from its last
-checkpoint, and a run directory made with other settings is refused before anything trains.
+checkpoint, and a run directory made with other settings or from another pretrained run (each records
+its own in ``pretrained.txt``) is refused before anything trains.
 """
 
 from __future__ import annotations
@@ -105,8 +106,18 @@ def plan(pretrained: Sequence[Path], tasks: dict[str, list[str]], sizes: Sequenc
             for patch in (None, *sizes)]
 
 
+# A fine-tune's config does not name the run it started from, so the study records it beside the config.
+PRETRAINED_FILE = "pretrained.txt"
+
+
 def check_settings(ft: FineTune, out: Path) -> None:
-    """Refuse a run directory whose saved config is not ``ft``'s (steps and evaluation size included)."""
+    """Refuse a run directory whose saved config is not ``ft``'s (steps and evaluation size included) or
+    that was started from another pretrained run."""
+    record = out / ft.path / PRETRAINED_FILE
+    if record.exists() and record.read_text().strip() != str(ft.pretrained):
+        raise SearchError(f"{out / ft.path} was fine-tuned from {record.read_text().strip()}, not {ft.pretrained} "
+                          "(pass the pretrained runs in the order they were first given); use another --out or "
+                          "delete it")
     saved_file = out / ft.path / "config.json"
     if not saved_file.exists():
         return
@@ -124,7 +135,8 @@ def _say(line: str) -> None:
 
 def _train(ft: FineTune, out: Path) -> int:
     run = out / ft.path
-    run.parent.mkdir(parents=True, exist_ok=True)
+    run.mkdir(parents=True, exist_ok=True)
+    (run / PRETRAINED_FILE).write_text(f"{ft.pretrained}\n")
     log = run.with_suffix(".log")
     code = train_run(run, ft.sets, recipe=RECIPE, init=str(ft.pretrained), log=log, args=ft.args())
     _say(f"  {ft.path}: " + ("done" if code == 0 else f"FAILED (exit {code}), see {log}"))
