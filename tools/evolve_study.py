@@ -23,7 +23,9 @@ as the chain arm instead of retraining it; each is checked (no graph, the steps,
 split) and linked as ``retrain/chain-seedS``.
 
 Every run has one data process and one thread (OMP_NUM_THREADS=1), two at a time on the two cores.
-Results: ``docs/results/evolve.{md,json,png}`` and ``docs/results/evolve_heatmap.png``.
+Results: ``docs/results/evolve.{md,json,png}`` and ``docs/results/evolve_heatmap.png``, measured 2026-11-30
+(111e2a1) with the recipe of then: base 14 ``area`` at 0.02x kernel lr and 54k/6k train/val, as now, and flips
+0.5, which this study pins (``HFLIP``) since the recipe dropped them.
 """
 
 from __future__ import annotations
