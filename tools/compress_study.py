@@ -94,7 +94,10 @@ def _read(out: Path, name: str) -> dict[str, Any] | None:
     if not (run / "eval.json").exists():
         return None
     report = json.loads((run / "eval.json").read_text())
-    row = {"val": _val(report), "test": {str(r["patch_size"]): 100 * r["top1"] for r in report.get("results", [])},
+    # A run with train.test_eval off reports validation under "results" ("split": "val"): not a test score.
+    scored_test = report.get("split", "test") == "test"
+    test = {str(r["patch_size"]): 100 * r["top1"] for r in report["results"]} if scored_test else {}
+    row = {"val": _val(report), "test": test,
            "images_seen": report["images_seen"], "train_minutes": report["train_seconds"] / 60}
     if (run / "compress.json").exists():
         c = json.loads((run / "compress.json").read_text())
