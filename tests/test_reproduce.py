@@ -18,6 +18,7 @@ TOOL = ROOT / "tools" / "reproduce_flexibility.py"
 sys.path.insert(0, str(ROOT / "tools"))
 
 import flexibility_plan as fp  # noqa: E402
+import reproduce_flexibility as rf  # noqa: E402
 
 # A stand-in forward cost per patch size (GFLOPs per image) for the arithmetic tests: small patches dear.
 STUB = {2: 4.0, 4: 1.0, 7: 0.3, 14: 0.08}
@@ -197,3 +198,17 @@ def test_smoke_reproduction_writes_all_three_files_and_resumes(tmp_path):
 
     other = _run("--smoke", "--steps", "31", "--out", str(out), "--results", str(results))
     assert other.returncode == 2 and "trained with other settings" in other.stderr
+
+
+def test_one_seed_reports_no_spread_and_several_seeds_their_sample_std(tmp_path):
+    runs = [r for r in fp.plan(seeds=[0, 1], small=4, large=14, sizes=[2, 4, 7, 14], extra=[], out=tmp_path,
+                               gflops=_stub) if r.name == "flexi"]
+    spent = {r.dir_name: {"steps": 10, "images_by_patch": {"2": 5}, "images_seen": 5, "train_gflops": 1.0,
+                          "train_seconds": 60.0} for r in runs}
+    per_run = {r.dir_name: {"flexi": {p: top1 for p in ("2", "4", "7", "14")}}
+               for r, top1 in zip(runs, (0.5, 0.7))}
+    one = rf.summarise(runs[:1], per_run, spent, [2, 4, 7, 14], [0])["curves"]["flexi"]
+    two = rf.summarise(runs, per_run, spent, [2, 4, 7, 14], [0, 1])["curves"]["flexi"]
+    assert one["top1_mean"]["4"] == 0.5 and one["top1_std"]["4"] is None
+    assert two["top1_mean"]["4"] == pytest.approx(0.6) and two["top1_std"]["4"] == pytest.approx(0.02 ** 0.5)
+    assert rf._pm(0.5, None) == "50.0" and rf._pm(0.6, 0.1414) == "60.0 ± 14.1"

@@ -203,7 +203,8 @@ def summarise(runs: list[Run], per_run: dict[str, dict[str, dict[str, float]]], 
     for entry in curves.values():
         values = entry.pop("_values")
         entry["top1_mean"] = {p: statistics.fmean(v) for p, v in values.items()}
-        entry["top1_std"] = {p: statistics.stdev(v) if len(v) > 1 else 0.0 for p, v in values.items()}
+        # One seed has no spread: null, not a zero that reads as "no variance".
+        entry["top1_std"] = {p: statistics.stdev(v) if len(v) > 1 else None for p, v in values.items()}
     return {"patch_sizes": sizes, "seeds": seeds, "curves": curves, "budgets": budgets}
 
 
@@ -243,12 +244,18 @@ def distill_vs_labels(result: dict[str, Any], pairs: list[tuple[str, str, str]])
     return rows
 
 
+def _pm(mean: float, std: float | None) -> str:
+    return f"{100 * mean:.1f}" if std is None else f"{100 * mean:.1f} ± {100 * std:.1f}"
+
+
 def write_markdown(result: dict[str, Any], path: Path) -> None:
     sizes = result["patch_sizes"]
+    spread = ("Mean ± sample std over seeds" if len(result["seeds"]) > 1
+              else "One seed (no spread measured; differences under ~2 points need more seeds)")
     lines = [
         "# Flexibility on Fashion-MNIST: top-1 (%) vs patch size",
         "",
-        f"Mean ± std over seeds {result['seeds']} (`{result['command']}`); {result['eval_images']} test images. "
+        f"{spread} {result['seeds']} (`{result['command']}`); {result['eval_images']} test images. "
         f"Each FlexiViT trains {result['steps']} steps of the quickstart recipe; each fixed ViT/p (base kernel p, "
         "position grid at its own token grid) trains by the same recipe on as many images as its FlexiViT. "
         "Distilled models learn from the label-trained small ViT and start from its weights; `flexi-equal-flops` "
@@ -262,7 +269,7 @@ def write_markdown(result: dict[str, Any], path: Path) -> None:
         "|---|---|---:|---|" + "---:|" * (len(sizes) + 3),
     ]
     for name, c in result["curves"].items():
-        cells = [f"{100 * c['top1_mean'][str(p)]:.1f} ± {100 * c['top1_std'][str(p)]:.1f}" for p in sizes]
+        cells = [_pm(c["top1_mean"][str(p)], c["top1_std"][str(p)]) for p in sizes]
         lines.append(f"| {name} | {c['kind']} | {c['train_patch_size'] or 'all'} | {c['resize'] or '-'} | "
                      + " | ".join(cells) + f" | {c['images_seen'] / 1e3:.0f}k | {c['train_gflops'] / 1e3:.2f} | "
                      f"{c['train_seconds'] / 60:.1f} |")
@@ -301,7 +308,7 @@ def write_plot(result: dict[str, Any], path: Path) -> None:
     fig, ax = plt.subplots(figsize=(7.2, 4.8))
     for name, c in result["curves"].items():
         mean = [100 * c["top1_mean"][str(p)] for p in sizes]
-        std = [100 * c["top1_std"][str(p)] for p in sizes]
+        std = [100 * (c["top1_std"][str(p)] or 0.0) for p in sizes]  # one seed: no error bar
         style = "--" if c["resize"] == "bilinear" else "-"
         marker = "s" if c["supervision"] == "distilled" else "o"
         ax.errorbar(sizes, mean, yerr=std, linestyle=style, marker=marker, capsize=3, label=name)
