@@ -180,8 +180,9 @@ def _add_fewshot_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--patch-sizes", help="comma-separated sizes, or 'all' (default: the run's training sizes)")
     p.add_argument("--methods", default="global,local,global+local", help="comma-separated, among global, local and "
                    "global+local (default: all three)")
-    p.add_argument("--local", default="16", help="local proxies per class (k-means of the support tokens), or 'all' "
-                   "(every support token); default 16")
+    p.add_argument("--local", default="16", help="local proxies per class M (k-means of the support tokens), or 'all' "
+                   "(every support token); several comma-separated (4,16,all) score each M on the same episodes and "
+                   "share one backbone pass per patch size; default 16")
     p.add_argument("--mix", type=float, default=0.5, help="weight of the global proxies in global+local (default 0.5)")
     p.add_argument("--seed", type=int, default=0, help="episodes and k-means derive from it (default 0)")
     p.add_argument("--device", help="cpu, cuda or cuda:N (default: cuda when available)")

@@ -13,10 +13,13 @@ each method:
   its token count; ``--local all``: every support token);
 - ``global+local``: ``mix * global + (1 - mix) * local`` (``--mix``, default 0.5).
 
-Every method, shot count and patch size sees the same episodes and queries, so their differences are paired.
+``--local`` may list several M (``4,16,all``): the backbone pass is shared and each M is scored on it exactly as
+a run with that M alone would score it (k-means seeds depend on the episode, shots and class, not on M);
+``global`` does not use local proxies and is reported once. Every method, M, shot count and patch size sees
+the same episodes and queries, so their differences are paired.
 An episode's accuracy is over its ``ways * queries`` queries; ``fewshot.json`` holds each episode's, their
 mean and a 95 % confidence interval ``1.96 * std / sqrt(episodes)`` (normal approximation, sample std), and
-the paired gain of ``global+local`` over ``global`` with its interval. Deterministic for a seed.
+the paired gain of ``global+local`` over ``global`` (per M) with its interval. Deterministic for a seed.
 
 ``task_support`` draws the support set with which ``flexivit finetune`` initialises a proxy head.
 """
@@ -44,7 +47,7 @@ from .rng import mix
 from .transforms import eval_transform
 
 __all__ = ["METHODS", "FewShotSettings", "Episode", "draw_episodes", "run_fewshot", "write_fewshot", "task_support",
-           "parse_local", "parse_list", "markdown", "score_episode"]
+           "parse_local", "parse_list", "local_label", "markdown", "score_episode"]
 
 METHODS = ("global", "local", "global+local")
 Z95 = 1.96  # two-sided 95 % quantile of the normal distribution
@@ -55,18 +58,21 @@ SUPPORT_STREAM = 2  # task_support draws with mix(train.seed, 2)
 
 @dataclass(frozen=True)
 class FewShotSettings:
-    """What an episode is and how it is scored; ``local=None`` makes every support token a local proxy."""
+    """What an episode is and how it is scored. ``local``: the local proxies per class M to score, each a count
+    or ``None`` (every support token a local proxy), no M twice; a single M (``local=16``) stands for ``(16,)``."""
 
     ways: int = 5
     shots: tuple[int, ...] = (1, 5)
     queries: int = 15
     episodes: int = 100
     methods: tuple[str, ...] = METHODS
-    local: int | None = 16
+    local: tuple[int | None, ...] = (16,)
     mix: float = 0.5
     seed: int = 0
 
     def __post_init__(self) -> None:
+        if not isinstance(self.local, tuple):  # one M, as callers gave it before --local took a list
+            object.__setattr__(self, "local", tuple(self.local) if isinstance(self.local, list) else (self.local,))
         for name in ("ways", "queries", "episodes"):
             if getattr(self, name) < 1:
                 raise ValueError(f"--{name} must be 1 or more, got {getattr(self, name)}")
@@ -78,9 +84,21 @@ class FewShotSettings:
         if not 0.0 <= self.mix <= 1.0:
             raise ValueError(f"--mix (the weight of the global proxies in global+local) must be in [0, 1], got "
                              f"{self.mix}")
-        if self.local is not None and self.local < 1 and set(self.methods) - {"global"}:
-            raise ValueError(f"--local {self.local}: the local and global+local methods need local proxies; pass "
+        if not self.local or any(m is not None and not isinstance(m, int) for m in self.local):
+            raise ValueError(f"--local takes counts of local proxies per class or 'all', such as 16 or 4,16,all; got "
+                             f"{list(self.local)}")
+        twice = [local_label(m) for i, m in enumerate(self.local) if m in self.local[:i]]
+        if twice:
+            raise ValueError(f"--local lists M={twice[0]} more than once; give each M once, such as 4,16,all")
+        low = [m for m in self.local if m is not None and m < 1]
+        if low and set(self.methods) - {"global"}:
+            raise ValueError(f"--local {low[0]}: the local and global+local methods need local proxies; pass "
                              "--local 1 or more (or all), or --methods global")
+
+
+def local_label(m: int | None) -> int | str:
+    """How reports name a requested M: the count, or ``"all"`` for every support token (``None``)."""
+    return "all" if m is None else m
 
 
 def parse_list(spec: str, what: str) -> list[int]:
@@ -91,14 +109,14 @@ def parse_list(spec: str, what: str) -> list[int]:
         raise ValueError(f"{what} takes comma-separated integers such as 1,5, got {spec!r}") from None
 
 
-def parse_local(spec: str) -> int | None:
-    """``--local``: a count, or ``all`` (every support token, ``None``)."""
-    if spec.strip().lower() == "all":
-        return None
+def parse_local(spec: str) -> tuple[int | None, ...]:
+    """``--local``: comma-separated counts or ``all`` (every support token, ``None``): ``"4,16,all"`` →
+    ``(4, 16, None)``."""
     try:
-        return int(spec)
+        return tuple(None if s.strip().lower() == "all" else int(s) for s in spec.split(",") if s.strip())
     except ValueError:
-        raise ValueError(f"--local takes a number of local proxies per class or 'all', got {spec!r}") from None
+        raise ValueError(f"--local takes local proxies per class, a count or 'all', or several comma-separated such "
+                         f"as 4,16,all; got {spec!r}") from None
 
 
 @dataclass(frozen=True)
@@ -133,35 +151,42 @@ def draw_episodes(labels: np.ndarray, *, ways: int, shots: int, queries: int, ep
     return drawn
 
 
-def _method_scores(method: str, alpha: float, glob: torch.Tensor, loc: torch.Tensor | None) -> torch.Tensor:
-    if method == "global":
-        return glob
+def _method_scores(method: str, alpha: float, glob: torch.Tensor, loc: torch.Tensor) -> torch.Tensor:
     return loc if method == "local" else alpha * glob + (1 - alpha) * loc
 
 
 def score_episode(pooled: torch.Tensor, tokens: torch.Tensor, settings: FewShotSettings, *, seed: int,
-                  ) -> dict[tuple[str, int], tuple[float, int | None]]:
-    """Accuracy of each (method, shots) on one episode, and the local proxies per class it used. ``pooled``
-    ``(ways, S + Q, D)`` and ``tokens`` ``(ways, S + Q, N, D)``: the support (first ``S = max shots``) and query
-    images of each class."""
+                  ) -> dict[tuple[str, int, int | str | None], tuple[float, int | None]]:
+    """Accuracy of each (method, shots, M) on one episode, and the local proxies per class it used; M is
+    ``local_label`` of a requested count for ``local`` and ``global+local``, ``None`` for ``global`` (scored
+    once: it does not depend on M). ``pooled`` ``(ways, S + Q, D)`` and ``tokens`` ``(ways, S + Q, N, D)``: the
+    support (first ``S = max shots``) and query images of each class."""
     ways, n = pooled.shape[0], tokens.shape[2]
     top = max(settings.shots)
     q_pooled, q_tokens = pooled[:, top:].flatten(0, 1), tokens[:, top:].flatten(0, 1)  # (ways * Q, D), (ways * Q, N, D)
     q_labels = torch.arange(ways).repeat_interleave(settings.queries)
-    needs_local = bool(set(settings.methods) - {"global"})
+    local_methods = [m for m in settings.methods if m != "global"]
     out = {}
     for shots in settings.shots:
-        local = (None if settings.local is None else min(settings.local, shots * n)) if needs_local else 0
         support = [(pooled[:, :shots].flatten(0, 1), tokens[:, :shots].flatten(0, 1))]  # (W*s, D), (W*s, N, D)
         labels = torch.arange(ways).repeat_interleave(shots)
-        g, l = support_proxies(support, labels, num_classes=ways, local=local, seed=mix(seed, shots))
-        glob = global_similarity(q_pooled, g)  # (ways * Q, ways)
-        loc = torch.cat([local_similarity(c, l) for c in q_tokens.split(QUERY_CHUNK)]) if l is not None else None
-        used = None if l is None else l.shape[1]
-        for method in settings.methods:
-            hits = _method_scores(method, settings.mix, glob, loc).argmax(dim=1).eq(q_labels)
-            out[(method, shots)] = (hits.float().mean().item(), used)
+        for i, m in enumerate(settings.local if local_methods else (0,)):
+            local = None if m is None else min(m, shots * n)
+            # the seed does not depend on M: each M gets the proxies a run with that M alone gets
+            g, l = support_proxies(support, labels, num_classes=ways, local=local, seed=mix(seed, shots))
+            glob = global_similarity(q_pooled, g)  # (ways * Q, ways), the same for every M
+            loc = torch.cat([local_similarity(c, l) for c in q_tokens.split(QUERY_CHUNK)]) if l is not None else None
+            used = None if l is None else l.shape[1]
+            if i == 0 and "global" in settings.methods:
+                out[("global", shots, None)] = (_accuracy(glob, q_labels), 0)
+            for method in local_methods:
+                scores = _method_scores(method, settings.mix, glob, loc)
+                out[(method, shots, local_label(m))] = (_accuracy(scores, q_labels), used)
     return out
+
+
+def _accuracy(scores: torch.Tensor, labels: torch.Tensor) -> float:
+    return scores.argmax(dim=1).eq(labels).float().mean().item()
 
 
 def _summary(values: Sequence[float]) -> tuple[float, float, float]:
@@ -195,48 +220,64 @@ def run_fewshot(checkpoint: str | Path, *, data: str, settings: FewShotSettings,
     dataset = TransformedDataset(splits.test, eval_transform(subject.preprocess))
     device = device or default_device()
     model.to(device).eval()
-    accuracy: dict[tuple[int, str, int], list[float]] = {}
-    used: dict[tuple[int, str, int], int | None] = {}
+    accuracy: dict[tuple[int, str, int, int | str | None], list[float]] = {}
+    used: dict[tuple[int, str, int, int | str | None], int | None] = {}
     tokens_at: dict[int, int] = {}
     for e, episode in enumerate(tqdm(episodes, desc="fewshot", disable=not progress, leave=False)):
         rows = np.concatenate([episode.support, episode.query], axis=1)  # (ways, S + Q)
         images = collate(dataset.__getitems__(rows.flatten().tolist()))["image"]  # (ways * (S + Q), C, H, W)
         for p in sizes:
-            pooled, tokens = pooled_and_tokens(model, images, p)  # (B, D), (B, N, D)
+            pooled, tokens = pooled_and_tokens(model, images, p)  # (B, D), (B, N, D): once for every M
             tokens_at[p] = tokens.shape[1]
             pooled, tokens = pooled.unflatten(0, rows.shape), tokens.unflatten(0, rows.shape)
-            for (method, shots), (acc, m) in score_episode(pooled, tokens, s, seed=mix(s.seed, e)).items():
-                accuracy.setdefault((p, method, shots), []).append(acc)
-                used[(p, method, shots)] = m
+            for (method, shots, m), (acc, count) in score_episode(pooled, tokens, s, seed=mix(s.seed, e)).items():
+                accuracy.setdefault((p, method, shots, m), []).append(acc)
+                used[(p, method, shots, m)] = count
+    labels = [local_label(m) for m in s.local]
     results, paired = [], []
     for p in sizes:
         for shots in s.shots:
             for method in s.methods:
-                top1, std, ci95 = _summary(accuracy[(p, method, shots)])
-                results.append({"patch_size": p, "tokens": tokens_at[p], "shots": shots, "method": method,
-                                "local_proxies": used[(p, method, shots)] if method != "global" else 0, "top1": top1,
-                                "std": std, "ci95": ci95, "episodes_top1": accuracy[(p, method, shots)]})
+                for m in [None] if method == "global" else labels:
+                    key = (p, method, shots, m)
+                    top1, std, ci95 = _summary(accuracy[key])
+                    results.append({"patch_size": p, "tokens": tokens_at[p], "shots": shots, "method": method,
+                                    **({} if m is None else {"local": m}), "local_proxies": used[key], "top1": top1,
+                                    "std": std, "ci95": ci95, "episodes_top1": accuracy[key]})
             if {"global", "global+local"} <= set(s.methods):
-                both = accuracy[(p, "global+local", shots)], accuracy[(p, "global", shots)]
-                gain, _, ci95 = _summary(np.subtract(*both))
-                paired.append({"patch_size": p, "shots": shots, "gain": gain, "ci95": ci95})
+                for m in labels:
+                    both = accuracy[(p, "global+local", shots, m)], accuracy[(p, "global", shots, None)]
+                    gain, _, ci95 = _summary(np.subtract(*both))
+                    paired.append({"patch_size": p, "shots": shots, "local": m, "gain": gain, "ci95": ci95})
     trained_on = set(subject.meta.get("class_names") or [])
     return {
         "checkpoint": str(checkpoint), "data": source, "split": "test", "classes": list(splits.class_names),
         "backbone_classes_in_episodes": [c for c in splits.class_names if c in trained_on],
         "ways": s.ways, "shots": list(s.shots), "queries": s.queries, "episodes": s.episodes,
-        "methods": list(s.methods), "local": "all" if s.local is None else s.local, "mix": s.mix, "seed": s.seed,
+        "methods": list(s.methods), "local": labels[0] if len(labels) == 1 else labels, "mix": s.mix, "seed": s.seed,
         "temperature": LOCAL_TEMPERATURE, "patch_sizes": sizes, "device": str(device),
         "results": results, "paired_gain_over_global": paired,
     }
 
 
+def _several(report: dict[str, Any]) -> bool:
+    """Whether the report scores several M (its ``local`` is a list), so that rows must name their M."""
+    return isinstance(report["local"], list)
+
+
+def _name(row: dict[str, Any], several: bool) -> str:
+    """A row's method, with its M (``local (M=16)``) when the report scores several."""
+    return row["method"] + (f" (M={row['local']})" if several and "local" in row else "")
+
+
 def markdown(report: dict[str, Any]) -> str:
-    """``fewshot.md``: the settings, accuracy per patch size, shots and method, and the paired gains."""
+    """``fewshot.md``: the settings, accuracy per patch size, shots, method and M, and the paired gains."""
     r = report
+    several = _several(r)
+    m = ", ".join(map(str, r["local"])) if several else r["local"]
     lines = [f"# Few-shot: {r['checkpoint']} on {r['data']} ({r['split']} split)", "",
              f"{r['episodes']} episodes of {r['ways']} ways from classes {', '.join(r['classes'])}, {r['queries']} "
-             f"queries per class, seed {r['seed']}; local proxies per class: {r['local']} (k-means of the support "
+             f"queries per class, seed {r['seed']}; local proxies per class: {m} (k-means of the support "
              f"tokens, capped at their count), global+local mix {r['mix']}, token temperature {r['temperature']}. "
              "Accuracy: mean over episodes ± 95 % CI (1.96 std / sqrt(episodes)).", ""]
     if r["backbone_classes_in_episodes"]:
@@ -244,18 +285,19 @@ def markdown(report: dict[str, Any]) -> str:
                   "classes).", ""]
     lines += ["| patch | tokens | shots | method | top-1 (%) | ± 95 % CI | local proxies |",
               "|---:|---:|---:|---|---:|---:|---:|"]
-    lines += [f"| {x['patch_size']} | {x['tokens']} | {x['shots']} | {x['method']} | {100 * x['top1']:.2f} | "
+    lines += [f"| {x['patch_size']} | {x['tokens']} | {x['shots']} | {_name(x, several)} | {100 * x['top1']:.2f} | "
               f"{100 * x['ci95']:.2f} | {x['local_proxies']} |" for x in r["results"]]
     if r["paired_gain_over_global"]:
         lines += ["", "Paired gain of global+local over global (points, same episodes and queries):", "",
-                  "| patch | shots | gain | ± 95 % CI |", "|---:|---:|---:|---:|"]
-        lines += [f"| {x['patch_size']} | {x['shots']} | {100 * x['gain']:+.2f} | {100 * x['ci95']:.2f} |"
-                  for x in r["paired_gain_over_global"]]
+                  "| patch | shots | " + ("M | " if several else "") + "gain | ± 95 % CI |",
+                  "|---:|---:|" + ("---:|" if several else "") + "---:|---:|"]
+        lines += [f"| {x['patch_size']} | {x['shots']} | " + (f"{x['local']} | " if several else "")
+                  + f"{100 * x['gain']:+.2f} | {100 * x['ci95']:.2f} |" for x in r["paired_gain_over_global"]]
     return "\n".join(lines) + "\n"
 
 
 def save_plot(report: dict[str, Any], path: str | Path) -> None:
-    """Accuracy vs patch size, one line (with its 95 % CI) per method and shot count."""
+    """Accuracy vs patch size, one line (with its 95 % CI) per method (and M, when several) and shot count."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
@@ -263,12 +305,14 @@ def save_plot(report: dict[str, Any], path: str | Path) -> None:
     FigureCanvasAgg(fig)
     ax = fig.subplots()
     styles = ("-", "--", ":", "-.")
-    for i, method in enumerate(report["methods"]):
+    several = _several(report)
+    names = list(dict.fromkeys(_name(x, several) for x in report["results"]))  # methods (and M), in order
+    for i, name in enumerate(names):
         for j, shots in enumerate(report["shots"]):
-            rows = [x for x in report["results"] if x["method"] == method and x["shots"] == shots]
+            rows = [x for x in report["results"] if _name(x, several) == name and x["shots"] == shots]
             ax.errorbar([x["patch_size"] for x in rows], [100 * x["top1"] for x in rows],
-                        yerr=[100 * x["ci95"] for x in rows], color=f"C{i}", linestyle=styles[j % len(styles)],
-                        marker="o", capsize=3, label=f"{method}, {shots}-shot")
+                        yerr=[100 * x["ci95"] for x in rows], color=f"C{i % 10}", linestyle=styles[j % len(styles)],
+                        marker="o", capsize=3, label=f"{name}, {shots}-shot")
     ax.set_xscale("log")
     ax.set_xticks(report["patch_sizes"], [str(p) for p in report["patch_sizes"]])
     ax.minorticks_off()

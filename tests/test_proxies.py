@@ -208,11 +208,12 @@ def test_score_episode_prefers_the_matching_class():
     tokens = pooled[:, :, None, :].repeat(1, 1, 5, 1)  # (ways, S + Q, N, D)
     settings = FewShotSettings(ways=3, shots=(1, 2), queries=2, local=8)
     scores = score_episode(pooled, tokens, settings, seed=0)
-    assert set(scores) == {(m, s) for m in ("global", "local", "global+local") for s in (1, 2)}
+    assert set(scores) == {("global", s, None) for s in (1, 2)} | {(m, s, 8) for m in ("local", "global+local")
+                                                                  for s in (1, 2)}
     assert all(acc == 1.0 for acc, _ in scores.values())
-    assert scores[("local", 1)][1] == 5 and scores[("local", 2)][1] == 8  # capped at 1 shot x 5 tokens
+    assert scores[("local", 1, 8)][1] == 5 and scores[("local", 2, 8)][1] == 8  # capped at 1 shot x 5 tokens
     every_token = score_episode(pooled, tokens, FewShotSettings(ways=3, shots=(1, 2), queries=2, local=None), seed=0)
-    assert every_token[("local", 2)] == (1.0, 10)  # --local all: 2 shots x 5 tokens per class
+    assert every_token[("local", 2, "all")] == (1.0, 10)  # --local all: 2 shots x 5 tokens per class
 
 
 def test_fewshot_errors_are_clear(tmp_path_factory, tmp_path):
@@ -246,9 +247,17 @@ def test_fewshot_command(tmp_path_factory, tmp_path, capsys):
     report = json.loads((tmp_path / "a" / "fewshot.json").read_text())
     assert report["classes"] == ["cell-0", "cell-2", "cell-3", "cell-5"] and report["patch_sizes"] == [4, 8]
     assert len(report["results"]) == 2 * 2 * 3 and len(report["paired_gain_over_global"]) == 2 * 2
+    assert report["local"] == 2  # one M: a single value, as before --local took a list
+    assert [(r["patch_size"], r["shots"], r["method"]) for r in report["results"]] == [
+        (p, s, m) for p in (4, 8) for s in (1, 2) for m in ("global", "local", "global+local")]
+    keys = {"patch_size", "tokens", "shots", "method", "local_proxies", "top1", "std", "ci95", "episodes_top1"}
     for row in report["results"]:
         assert len(row["episodes_top1"]) == 3 and 0 <= row["top1"] <= 1 and row["ci95"] >= 0
         assert row["local_proxies"] == (0 if row["method"] == "global" else 2)
+        assert set(row) == (keys if row["method"] == "global" else keys | {"local"}) and row.get("local", 2) == 2
+    assert all(set(g) == {"patch_size", "shots", "local", "gain", "ci95"} and g["local"] == 2
+               for g in report["paired_gain_over_global"])
+    assert "(M=" not in (tmp_path / "a" / "fewshot.md").read_text()  # one M: methods named as before
     assert (tmp_path / "a" / "fewshot.png").stat().st_size > 0 and (tmp_path / "a" / "fewshot.md").exists()
     assert main([*args, "--out", str(tmp_path / "b")]) == 0  # deterministic by seed
     assert json.loads((tmp_path / "b" / "fewshot.json").read_text())["results"] == report["results"]

@@ -53,16 +53,25 @@ def test_bgn_spreads_and_targets_from_run_outputs(tmp_path):
     assert "| bgn-b4 | test | 76.0 | 71.0 | 67.0 | 66.0 | 66.0 | 800 | 1.0 |" in (tmp_path / "results" / "bgn.md").read_text()
 
 
-def _fewshot_report(gain: float, global_acc: float) -> dict:
+def _fewshot_report(gains: dict[str, float], global_acc: float) -> dict:
+    """A ``fewshot.json`` of one run with ``--local`` listing the keys of ``gains``; 4 tokens per image, so the
+    local proxies used are capped at ``4 * shots``."""
+    local = [m if m == "all" else int(m) for m in gains]
     results, paired = [], []
     for p in (2, 4, 7, 14):
         for shots in (1, 5):
-            for method, acc in (("global", global_acc), ("local", 0.5), ("global+local", global_acc + gain)):
-                results.append({"patch_size": p, "shots": shots, "method": method, "top1": acc, "ci95": 0.01,
-                                "local_proxies": 0 if method == "global" else 16, "episodes_top1": [global_acc]})
-            paired.append({"patch_size": p, "shots": shots, "gain": gain + (0.02 if p == 14 else 0), "ci95": 0.01})
+            results.append({"patch_size": p, "shots": shots, "method": "global", "top1": global_acc, "ci95": 0.01,
+                            "local_proxies": 0, "episodes_top1": [global_acc]})
+            for method in ("local", "global+local"):
+                for m, gain in zip(local, gains.values()):
+                    acc = 0.5 if method == "local" else global_acc + gain
+                    results.append({"patch_size": p, "shots": shots, "method": method, "local": m, "top1": acc,
+                                    "ci95": 0.01, "local_proxies": min(4 * shots, 99 if m == "all" else m),
+                                    "episodes_top1": [acc]})
+            paired += [{"patch_size": p, "shots": shots, "local": m, "gain": gain + (0.02 if p == 14 else 0),
+                        "ci95": 0.01} for m, gain in zip(local, gains.values())]
     settings = {"classes": ["a"], "ways": 4, "shots": [1, 5], "queries": 15, "episodes": 1, "mix": 0.5, "seed": 0,
-                "split": "test", "backbone_classes_in_episodes": []}
+                "split": "test", "backbone_classes_in_episodes": [], "local": local}
     return {**settings, "results": results, "paired_gain_over_global": paired}
 
 
@@ -70,12 +79,29 @@ def test_proxy_study_classes_and_targets():
     proxy = _tool("proxy_study")
     assert sorted(proxy.UPPER_BODY + proxy.BACKBONE_CLASSES) == sorted(FASHION_MNIST_CLASSES)
     assert set(proxy.UPPER_BODY) == {"T-shirt/top", "Pullover", "Coat", "Shirt"}
-    reports = {"4": _fewshot_report(-0.05, 0.61), "16": _fewshot_report(0.03, 0.60), "all": _fewshot_report(0.0, 0.60)}
-    table = proxy.fewshot_table(reports)
-    assert table["rows"]["5-shot global"]["2"]["top1"] == pytest.approx(60.0)  # from the M=16 run
-    assert not table["global_same_in_every_run"]  # the M=4 run's global differs
+    table = proxy.fewshot_table(_fewshot_report({"4": -0.05, "16": 0.03, "all": 0.0}, 0.60))
+    assert table["rows"]["5-shot global"]["2"]["top1"] == pytest.approx(60.0)
+    assert table["rows"]["1-shot global+local M=4"]["7"] == {"top1": pytest.approx(55.0), "ci95": 1.0,
+                                                              "local_proxies": 4}
     assert list(table["rows"])[:4] == ["1-shot global", "1-shot local M=4", "1-shot local M=16", "1-shot local M=all"]
+    assert len(table["rows"]) == 2 * 7 and table["paired_gain"]["1-shot M=4"]["14"]["gain"] == pytest.approx(-3.0)
     lines = "\n".join(proxy.targets({"fewshot": table, "parity": {}}))
     # M=16 gains: +3 at p=2/4/7, +5 at p=14 -> mean +3.5 (met), every size above +1 (met)
     assert "averaged over sizes: +3.5 (met)" in lines
     assert "p=2 +3.0 ± 1.0, p=4 +3.0 ± 1.0, p=7 +3.0 ± 1.0, p=14 +5.0 ± 1.0 (met)" in lines
+
+
+def test_proxy_study_reads_the_run_of_every_m_and_refuses_the_former_layout(tmp_path):
+    proxy = _tool("proxy_study")
+    (tmp_path / "old" / "fewshot-m16").mkdir(parents=True)
+    (tmp_path / "old" / "fewshot-m16" / "fewshot.json").write_text(json.dumps(_fewshot_report({"16": 0.03}, 0.6)))
+    with pytest.raises(SystemExit, match="former tool .* run the tool without --report-only"):
+        proxy.collect(tmp_path / "old")
+    (tmp_path / "new" / "fewshot").mkdir(parents=True)
+    report = _fewshot_report({"4": -0.05, "16": 0.03, "all": 0.0}, 0.60)
+    (tmp_path / "new" / "fewshot" / "fewshot.json").write_text(json.dumps(report))
+    result = proxy.collect(tmp_path / "new")
+    assert result["fewshot"]["settings"]["local"] == [4, 16, "all"]
+    proxy.write(result, tmp_path / "results" / "proxies")
+    text = (tmp_path / "results" / "proxies.md").read_text()
+    assert "| 1-shot local M=16 | 50.0 ± 1.0\\* |" in text and "| 5-shot M=16 | +3.0 ± 1.0 |" in text

@@ -7,17 +7,19 @@
 - Few-shot: a backbone (`flexivit train fashion_mnist`, linear head, seed 0) trained on the six classes that
   are not upper-body garments, then `flexivit fewshot` on episodes from the test split of the four upper-body
   classes (T-shirt/top, Pullover, Coat, Shirt): 4 ways, 1 and 5 shots, patch 2 / 4 / 7 / 14, methods
-  global / local / global+local, one run per local-proxy count M in {4, 16, all}, the same seed (so the
-  same episodes and queries) for every M. ``global`` does not use the local proxies: it is reported from
-  the M=16 run, and the JSON says whether the three runs agree on it episode by episode.
+  global / local / global+local, local-proxy counts M in {4, 16, all} in one run (``--local 4,16,all``: the
+  same episodes, queries and backbone pass for every M). ``global`` does not use the local proxies: it is
+  reported once per shot count and size.
 - Supervised parity: `flexivit train fashion_mnist` with ``model.head=proxies`` and with the linear head, the
   same steps, seeds 0 / 1 / 2, test top-1 per patch size.
 
 Every run is resumable (finished runs are skipped, an interrupted training resumed), one data process and one
-thread each, ``--jobs`` at a time (the backbone and its few-shot runs in one job, in order). Results:
+thread each, ``--jobs`` at a time (the backbone and its few-shot run in one job, in order). Results:
 ``docs/results/proxies.{md,json,png}`` with the issue's targets marked met or missed. They were measured
 2026-11-30 (0626dd7) with the recipe of then: base 14 ``area`` at 0.02x kernel lr, 10 % of train held out as
-validation as now, but flips 0.5 (no flips since df79d0f), so a rerun today gives other numbers.
+validation as now, but flips 0.5 (no flips since df79d0f), so a rerun today gives other numbers. The tool
+of then made them with one `flexivit fewshot` run per M (folders ``fewshot-m4``, ``fewshot-m16``,
+``fewshot-mall``); this version reads one run in ``fewshot/`` and refuses such a folder with ``--report-only``.
 """
 
 from __future__ import annotations
@@ -59,14 +61,14 @@ def _train(out: Path, name: str, sets: list[str], *, steps: int, smoke: bool) ->
     _call(out, name, command)
 
 
-def _fewshot(out: Path, local: str, *, episodes: int) -> None:
-    folder = out / f"fewshot-m{local}"
+def _fewshot(out: Path, *, episodes: int) -> None:
+    folder = out / "fewshot"
     if (folder / "fewshot.json").exists():
         return
     command = [sys.executable, "-m", "flexivit", "fewshot", str(out / "backbone"), "--data", "fashion-mnist",
                "--classes", ",".join(UPPER_BODY), "--ways", str(len(UPPER_BODY)), "--shots", ",".join(map(str, SHOTS)),
                "--episodes", str(episodes), "--patch-sizes", ",".join(map(str, SIZES)), "--methods", ",".join(METHODS),
-               "--local", local, "--seed", "0", "--out", str(folder)]
+               "--local", ",".join(LOCALS), "--seed", "0", "--out", str(folder)]
     _call(out, folder.name, command)
 
 
@@ -80,11 +82,10 @@ def _call(out: Path, name: str, command: list[str]) -> None:
 
 
 def tasks(out: Path, *, backbone_steps: int, parity_steps: int, episodes: int, smoke: bool) -> list[Callable[[], None]]:
-    """The study's jobs: the backbone then its few-shot runs (one job, in order), and each parity run."""
+    """The study's jobs: the backbone then its few-shot run (one job, in order), and each parity run."""
     def fewshot_chain() -> None:
         _train(out, "backbone", [f"data.classes={','.join(BACKBONE_CLASSES)}"], steps=backbone_steps, smoke=smoke)
-        for local in LOCALS:
-            _fewshot(out, local, episodes=episodes)
+        _fewshot(out, episodes=episodes)
 
     parity = [lambda h=head, s=seed: _train(out, f"parity-{h}-seed{s}", [*HEADS[h], f"train.seed={s}"],
                                             steps=parity_steps, smoke=smoke) for head in HEADS for seed in SEEDS]
@@ -95,29 +96,26 @@ def _json(path: Path) -> dict[str, Any] | None:
     return json.loads(path.read_text()) if path.exists() else None
 
 
-def fewshot_table(reports: dict[str, dict[str, Any]]) -> dict[str, Any]:
-    """From the ``fewshot.json`` of each M: accuracy ± 95 % CI (points) and local proxies used per row (shots,
-    method, M) and size; global from M=16 (else the first run), with whether every run gave the same
-    per-episode global accuracies; the paired gain of global+local over global per shots, M and size."""
-    found = {(local, r["shots"], r["method"], str(r["patch_size"])): r for local, rep in reports.items()
-             for r in rep["results"]}
-    source = "16" if "16" in reports else next(iter(reports))
+def fewshot_table(report: dict[str, Any]) -> dict[str, Any]:
+    """From the ``fewshot.json`` of the run of every M: accuracy ± 95 % CI (points) and local proxies used per
+    row (shots, method, M) and size, global once per shots and size (it does not depend on M); the paired gain
+    of global+local over global per shots, M and size."""
+    found = {(str(r.get("local", "")), r["shots"], r["method"], str(r["patch_size"])): r for r in report["results"]}
+    ms = [m for m in LOCALS if any(key[0] == m for key in found)]
     rows: dict[str, dict[str, Any]] = {}
     for shots in SHOTS:
         for method in METHODS:
-            for local in [source] if method == "global" else [m for m in LOCALS if m in reports]:
-                key = f"{shots}-shot {method}" + ("" if method == "global" else f" M={local}")
+            for local in [""] if method == "global" else ms:
+                key = f"{shots}-shot {method}" + (f" M={local}" if local else "")
                 rows[key] = {p: {"top1": 100 * r["top1"], "ci95": 100 * r["ci95"], "local_proxies": r["local_proxies"]}
                              for p in map(str, SIZES) if (r := found.get((local, shots, method, p)))}
-    globals_ = [[r["episodes_top1"] for r in rep["results"] if r["method"] == "global"] for rep in reports.values()]
     gains = {f"{shots}-shot M={local}": {str(g["patch_size"]): {"gain": 100 * g["gain"], "ci95": 100 * g["ci95"]}
-                                         for g in rep["paired_gain_over_global"] if g["shots"] == shots}
-             for shots in SHOTS for local, rep in reports.items()}
-    first = next(iter(reports.values()))
-    return {"rows": rows, "paired_gain": gains, "global_from": f"M={source}",
-            "global_same_in_every_run": all(g == globals_[0] for g in globals_),
-            "settings": {k: first[k] for k in ("classes", "ways", "shots", "queries", "episodes", "mix", "seed",
-                                                 "split", "backbone_classes_in_episodes")}}
+                                         for g in report["paired_gain_over_global"]
+                                         if g["shots"] == shots and str(g["local"]) == local}
+             for shots in SHOTS for local in ms}
+    return {"rows": rows, "paired_gain": gains,
+            "settings": {k: report[k] for k in ("classes", "ways", "shots", "queries", "episodes", "local", "mix",
+                                                  "seed", "split", "backbone_classes_in_episodes")}}
 
 
 def _std(values: list[float]) -> float | None:
@@ -181,9 +179,13 @@ def collect(out: Path) -> dict[str, Any]:
         result["backbone"] = {"steps": config["train"]["steps"], "images_seen": backbone["images_seen"],
                               "train_minutes": backbone["train_seconds"] / 60, "split": backbone["split"],
                               "top1": {str(r["patch_size"]): 100 * r["top1"] for r in backbone["results"]}}
-    reports = {local: r for local in LOCALS if (r := _json(out / f"fewshot-m{local}" / "fewshot.json"))}
-    if reports:
-        result["fewshot"] = fewshot_table(reports)
+    report = _json(out / "fewshot" / "fewshot.json")
+    if report is None and any((out / f"fewshot-m{m}" / "fewshot.json").exists() for m in LOCALS):
+        raise SystemExit(f"{out} holds the few-shot runs of the former tool (one per M, fewshot-m*/), not the one "
+                         f"run with --local {','.join(LOCALS)} in fewshot/ that this version reads; run the tool "
+                         "without --report-only to make it (the backbone is kept, only the few-shot run is redone)")
+    if report:
+        result["fewshot"] = fewshot_table(report)
     runs = [out / f"parity-{h}-seed{s}" / "config.json" for h in HEADS for s in SEEDS]
     result["parity_steps"] = sorted({json.loads(c.read_text())["train"]["steps"] for c in runs if c.exists()})
     result["targets"] = targets(result)
@@ -251,8 +253,8 @@ def write(result: dict[str, Any], results: Path) -> None:
                   f"`flexivit fewshot` on the {s['split']} split of {', '.join(s['classes'])}: {s['ways']} ways, "
                   f"{s['queries']} queries per class, {s['episodes']} episodes, seed {s['seed']} (the same episodes for "
                   f"every row), mix {s['mix']}. M: local proxies per class (k-means of the support tokens, capped at "
-                  f"their count; the count used is in the JSON). Global from {fs['global_from']}; identical in every "
-                  f"run: {fs['global_same_in_every_run']}. Backbone classes among the episodes' classes: "
+                  "their count; the count used is in the JSON). One run scores every M on one backbone pass; "
+                  "global does not use local proxies and is scored once. Backbone classes among the episodes' classes: "
                   f"{s['backbone_classes_in_episodes'] or 'none'}.", "",
                   f"| shots / method / M | {head} |", "|---|" + "---:|" * len(SIZES)]
         for key, per in fs["rows"].items():
