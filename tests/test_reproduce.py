@@ -18,7 +18,7 @@ TOOL = ROOT / "tools" / "reproduce_flexibility.py"
 sys.path.insert(0, str(ROOT / "tools"))
 
 import flexibility_plan as fp  # noqa: E402
-import reproduce_flexibility as rf  # noqa: E402
+import flexibility_report as fr  # noqa: E402
 
 # A stand-in forward cost per patch size (GFLOPs per image) for the arithmetic tests: small patches dear.
 STUB = {2: 4.0, 4: 1.0, 7: 0.3, 14: 0.08}
@@ -199,6 +199,18 @@ def test_smoke_reproduction_writes_all_three_files_and_resumes(tmp_path):
     other = _run("--smoke", "--steps", "31", "--out", str(out), "--results", str(results))
     assert other.returncode == 2 and "trained with other settings" in other.stderr
 
+    # An interim report while a run still trains: the finished ones are reported, the unfinished one is named.
+    (out / "flexi-equal-flops-seed0" / "eval.json").rename(out / "flexi-equal-flops-seed0" / "eval.json.bak")
+    interim = _run("--smoke", "--finished-only", "--out", str(out), "--results", str(results))
+    assert interim.returncode == 0, interim.stderr[-3000:]
+    assert "done already" not in interim.stdout and "flexivit train" not in interim.stdout  # nothing trained
+    partial = json.loads((results / "flexibility.json").read_text())
+    assert partial["unfinished"] == ["flexi-equal-flops-seed0"] and "flexi-equal-flops" not in partial["curves"]
+    assert {k: v for k, v in report["curves"].items() if k != "flexi-equal-flops"} == partial["curves"]
+    assert [r["labels"] for r in partial["distill_vs_labels"]] == [
+        r["labels"] for r in report["distill_vs_labels"] if r["labels"] != "flexi-equal-flops"]
+    assert "Interim report" in (results / "flexibility.md").read_text()
+
 
 def test_one_seed_reports_no_spread_and_several_seeds_their_sample_std(tmp_path):
     runs = [r for r in fp.plan(seeds=[0, 1], small=4, large=14, sizes=[2, 4, 7, 14], extra=[], out=tmp_path,
@@ -207,8 +219,9 @@ def test_one_seed_reports_no_spread_and_several_seeds_their_sample_std(tmp_path)
                           "train_seconds": 60.0} for r in runs}
     per_run = {r.dir_name: {"flexi": {p: top1 for p in ("2", "4", "7", "14")}}
                for r, top1 in zip(runs, (0.5, 0.7))}
-    one = rf.summarise(runs[:1], per_run, spent, [2, 4, 7, 14], [0])["curves"]["flexi"]
-    two = rf.summarise(runs, per_run, spent, [2, 4, 7, 14], [0, 1])["curves"]["flexi"]
-    assert one["top1_mean"]["4"] == 0.5 and one["top1_std"]["4"] is None
+    one = fr.summarise(runs[:1], per_run, spent, [2, 4, 7, 14], [0])["curves"]["flexi"]
+    two = fr.summarise(runs, per_run, spent, [2, 4, 7, 14], [0, 1])["curves"]["flexi"]
+    assert one["top1_mean"]["4"] == 0.5 and one["top1_std"]["4"] is None and one["seeds"] == [0]
     assert two["top1_mean"]["4"] == pytest.approx(0.6) and two["top1_std"]["4"] == pytest.approx(0.02 ** 0.5)
-    assert rf._pm(0.5, None) == "50.0" and rf._pm(0.6, 0.1414) == "60.0 ± 14.1"
+    assert two["seeds"] == [0, 1]
+    assert fr._pm(0.5, None) == "50.0" and fr._pm(0.6, 0.1414) == "60.0 ± 14.1"
