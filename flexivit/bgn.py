@@ -352,7 +352,9 @@ def recalibrate_checkpoint(checkpoint: str | Path, patch_sizes: Sequence[int], *
     # Imported here: these modules import flexivit.model, which imports this module.
     from .checkpoint import load_model, save_model
     from .data import TransformedDataset, make_loader
-    from .evaluate import default_device, default_preprocess, load_eval_splits, run_config_of
+    from .evaluate import default_device, load_eval_splits
+    from .export import default_preprocess
+    from .subjects import run_config_of
     from .transforms import eval_transform
 
     model, meta = load_model(checkpoint)

@@ -4,7 +4,7 @@
 objects, each with an ``image`` and an int ``label`` column, plus the class names and the native channel
 count:
 
-* ``"fashion-mnist"``: the 60k/10k idx files of the Debian package ``dataset-fashion-mnist``, parsed with
+* ``"fashion-mnist"``: the 60k/10k idx files of the Debian package ``dataset-fashion-mnist`` (``flexivit.fashion_mnist``), parsed with
   numpy and held in memory as raw PGM bytes under a ``datasets.Image`` feature (decoding a PGM is a
   header parse and a copy: about 30 µs a sample in batched access, PNG would cost more to build).
 * a folder: one sub-folder per class, read by HF's ``imagefolder`` builder; ``train/``, ``test/`` and
@@ -29,10 +29,8 @@ augmented view depends on neither the worker count, the rank, nor where a run wa
 
 from __future__ import annotations
 
-import gzip
 import logging
 import math
-import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -42,6 +40,7 @@ import numpy as np
 import torch
 from datasets.utils.stratify import stratified_shuffle_split_generate_indices
 
+from . import fashion_mnist
 from .arrays import from_arrays
 from .rng import mix
 from .transforms import (
@@ -69,11 +68,8 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-FASHION_MNIST_CLASSES = [
-    "T-shirt/top", "Trouser", "Pullover", "Dress", "Coat",
-    "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot",
-]  # fmt: skip
-FASHION_MNIST_DIR = "/usr/share/datasets/fashion-mnist"
+FASHION_MNIST_CLASSES = fashion_mnist.CLASSES
+FASHION_MNIST_DIR = fashion_mnist.DEFAULT_DIR
 IMAGE_EXTENSIONS = frozenset(
     {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm", ".pbm"}
 )
@@ -100,37 +96,8 @@ class Splits:
 # --- Fashion-MNIST -----------------------------------------------------------------------------
 
 
-def _read_idx(path: Path) -> np.ndarray:
-    """A gzipped idx file (the MNIST format) of unsigned bytes as an array of its declared shape."""
-    raw = gzip.decompress(path.read_bytes())
-    if len(raw) < 4 or raw[0] != 0 or raw[1] != 0 or raw[2] != 0x08:
-        raise ValueError(f"{path} is not an idx file of unsigned bytes")
-    ndim = raw[3]
-    shape = tuple(int(d) for d in np.frombuffer(raw, dtype=">i4", count=ndim, offset=4))
-    return np.frombuffer(raw, dtype=np.uint8, offset=4 + 4 * ndim).reshape(shape)
-
-
-def _fashion_mnist_split(root: Path, prefix: str) -> datasets.Dataset:
-    images = _read_idx(root / f"{prefix}-images-idx3-ubyte.gz")  # (N, 28, 28)
-    labels = _read_idx(root / f"{prefix}-labels-idx1-ubyte.gz")  # (N,)
-    return from_arrays(images, labels, FASHION_MNIST_CLASSES)
-
-
 def _load_fashion_mnist(root: str | None, val_fraction: float, seed: int, validation: bool) -> Splits:
-    folder = Path(root or os.environ.get("FLEXIVIT_FASHION_MNIST_DIR") or FASHION_MNIST_DIR)
-    needed = [
-        f"{prefix}-{kind}.gz"
-        for prefix in ("train", "t10k")
-        for kind in ("images-idx3-ubyte", "labels-idx1-ubyte")
-    ]
-    missing = [name for name in needed if not (folder / name).is_file()]
-    if missing:
-        raise FileNotFoundError(
-            f"Fashion-MNIST files missing from {folder}: {', '.join(missing)}. Install them with "
-            "`apt-get install dataset-fashion-mnist` (as root) or `make data`, or point "
-            "FLEXIVIT_FASHION_MNIST_DIR (or root=) at a folder holding the four idx .gz files."
-        )
-    train, test = _fashion_mnist_split(folder, "train"), _fashion_mnist_split(folder, "t10k")
+    train, test = fashion_mnist.load(root)
     return _finish(train, None, test, val_fraction, seed, validation)
 
 

@@ -29,8 +29,9 @@ import torch
 from PIL import Image
 
 from .checkpoint import run_dir
-from .evaluate import EvalSubject, FixedSizeViT, default_device, load_subject, resolve_patch_sizes
+from .evaluate import default_device
 from .measure import MeasureSettings, latency_ms
+from .subjects import EvalSubject, FixedSizeViT, load_subject, resolve_patch_sizes
 from .transforms import eval_transform, open_image
 
 __all__ = ["BudgetError", "Choice", "Prediction", "Predictor", "choose_patch_size", "load_profile",

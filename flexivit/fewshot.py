@@ -40,10 +40,11 @@ from .builders import load_splits, preprocess_meta
 from .checkpoint import atomic_write_text
 from .config import Config
 from .data import TransformedDataset, collate, select_classes
-from .evaluate import default_device, load_eval_splits, load_subject, resolve_patch_sizes
+from .evaluate import default_device, load_eval_splits
 from .model import FlexiViT
 from .proxies import LOCAL_TEMPERATURE, global_similarity, local_similarity, pooled_and_tokens, support_proxies
 from .rng import mix
+from .subjects import load_subject, resolve_patch_sizes
 from .transforms import eval_transform
 
 __all__ = ["METHODS", "FewShotSettings", "Episode", "draw_episodes", "run_fewshot", "write_fewshot", "task_support",
@@ -170,11 +171,13 @@ def score_episode(pooled: torch.Tensor, tokens: torch.Tensor, settings: FewShotS
     for shots in settings.shots:
         support = [(pooled[:, :shots].flatten(0, 1), tokens[:, :shots].flatten(0, 1))]  # (W*s, D), (W*s, N, D)
         labels = torch.arange(ways).repeat_interleave(shots)
+        glob = None
         for i, m in enumerate(settings.local if local_methods else (0,)):
             local = None if m is None else min(m, shots * n)
             # the seed does not depend on M: each M gets the proxies a run with that M alone gets
             g, l = support_proxies(support, labels, num_classes=ways, local=local, seed=mix(seed, shots))
-            glob = global_similarity(q_pooled, g)  # (ways * Q, ways), the same for every M
+            if glob is None:  # the global proxies (class means) do not depend on M
+                glob = global_similarity(q_pooled, g)  # (ways * Q, ways)
             loc = torch.cat([local_similarity(c, l) for c in q_tokens.split(QUERY_CHUNK)]) if l is not None else None
             used = None if l is None else l.shape[1]
             if i == 0 and "global" in settings.methods:

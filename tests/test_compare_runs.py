@@ -15,10 +15,13 @@ def test_compare_runs(tmp_path):
         (tmp_path / name / "eval.json").write_text(json.dumps({"results": rows}))
     out = tmp_path / "cmp" / "result"
     done = subprocess.run([sys.executable, str(ROOT / "tools" / "compare_runs.py"), str(tmp_path / "a"),
-                           str(tmp_path / "b"), "--labels", "A", "B", "--out", str(out)], capture_output=True, text=True)
+                           str(tmp_path / "b"), "--labels", "A", "B", "--out", str(out), "--note", "Trained two at a time."],
+                          capture_output=True, text=True)
     assert done.returncode == 0, done.stderr
-    assert "| A | 50.0 | 70.0 |" in out.with_suffix(".md").read_text()
-    assert json.loads(out.with_suffix(".json").read_text())["top1"]["B"] == {"4": 60.0, "7": 65.0}
+    md = out.with_suffix(".md").read_text().splitlines()
+    assert "| A | 50.0 | 70.0 |" in md and md[2] == "Trained two at a time."  # the note under the title
+    record = json.loads(out.with_suffix(".json").read_text())
+    assert record["top1"]["B"] == {"4": 60.0, "7": 65.0} and record["note"] == "Trained two at a time."
     assert out.with_suffix(".png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 

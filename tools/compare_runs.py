@@ -66,7 +66,7 @@ def _table(summaries: dict[str, dict[str, dict[int, float]] | None], runs: dict[
     return lines
 
 
-def write(groups: dict[str, list[dict[str, Any]]], out: Path, title: str) -> None:
+def write(groups: dict[str, list[dict[str, Any]]], out: Path, title: str, note: str | None = None) -> None:
     out.parent.mkdir(parents=True, exist_ok=True)
     tests = {label: summarise(reports, "results") for label, reports in groups.items()}
     sizes = sorted({p for s in tests.values() for p in s["mean"]})
@@ -78,9 +78,12 @@ def write(groups: dict[str, list[dict[str, Any]]], out: Path, title: str) -> Non
     record["val_std"] = {k: s["std"] for k, s in vals.items() if s}
     record["images_seen"] = {k: statistics.mean(r.get("images_seen", 0) for r in v) for k, v in groups.items()}
     record["train_minutes"] = {k: statistics.mean(r.get("train_seconds", 0) for r in v) / 60 for k, v in groups.items()}
+    if note:
+        record["note"] = note
     out.with_suffix(".json").write_text(json.dumps(record, indent=2) + "\n")
     split = next(iter(groups.values()))[0].get("split", "test")
-    md = [f"# {title}", "", f"Top-1 (%) on the {split} split; runs sharing a label: mean ± sample std.", "",
+    md = [f"# {title}", "", *([note, ""] if note else []),
+          f"Top-1 (%) on the {split} split; runs sharing a label: mean ± sample std.", "",
           *_table(tests, record["runs"], sizes)]
     if record["val_top1"]:
         md += ["", "Validation split (what settings are chosen on):", "", *_table(vals, record["runs"], sizes)]
@@ -109,11 +112,13 @@ def main() -> None:
     parser.add_argument("--labels", nargs="+", help="one per run (default: the folder names)")
     parser.add_argument("--out", type=Path, required=True, help="path without suffix; .md/.json/.png are written")
     parser.add_argument("--title", default="top-1 vs patch size")
+    parser.add_argument("--note", help="a paragraph under the title: how the runs were made (e.g. what shared the "
+                                       "cores, which bears on their training minutes)")
     args = parser.parse_args()
     labels = args.labels or [r.name for r in args.runs]
     if len(labels) != len(args.runs):
         parser.error(f"{len(args.runs)} runs but {len(labels)} labels")
-    write(load_groups(args.runs, labels), args.out, args.title)
+    write(load_groups(args.runs, labels), args.out, args.title, args.note)
     print(args.out.with_suffix(".md").read_text())
 
 
