@@ -218,7 +218,8 @@ def markdown(result: dict[str, Any]) -> str:
              "budget; `fixed p=P` is `--patch-size P` with " + ", ".join(f"`{s}`" for s in PLAIN) + ". Top-1 (%) "
              "is the mean ± sample std over seeds; images seen, training GFLOPs (3 × the forward FLOPs of each "
              "image at its patch size) and training-loop minutes are means per run (runs started with --jobs "
-             "share the cores). This study tunes nothing: every run uses the recipe as it is. The plain fixed "
+             "share the cores). This study tunes nothing: every run uses the recipe as it is (how the recipe's "
+             "settings were chosen: docs/LOG.md). The plain fixed "
              "setting is docs/distillation.md's best fixed-size one, chosen there on test (one seed, an older "
              "pretrained model), which can only favour the fixed baseline.",
              ""]
