@@ -28,22 +28,12 @@ from .compile import compile_model, graph_count
 from .measure import MeasureSettings, autocast, default_precision, measure_costs, param_count, peak_mem_kind
 from .model import FlexiViT
 from .patch_embed import PatchScheme
-from .subjects import (
-    MAX_AUTO_TOKENS,
-    EvalSubject,
-    FixedSizeViT,
-    fixed_param_count,
-    load_subject,
-    parse_baseline,
-    resolve_patch_sizes,
-    run_config_of,
-)
+from .subjects import EvalSubject, fixed_param_count, load_subject, parse_baseline, resolve_patch_sizes
 from .transforms import eval_transform
 
 __all__ = [
-    "evaluate_schemes", "format_table", "EvalSubject", "FixedSizeViT", "load_subject", "run_config_of",
-    "resolve_patch_sizes", "load_eval_splits", "eval_dataset", "sweep", "evaluate_checkpoint",
-    "parse_baseline", "default_device", "MAX_AUTO_TOKENS",
+    "evaluate_schemes", "format_table", "load_eval_splits", "eval_dataset", "sweep", "evaluate_checkpoint",
+    "default_device",
 ]
 
 Reduce = Callable[[torch.Tensor], torch.Tensor]  # sums a tensor across processes

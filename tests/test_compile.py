@@ -25,8 +25,9 @@ from flexivit import FlexiViT, FlexiViTConfig
 from flexivit.checkpoint import load_model
 from flexivit.cli import main
 from flexivit.compile import compile_model, graph_count, token_trunk
-from flexivit.evaluate import evaluate_checkpoint, eval_dataset, load_eval_splits, load_subject, sweep
+from flexivit.evaluate import evaluate_checkpoint, eval_dataset, load_eval_splits, sweep
 from flexivit.measure import MeasureSettings, autocast
+from flexivit.subjects import load_subject
 from tiny_run import TRAIN_SIZES, make_run, subprocess_env, synthetic
 
 FAST = MeasureSettings(batch_size=8, warmup=1, repeats=2)
