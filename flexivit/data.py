@@ -4,9 +4,10 @@
 objects, each with an ``image`` and an int ``label`` column, plus the class names and the native channel
 count:
 
-* ``"fashion-mnist"``: the 60k/10k idx files of the Debian package ``dataset-fashion-mnist`` (``flexivit.fashion_mnist``), parsed with
-  numpy and held in memory as raw PGM bytes under a ``datasets.Image`` feature (decoding a PGM is a
-  header parse and a copy: about 30 µs a sample in batched access, PNG would cost more to build).
+* ``"fashion-mnist"``: the 60k/10k idx files of the Debian package ``dataset-fashion-mnist``, parsed with
+  numpy (``flexivit.fashion_mnist``) and held in memory as raw PGM bytes under a ``datasets.Image``
+  feature (decoding a PGM is a header parse and a copy: about 30 µs a sample in batched access, PNG
+  would cost more to build).
 * a folder: one sub-folder per class, read by HF's ``imagefolder`` builder; ``train/``, ``test/`` and
   ``val/`` (or ``validation/``) sub-folders are used as the splits when present.
 * ``"hf:NAME[:CONFIG]"``: ``datasets.load_dataset(NAME, CONFIG)``. Offline this works for a dataset
