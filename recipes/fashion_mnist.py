@@ -13,8 +13,10 @@ Horizontal flips (2026-11-30, chosen on the validation split at the full budget,
 
 Measured at the full budget over train seeds 0/1/2 (2026-11-30, docs/results/quickstart_seeds.md), test
 top-1: 81.67 +- 0.52 / 83.36 +- 0.56 / 84.57 +- 0.20 / 82.11 +- 0.48 % at patch 2 / 4 / 7 / 14. The
-batch, token budget and crop were chosen on test before the validation split existed; docs/LOG.md has
-every run behind each setting.
+batch, token budget and crop, first chosen on test, were re-checked on the validation split at the full
+budget (2026-11-30, 2-3 seeds; docs/results/recipe_recheck.md): a random-resized crop, batch 32 at half
+the steps and no token budget each lost at the worst size, so they stay. docs/LOG.md has every run
+behind each setting.
 """
 
 from flexivit.config import Config, DataConfig, ModelConfig, OptimConfig, PatchConfig, TrainConfig
@@ -29,18 +31,20 @@ def get_config(arg: str | None = None) -> Config:
         # (~1/49, patch 2's share); plain bilinear samples a few base pixels instead and trailed by 7-11
         # points (docs/results/base_kernel.md).
         model=ModelConfig(variant="flexi_vit_micro", base_patch_size=14, base_grid=7, kernel_resize="area"),
-        # No augmentation. No random-resized crop: at 2-3 epochs the model underfits, and the crop cost 4
-        # points at every size (docs/LOG.md). No horizontal flips: they cost 0.5-0.8 points at every size
-        # on the validation split at the full budget (docs/results/recipe_select_fashion_mnist.md) and
-        # mirror digits and text on other data. One worker prepares batches on the second core.
+        # No augmentation. No random-resized crop: in about ten epochs the model underfits, and a crop at
+        # scale 0.8-1 cost 4.3 points at the worst size on validation (docs/results/recipe_recheck.md).
+        # No horizontal flips: they cost 0.9-1.1 points at every size on the validation split at the full
+        # budget (docs/results/quickstart_seeds.md) and mirror digits and text on other data. One worker
+        # prepares batches on the second core.
         data=DataConfig(source="fashion-mnist", image_size=28, batch_size=16, scale=(1.0, 1.0), hflip=0.0,
                         num_workers=1),
         # Patch 2 is drawn more often: at this token budget its steps are no dearer than the others'.
         patch=PatchConfig(sizes=[2, 4, 7, 14], distribution="weighted", weights=[0.4, 0.25, 0.25, 0.1]),
         optim=OptimConfig(lr=3e-3, weight_decay=0.05, warmup_steps=100, kernel_lr_scale=0.02),
         # Token budget = one patch-2 batch (16 x 196 tokens) per step: patch 4 steps join 4 loader
-        # batches (64 images), 7 twelve (192), 14 forty-nine (784), each as one forward. Many small steps
-        # beat fewer large ones at this budget (docs/LOG.md).
+        # batches (64 images), 7 twelve (192), 14 forty-nine (784), each as one forward. On validation
+        # it beat batch 32 at half the steps (1.0 points at the worst size) and batch 32 with no budget
+        # (5.6 points, p=14 starved of images) (docs/results/recipe_recheck.md).
         train=TrainConfig(steps=3600, log_every=100, checkpoint_every=900, token_budget=16 * 196),
     )
     if arg == "smoke":
