@@ -25,7 +25,9 @@ of the source lands in two splits, and the same seed gives the same splits.
 Randomness in loading: ``make_loader`` draws the shuffle order of every epoch from a ``torch.Generator``
 seeded with ``seed``. ``TransformedDataset(seed=…)`` seeds Python's, NumPy's and torch's CPU generators
 (what timm's transforms draw from) from ``(seed, epoch, index)`` before each sample's transform, so an
-augmented view depends on neither the worker count, the rank, nor where a run was resumed.
+augmented view depends on neither the worker count, the rank, nor where a run was resumed. A transform
+that keeps an at-size image's pixels (no crop, flip or RandAugment: ``flexivit.transforms.AtSize``) draws
+nothing: its batches are made in one tensor op, unseeded.
 """
 
 from __future__ import annotations

@@ -32,7 +32,7 @@ from .subjects import EvalSubject, fixed_param_count, load_subject, parse_baseli
 from .transforms import eval_transform
 
 __all__ = [
-    "evaluate_schemes", "format_table", "load_eval_splits", "eval_dataset", "sweep", "evaluate_checkpoint",
+    "BatchCache", "evaluate_schemes", "format_table", "load_eval_splits", "eval_dataset", "sweep", "evaluate_checkpoint",
     "default_device",
 ]
 
@@ -162,10 +162,11 @@ def eval_dataset(subject: EvalSubject, splits: Splits, limit: int | None = None)
     return TransformedDataset(test, transform, on_corrupt=on_corrupt)
 
 
-class _BatchCache:
+class BatchCache:
     """Re-iterable batches: kept in memory after the first pass if they fit in ``max_bytes``.
 
-    Evaluation transforms are deterministic, so later patch sizes reuse the decoded batches.
+    Evaluation transforms are deterministic, so later patch sizes reuse the decoded batches: the trainer's
+    end-of-run and periodic evaluations and ``sweep`` decode each split once, not once per patch size.
     """
 
     def __init__(self, loader: Iterable[dict[str, Any]], max_bytes: int = CACHE_BYTES) -> None:
@@ -223,7 +224,7 @@ def sweep(
     pre = subject.preprocess
     shape = (pre["channels"], pre["image_size"], pre["image_size"])
     loader = make_loader(data, batch_size=eval_batch_size, shuffle=False, seed=0, drop_last=False)
-    batches = _BatchCache(loader)
+    batches = BatchCache(loader)
     rows = []
     with tqdm(total=len(patch_sizes) * (len(loader) + 1), desc=f"eval {subject.label}", disable=not progress,
               unit="step", leave=False) as bar:

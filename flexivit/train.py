@@ -23,7 +23,7 @@ from tqdm.auto import tqdm
 
 from . import checkpoint as ckpt
 from .config import Config
-from .evaluate import evaluate_schemes, format_table
+from .evaluate import BatchCache, evaluate_schemes, format_table
 from .hooks import PostStepHook
 from .metrics import MetricWindow
 from .model import FlexiViT
@@ -176,8 +176,9 @@ def _diverged(run: Run, step: int, patch: int) -> None:
 def _evaluate(run: Run, split: str) -> list[dict[str, Any]]:
     """Top-1 and loss at every evaluated scheme on ``split``; the same numbers on every rank."""
     acc = run.accelerator
-    return evaluate_schemes(run.model, run.eval_loaders[split], run.eval_schemes, image_hw=(run.cfg.data.image_size,) * 2,
-                            device=acc.device, reduce=lambda t: acc.reduce(t, reduction="sum"))
+    return evaluate_schemes(run.model, BatchCache(run.eval_loaders[split]), run.eval_schemes,
+                            image_hw=(run.cfg.data.image_size,) * 2, device=acc.device,
+                            reduce=lambda t: acc.reduce(t, reduction="sum"))
 
 
 def _finish(run: Run, done: Progress) -> RunResult:

@@ -34,10 +34,11 @@ def get_config(arg: str | None = None) -> Config:
         # No augmentation. No random-resized crop: in about ten epochs the model underfits, and a crop at
         # scale 0.8-1 cost 4.3 points at the worst size on validation (docs/results/recipe_recheck.md).
         # No horizontal flips: they cost 0.9-1.1 points at every size on the validation split at the full
-        # budget (docs/results/quickstart_seeds.md) and mirror digits and text on other data. One worker
-        # prepares batches on the second core.
+        # budget (docs/results/quickstart_seeds.md) and mirror digits and text on other data. Without them
+        # the images keep their pixels and are batched in one tensor op (flexivit.transforms.AtSize), so no
+        # data worker is needed and torch gets both cores (1.3x faster than one worker, docs/LOG.md).
         data=DataConfig(source="fashion-mnist", image_size=28, batch_size=16, scale=(1.0, 1.0), hflip=0.0,
-                        num_workers=1),
+                        num_workers=0),
         # Patch 2 is drawn more often: at this token budget its steps are no dearer than the others'.
         patch=PatchConfig(sizes=[2, 4, 7, 14], distribution="weighted", weights=[0.4, 0.25, 0.25, 0.1]),
         optim=OptimConfig(lr=3e-3, weight_decay=0.05, warmup_steps=100, kernel_lr_scale=0.02),
