@@ -11,12 +11,13 @@ patch 14 (75.6 vs 74.5) and is not rank-capped (rank 64 instead of 16 at patch 1
 Horizontal flips (2026-11-30, chosen on the validation split at the full budget, 3 seeds): off, +0.9 to
 +1.1 points at every size over flips at 0.5 (docs/LOG.md).
 
-Measured at the full budget over train seeds 0/1/2 (2026-11-30, docs/results/quickstart_seeds.md), test
-top-1: 81.67 +- 0.52 / 83.36 +- 0.56 / 84.57 +- 0.20 / 82.11 +- 0.48 % at patch 2 / 4 / 7 / 14. The
-batch, token budget and crop, first chosen on test, were re-checked on the validation split at the full
-budget (2026-11-30, 2-3 seeds; docs/results/recipe_recheck.md): a random-resized crop, batch 32 at half
-the steps and no token budget each lost at the worst size, so they stay. docs/LOG.md has every run
-behind each setting.
+Measured at the full budget over train seeds 0/1/2 (2026-11-30, docs/results/quickstart_final.md; make
+quickstart alone on 2 cores: 5.2 min), test top-1: 81.72 +- 0.35 / 83.31 +- 0.64 / 84.47 +- 0.31 /
+82.35 +- 0.15 % at patch 2 / 4 / 7 / 14. The batch, token budget, crop and learning rate, first chosen
+on test, were re-checked on the validation split at the full budget (2026-11-30, 2-3 seeds;
+docs/results/recipe_recheck.md, docs/results/quickstart_final.md): a random-resized crop, batch 32 at
+half the steps, no token budget, lr 2e-3 or 4.5e-3 and more weight on patch 2 each lost at the worst
+size, so they stay. docs/LOG.md has every run behind each setting.
 """
 
 from flexivit.config import Config, DataConfig, ModelConfig, OptimConfig, PatchConfig, TrainConfig
