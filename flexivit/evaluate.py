@@ -32,8 +32,8 @@ from .subjects import EvalSubject, fixed_param_count, load_subject, parse_baseli
 from .transforms import eval_transform
 
 __all__ = [
-    "BatchCache", "evaluate_schemes", "format_table", "load_eval_splits", "eval_dataset", "sweep", "evaluate_checkpoint",
-    "default_device",
+    "BatchCache", "evaluate_schemes", "format_table", "load_eval_splits", "eval_dataset", "sweep",
+    "evaluate_checkpoint", "default_device",
 ]
 
 Reduce = Callable[[torch.Tensor], torch.Tensor]  # sums a tensor across processes

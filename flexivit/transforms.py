@@ -91,7 +91,9 @@ class AtSize:
     seeding; it returns None (use ``__call__``) when any image is of another size.
     """
 
-    def __init__(self, general: Transform, *, size: int, mode: str, mean: Sequence[float], std: Sequence[float]) -> None:
+    def __init__(
+        self, general: Transform, *, size: int, mode: str, mean: Sequence[float], std: Sequence[float]
+    ) -> None:
         self.general = general
         self.size = size
         self.to_mode = ToMode(mode)
@@ -181,7 +183,9 @@ def build_transform(
         general = T.Compose([target, timm_eval])
         # crop_pct 1: an image already image_size square is resized to its own size (PIL copies it) and
         # centre-cropped whole.
-        return AtSize(general, size=image_size, mode=target.mode, mean=mean_c, std=std_c) if crop_pct == 1.0 else general
+        if crop_pct != 1.0:
+            return general
+        return AtSize(general, size=image_size, mode=target.mode, mean=mean_c, std=std_c)
 
     # Augment in RGB when RandAugment is on (its fill colour is a 3-tuple taken from the mean).
     work = ToMode("RGB") if randaugment else target
