@@ -41,6 +41,39 @@ def test_targets_hold_the_chosen_size_to_two_points_and_the_others_to_five():
     assert [c["met"] for c in elsewhere] == [False, True, True, True]
 
 
+def _side(default: dict[int, float], fixed: dict[int, float]) -> dict:
+    """One task's ``collect`` rows with validation (and, 1 point lower, test) means."""
+    rows = {"default": {"val": {"mean": default}, "test": {"mean": {p: v - 1 for p, v in default.items()}}}}
+    for p in SIZES:
+        at_p = {q: (fixed[p] if q == p else 0.0) for q in SIZES}
+        rows[fs.fixed_label(p)] = {"val": {"mean": at_p}, "test": {"mean": {q: v - 1 for q, v in at_p.items()}}}
+    return {"about": "", "rows": rows}
+
+
+def test_each_side_chooses_its_learning_rate_on_validation_and_the_incumbent_needs_beating_by_keep():
+    fixed_a = {2: 80.0, 4: 82.0, 7: 85.0, 14: 80.0}
+    fixed_b = {2: 83.0, 4: 81.0, 7: 85.0, 14: 79.0}  # better at 2 on one task, worse on the other: mean decides
+    default = {2: 76.0, 4: 78.0, 7: 83.5, 14: 78.0}
+    found = {"1e-3": {"tops": _side(default, fixed_a), "digits": _side(default, fixed_a)},
+             "2e-3": {"tops": _side({**default, 7: 83.5 + fs.KEEP + 0.1}, fixed_b),
+                      "digits": _side({**default, 7: 83.5 + fs.KEEP + 0.1}, {**fixed_b, 2: 78.0})}}
+    picked = fs.choose(found, SIZES, 7)
+    assert picked["fixed"] == {2: "2e-3", 4: "1e-3", 7: "1e-3", 14: "1e-3"}  # 7: a tie keeps the incumbent
+    assert picked["fixed_val"][2] == {"1e-3": 80.0, "2e-3": 80.5}
+    # worst margins: 1e-3 at p=7 is 83.5 - 85 + 2 = 0.5 (p=2 against 2e-3's 83 on tops: 76 - 83 + 5 = -2.0)
+    assert picked["default_margin"]["1e-3"] == pytest.approx(-2.0)
+    assert picked["default_margin"]["2e-3"] == pytest.approx(-2.0) and picked["default"] == "1e-3"
+    found["2e-3"]["tops"]["rows"]["default"]["val"]["mean"][2] = 76.0 + fs.KEEP + 0.2  # now beats it by > KEEP
+    found["2e-3"]["digits"]["rows"]["default"]["val"]["mean"][2] = 76.0 + fs.KEEP + 0.2
+    picked = fs.choose(found, SIZES, 7)
+    assert picked["default"] == "2e-3" and picked["default_margin"]["2e-3"] == pytest.approx(-2.0 + fs.KEEP + 0.2)
+    tasks = fs.chosen_tasks(found, picked, SIZES, 7)
+    rows = tasks["tops"]["rows"]
+    assert rows["default"]["lr"] == "2e-3" and rows["fixed p=2"]["lr"] == "2e-3" and rows["fixed p=4"]["lr"] == "1e-3"
+    assert rows["fixed p=2"]["test"]["mean"][2] == 82.0  # the chosen run's test, not the other lr's
+    assert [c["fixed"] for c in tasks["tops"]["targets"]] == [82.0, 81.0, 84.0, 79.0]
+
+
 def test_plan_gives_every_run_its_seed_pretrained_model_size_and_own_directory(tmp_path):
     pretrained = [tmp_path / "qs-seed0", tmp_path / "qs-seed1"]
     tasks = {"tops": fs.task_overrides("tops", None), "digits": fs.task_overrides("digits", tmp_path / "mnist5k")}
@@ -62,6 +95,16 @@ def test_plan_gives_every_run_its_seed_pretrained_model_size_and_own_directory(t
             assert sorted(cfg.patch.eval_sizes) == SIZES and run.label == f"fixed p={run.patch}"
     with pytest.raises(SearchError, match="--mnist5k"):
         fs.task_overrides("digits", None)
+    searched = fs.plan(pretrained, tasks, SIZES, ["optim.lr=2e-3"], "lr2e-3")  # a --lr value: its own directory
+    assert [r.path.relative_to("lr2e-3") for r in searched] == [r.path for r in runs]
+    assert all(r.config().optim.lr == pytest.approx(2e-3) for r in searched)
+
+
+@pytest.mark.parametrize("lrs", [["1e-3", "1e-3"], ["1e-3", "fast"], ["1e-3", "0"]])
+def test_learning_rates_to_search_must_be_distinct_positive_numbers(tmp_path, capsys, lrs):
+    with pytest.raises(SystemExit):
+        fs.main(["--pretrained", str(tmp_path), "--tasks", "tops", "--lr", *lrs])
+    assert "--lr takes distinct positive numbers" in capsys.readouterr().err
 
 
 def _folder(root: Path, classes: int, per_class: int) -> Path:
@@ -137,3 +180,28 @@ def test_smoke_study_reports_every_row_and_target_and_resumes(tmp_path):
     assert json.loads((runs / "default-seed0" / "config.json").read_text())["patch"]["sizes"] == SIZES
     again = _study(*args)
     assert again.returncode == 0 and "5 finished already (skipped), 0 to run" in again.stdout
+
+
+@pytest.mark.slow
+def test_smoke_learning_rate_search_trains_each_lr_apart_and_reports_the_chosen_runs(tmp_path):
+    pretrained = make_run(tmp_path)
+    lrs = ["1e-3", "3e-3"]
+    done = _study("--pretrained", str(pretrained), "--tasks", "tops", "--smoke", "--out", str(tmp_path / "runs"),
+                  "--results", str(tmp_path / "finetune"), "--lr", *lrs, "--jobs", "2")
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
+    result = json.loads((tmp_path / "finetune.json").read_text())
+    search = result["search"]
+    assert search["lrs"] == lrs and search["default"] in lrs and set(search["fixed"].values()) <= set(lrs)
+    for lr in lrs:
+        saved = sorted((tmp_path / "runs" / f"lr{lr}" / "tops").glob("*/config.json"))
+        assert len(saved) == 1 + len(SIZES)
+        assert all(json.loads(f.read_text())["optim"]["lr"] == pytest.approx(float(lr)) for f in saved)
+    rows = result["tasks"]["tops"]["rows"]
+    for label, lr, run in [("default", search["default"], "default-seed0"),
+                           *((f"fixed p={p}", search["fixed"][str(p)], f"fixed-p{p}-seed0") for p in SIZES)]:
+        report = json.loads((tmp_path / "runs" / f"lr{lr}" / "tops" / run / "eval.json").read_text())
+        assert rows[label]["lr"] == lr  # one seed: the row is that run's own test result
+        own = {str(r["patch_size"]): 100 * r["top1"] for r in report["results"]}  # eval.json keeps fractions
+        assert rows[label]["test"]["mean"] == pytest.approx(own)
+    md = (tmp_path / "finetune.md").read_text()
+    assert "chosen per side on the validation split" in md and f"| default (lr {search['default']}) |" in md

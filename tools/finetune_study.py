@@ -17,6 +17,10 @@ compute is shown rather than assumed.
 Targets, per task, on the test split (mean over seeds): at ``--size`` the default within 2 points of
 the fixed fine-tune at that size, at every other size within 5 points of the fixed fine-tune at that size.
 
+``--lr A B ...`` trains the whole study at each learning rate (under ``OUT/lrA``, ...) and lets each side
+choose its own on the validation split (``choose``): every fixed size the lr best at that size, the
+default the lr with the largest worst margin to those fixed fine-tunes; the report holds the chosen runs.
+
 Resumable: a run whose ``eval.json`` exists is skipped, an interrupted one resumes from its last
 checkpoint, and a run directory made with other settings or from another pretrained run (each records
 its own in ``pretrained.txt``) is refused before anything trains.
@@ -54,6 +58,7 @@ TASKS = {"tops": "the recipe's task, 4 upper-body Fashion-MNIST classes",
          "digits": "the same recipe on the MNIST-5k image folder, all 10 digit classes"}
 PLAIN = ("finetune.fixed_lr_scale=1", "finetune.fixed_pull=0")  # a fixed fine-tune without adjustments
 CHOSEN_GAP, OTHER_GAP = 2.0, 5.0  # points the default may trail the fixed fine-tune: at --size, elsewhere
+KEEP = 0.3  # validation points another learning rate must gain over the incumbent's margin to replace it
 SMOKE = ["train.steps=20", "train.log_every=10", "train.checkpoint_every=10", "optim.warmup_steps=5",
          "data.batch_size=4", "train.token_budget=784", "data.eval_limit=200", "data.num_workers=0"]
 
@@ -67,6 +72,7 @@ class FineTune:
     pretrained: Path
     patch: int | None  # None: the default fine-tune, sizes sampled
     sets: tuple[str, ...]
+    variant: str = ""  # a searched setting's own directory under --out ("lr2e-3"); "" without a search
 
     @property
     def label(self) -> str:
@@ -75,7 +81,7 @@ class FineTune:
     @property
     def path(self) -> Path:
         kind = "default" if self.patch is None else f"fixed-p{self.patch}"
-        return Path(self.task, f"{kind}-seed{self.seed}")
+        return Path(self.variant, self.task, f"{kind}-seed{self.seed}")
 
     def args(self) -> list[str]:
         return [] if self.patch is None else ["--patch-size", str(self.patch)]
@@ -99,9 +105,10 @@ def task_overrides(task: str, mnist5k: Path | None) -> list[str]:
 
 
 def plan(pretrained: Sequence[Path], tasks: dict[str, list[str]], sizes: Sequence[int],
-         extra: Sequence[str]) -> list[FineTune]:
+         extra: Sequence[str], variant: str = "") -> list[FineTune]:
     """Per task and pretrained run ``i`` (seed ``i``): the default fine-tune, then a plain fixed one per size."""
-    return [FineTune(task, seed, run, patch, (*task_sets, *extra, f"train.seed={seed}", *(PLAIN if patch else ())))
+    return [FineTune(task, seed, run, patch, (*task_sets, *extra, f"train.seed={seed}", *(PLAIN if patch else ())),
+                     variant)
             for task, task_sets in tasks.items() for seed, run in enumerate(pretrained)
             for patch in (None, *sizes)]
 
@@ -180,15 +187,52 @@ def row(reports: list[dict[str, Any]], gflops: list[float]) -> dict[str, Any]:
             "test_images": reports[0]["results"][0]["n"]}
 
 
+def bound(p: int, size: int) -> float:
+    """The most points the default may trail the fixed fine-tune at size ``p``."""
+    return -(CHOSEN_GAP if p == size else OTHER_GAP)
+
+
 def targets(rows: dict[str, dict[str, Any]], sizes: Sequence[int], size: int) -> list[dict[str, Any]]:
     """Per size p: default(p) - fixed p(p) in test points, met if >= -2 at ``size`` and >= -5 elsewhere."""
     checks = []
     for p in sizes:
         default, fixed = rows["default"]["test"]["mean"][p], rows[fixed_label(p)]["test"]["mean"][p]
-        bound = -(CHOSEN_GAP if p == size else OTHER_GAP)
-        checks.append({"size": p, "default": default, "fixed": fixed, "gap": default - fixed, "bound": bound,
-                       "met": default - fixed >= bound})
+        checks.append({"size": p, "default": default, "fixed": fixed, "gap": default - fixed,
+                       "bound": bound(p, size), "met": default - fixed >= bound(p, size)})
     return checks
+
+
+def choose(found: dict[str, dict[str, Any]], sizes: Sequence[int], size: int) -> dict[str, Any]:
+    """The learning rate of each side, on the validation split; ``found[lr]`` is ``collect``'s per-task result.
+
+    Fixed p=P: the lr with the best validation top-1 at P, averaged over the tasks (per size, which can only
+    favour the baseline). Default: the lr with the largest worst margin over tasks and sizes,
+    ``default_val(p) - fixed_val(p) - bound(p)`` against the fixed fine-tunes just chosen; the first lr given
+    (the incumbent) stays unless another beats its margin by more than ``KEEP`` points."""
+    lrs, tasks = list(found), list(next(iter(found.values())))
+
+    def val(lr: str, task: str, label: str, p: int) -> float:
+        return found[lr][task]["rows"][label]["val"]["mean"][p]
+
+    fixed_val = {p: {lr: statistics.fmean(val(lr, t, fixed_label(p), p) for t in tasks) for lr in lrs} for p in sizes}
+    fixed = {p: max(lrs, key=fixed_val[p].__getitem__) for p in sizes}  # ties: the first, the incumbent
+    margins = {lr: min(val(lr, t, "default", p) - val(fixed[p], t, fixed_label(p), p) - bound(p, size)
+                       for t in tasks for p in sizes) for lr in lrs}
+    best = max(lrs, key=margins.__getitem__)
+    default = best if margins[best] > margins[lrs[0]] + KEEP else lrs[0]
+    return {"fixed": fixed, "default": default, "fixed_val": fixed_val, "default_margin": margins}
+
+
+def chosen_tasks(found: dict[str, dict[str, Any]], picked: dict[str, Any], sizes: Sequence[int],
+                 size: int) -> dict[str, Any]:
+    """Per task: the chosen lr's row of each side (marked with its lr) and the target checks on them."""
+    tasks = {}
+    for task, t in next(iter(found.values())).items():
+        rows = {"default": {**found[picked["default"]][task]["rows"]["default"], "lr": picked["default"]}}
+        rows.update({fixed_label(p): {**found[picked["fixed"][p]][task]["rows"][fixed_label(p)], "lr": picked["fixed"][p]}
+                     for p in sizes})
+        tasks[task] = {"about": t["about"], "rows": rows, "targets": targets(rows, sizes, size)}
+    return tasks
 
 
 def collect(fts: list[FineTune], out: Path, sizes: Sequence[int], size: int) -> dict[str, Any]:
@@ -208,8 +252,21 @@ def _pm(s: dict[str, dict[int, float]], p: int) -> str:
     return f"{s['mean'][p]:.2f} ± {s['std'][p]:.2f}"
 
 
+def _search_intro(result: dict[str, Any]) -> str:
+    lrs = result["search"]["lrs"]
+    return (f"Each side's learning rate was chosen on the validation split from {', '.join(lrs)} (every run "
+            "trained at each; the first is the incumbent): a fixed fine-tune at p takes the lr with the best "
+            "validation top-1 at p, averaged over the tasks; the default takes the lr with the largest worst "
+            "margin over tasks and sizes, default − fixed − bound, against those fixed fine-tunes, and keeps the "
+            f"incumbent unless another gains more than {KEEP:g} points. Test is read only for the chosen runs. ")
+
+
+def _label(label: str, r: dict[str, Any]) -> str:
+    return f"{label} (lr {r['lr']})" if "lr" in r else label
+
+
 def markdown(result: dict[str, Any]) -> str:
-    sizes, size = result["sizes"], result["size"]
+    sizes, size, search = result["sizes"], result["size"], result.get("search")
     heads = " | ".join(f"p={p}" for p in sizes)
     lines = ["# Fine-tuning: the default (sampled sizes) vs plain fixed-size fine-tunes (issue 10)", "",
              f"`{result['command']}`", "",
@@ -218,21 +275,31 @@ def markdown(result: dict[str, Any]) -> str:
              "budget; `fixed p=P` is `--patch-size P` with " + ", ".join(f"`{s}`" for s in PLAIN) + ". Top-1 (%) "
              "is the mean ± sample std over seeds; images seen, training GFLOPs (3 × the forward FLOPs of each "
              "image at its patch size) and training-loop minutes are means per run (runs started with --jobs "
-             "share the cores). This study tunes nothing: every run uses the recipe as it is (how the recipe's "
-             "settings were chosen: docs/LOG.md). The plain fixed "
-             "setting is docs/distillation.md's best fixed-size one, chosen there on test (one seed, an older "
-             "pretrained model), which can only favour the fixed baseline.",
-             ""]
+             "share the cores). " + (_search_intro(result) if search else
+                                     "This study tunes nothing: every run uses the recipe as it is (how the "
+                                     "recipe's settings were chosen: docs/LOG.md). ")
+             + "The plain fixed setting is docs/distillation.md's best fixed-size one, chosen there on test (one "
+             "seed, an older pretrained model), which can only favour the fixed baseline.", ""]
+    if search:
+        lrs = search["lrs"]
+        lines += ["## Learning rate, chosen per side on the validation split", "",
+                  "| side: validation score | " + " | ".join(f"lr {lr}" for lr in lrs) + " | chosen |",
+                  "|---|" + "---:|" * len(lrs) + "---|"]
+        lines += [f"| fixed p={p}: top-1 at p={p}, mean over tasks | "
+                  + " | ".join(f"{search['fixed_val'][p][lr]:.2f}" for lr in lrs) + f" | {search['fixed'][p]} |"
+                  for p in sizes]
+        lines += ["| default: worst margin over tasks and sizes | "
+                  + " | ".join(f"{search['default_margin'][lr]:+.2f}" for lr in lrs) + f" | {search['default']} |", ""]
     for task, t in result["tasks"].items():
         rows = t["rows"]
         first = next(iter(rows.values()))
         lines += [f"## {task}: {t['about']}", "", f"Test split ({first['test_images']} images):", "",
                   f"| fine-tune | {heads} | images seen | GFLOPs | minutes |", "|---|" + "---:|" * (len(sizes) + 3)]
-        lines += [f"| {label} | " + " | ".join(_pm(r["test"], p) for p in sizes)
+        lines += [f"| {_label(label, r)} | " + " | ".join(_pm(r["test"], p) for p in sizes)
                   + f" | {r['images_seen']:.0f} | {r['train_gflops']:.4g} | {r['train_minutes']:.1f} |"
                   for label, r in rows.items()]
         lines += ["", "Validation split, mean:", "", f"| fine-tune | {heads} |", "|---|" + "---:|" * len(sizes)]
-        lines += [f"| {label} | " + " | ".join(f"{r['val']['mean'][p]:.2f}" for p in sizes) + " |"
+        lines += [f"| {_label(label, r)} | " + " | ".join(f"{r['val']['mean'][p]:.2f}" for p in sizes) + " |"
                   for label, r in rows.items() if r["val"]]
         lines += ["", f"Targets (test, points): default − fixed p=P at P, ≥ −{CHOSEN_GAP:g} at p={size}, "
                   f"≥ −{OTHER_GAP:g} at every other size:", "",
@@ -242,6 +309,13 @@ def markdown(result: dict[str, Any]) -> str:
                   f"{'yes' if c['met'] else 'no'} |" for c in t["targets"]]
         lines += ["", f"All met: {'yes' if all(c['met'] for c in t['targets']) else 'no'}.", ""]
     return "\n".join(lines)
+
+
+def _positive(text: str) -> bool:
+    try:
+        return float(text) > 0
+    except ValueError:
+        return False
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -258,9 +332,15 @@ def main(argv: list[str] | None = None) -> int:
                    help="a recipe override applied to every run")
     p.add_argument("--jobs", type=int, default=1, help="runs at once (one torch thread each unless "
                                                        "OMP_NUM_THREADS is set)")
+    p.add_argument("--lr", nargs="+", default=[], metavar="LR",
+                   help="learning rates each side chooses from on the validation split (the first is the "
+                        "incumbent; each one's runs go to OUT/lr<LR>); one value: every run's lr, nothing chosen")
     p.add_argument("--smoke", action="store_true", help="tiny budget for tests: 20 steps, 200 evaluation images")
     args = p.parse_args(argv)
     extra = [*(SMOKE if args.smoke else []), *([f"train.steps={args.steps}"] if args.steps else []), *args.overrides]
+    lrs = list(args.lr)
+    if len(lrs) == 1:
+        extra.append(f"optim.lr={lrs.pop()}")
     out, results = args.out.resolve(), args.results.resolve()  # resolved: the runs' subprocesses may start elsewhere
     try:
         sizes = load_recipe(RECIPE, extra).patch.sizes
@@ -268,22 +348,33 @@ def main(argv: list[str] | None = None) -> int:
             raise SearchError(f"--size {args.size} is not a size the recipe trains ({sizes})")
         if args.jobs < 1:
             raise SearchError("--jobs must be at least 1")
+        if len(set(lrs)) < len(lrs) or not all(_positive(lr) for lr in lrs):
+            raise SearchError(f"--lr takes distinct positive numbers, got {' '.join(args.lr)}")
         for run in args.pretrained:
             check_init(str(run))
         tasks = {task: task_overrides(task, args.mnist5k) for task in args.tasks}
         for task_sets in tasks.values():
             if task_sets:  # a folder: one clear error for a missing or too small one, before any run
                 check_data(RECIPE, [*task_sets, *extra])
-        fts = plan([r.resolve() for r in args.pretrained], tasks, sizes, extra)
+        pretrained = [r.resolve() for r in args.pretrained]
+        variants = ({lr: plan(pretrained, tasks, sizes, [*extra, f"optim.lr={lr}"], f"lr{lr}") for lr in lrs}
+                    or {"": plan(pretrained, tasks, sizes, extra)})
+        fts = [ft for group in variants.values() for ft in group]
         for ft in fts:
             check_settings(ft, out)
     except (ValueError, FileNotFoundError) as err:  # a bad argument, folder or run directory (SearchError too)
         p.error(str(err))
     train_all(fts, out, args.jobs)
     command = " ".join(["python tools/finetune_study.py", *(sys.argv[1:] if argv is None else argv)])
+    found = {lr: collect(group, out, sizes, args.size) for lr, group in variants.items()}
     result = {"command": command, "recipe": RECIPE, "pretrained": [str(r) for r in args.pretrained],
               "seeds": list(range(len(args.pretrained))), "sizes": sizes, "size": args.size,
-              "steps": fts[0].config().train.steps, "overrides": extra, "tasks": collect(fts, out, sizes, args.size)}
+              "steps": fts[0].config().train.steps, "overrides": extra}
+    if lrs:
+        picked = choose(found, sizes, args.size)
+        result |= {"search": {"lrs": lrs, **picked}, "tasks": chosen_tasks(found, picked, sizes, args.size)}
+    else:
+        result["tasks"] = found[""]
     results.parent.mkdir(parents=True, exist_ok=True)
     results.with_name(results.name + ".json").write_text(json.dumps(result, indent=2) + "\n")
     text = markdown(result)
