@@ -278,8 +278,10 @@ def markdown(result: dict[str, Any]) -> str:
              "share the cores). " + (_search_intro(result) if search else
                                      "This study tunes nothing: every run uses the recipe as it is (how the "
                                      "recipe's settings were chosen: docs/LOG.md). ")
-             + "The plain fixed setting is docs/distillation.md's best fixed-size one, chosen there on test (one "
-             "seed, an older pretrained model), which can only favour the fixed baseline.", ""]
+             + ("The fixed fine-tunes are plain (no lr scale, no pull), docs/distillation.md's best fixed-size "
+                "setting at its own size." if search else
+                "The plain fixed setting is docs/distillation.md's best fixed-size one, chosen there on test (one "
+                "seed, an older pretrained model), which can only favour the fixed baseline."), ""]
     if search:
         lrs = search["lrs"]
         lines += ["## Learning rate, chosen per side on the validation split", "",
