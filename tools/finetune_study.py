@@ -2,7 +2,7 @@
 fine-tune at every trained size, at the same steps and token budget, on two tasks.
 
     python tools/finetune_study.py --pretrained runs/qs-seed0 runs/qs-seed1 runs/qs-seed2 \\
-        --mnist5k data/mnist5k --jobs 2                  # writes docs/results/finetune.{md,json}
+        --mnist5k data/mnist5k --lr 1e-3 2e-3 4e-3 8e-3 --jobs 2   # writes docs/results/finetune.{md,json}
     python tools/finetune_study.py --pretrained runs/s --tasks tops --smoke --out /tmp/f --results /tmp/f/finetune
 
 Tasks: ``tops`` is ``recipes/fashion_mnist_finetune.py`` as it is (four upper-body Fashion-MNIST classes);
