@@ -228,9 +228,8 @@ def chosen_tasks(found: dict[str, dict[str, Any]], picked: dict[str, Any], sizes
     """Per task: the chosen lr's row of each side (marked with its lr) and the target checks on them."""
     tasks = {}
     for task, t in next(iter(found.values())).items():
-        rows = {"default": {**found[picked["default"]][task]["rows"]["default"], "lr": picked["default"]}}
-        rows.update({fixed_label(p): {**found[picked["fixed"][p]][task]["rows"][fixed_label(p)], "lr": picked["fixed"][p]}
-                     for p in sizes})
+        lr_of = {"default": picked["default"], **{fixed_label(p): picked["fixed"][p] for p in sizes}}
+        rows = {label: {**found[lr][task]["rows"][label], "lr": lr} for label, lr in lr_of.items()}
         tasks[task] = {"about": t["about"], "rows": rows, "targets": targets(rows, sizes, size)}
     return tasks
 
@@ -258,7 +257,7 @@ def _search_intro(result: dict[str, Any]) -> str:
             "trained at each; the first is the incumbent): a fixed fine-tune at p takes the lr with the best "
             "validation top-1 at p, averaged over the tasks; the default takes the lr with the largest worst "
             "margin over tasks and sizes, default − fixed − bound, against those fixed fine-tunes, and keeps the "
-            f"incumbent unless another gains more than {KEEP:g} points. Test is read only for the chosen runs. ")
+            f"incumbent unless another gains more than {KEEP:g} points. Test is reported only for the chosen runs. ")
 
 
 def _label(label: str, r: dict[str, Any]) -> str:
