@@ -150,14 +150,8 @@ def _study(*args: str) -> subprocess.CompletedProcess:
                           text=True, env=subprocess_env(), timeout=900)
 
 
-@pytest.mark.slow
-def test_smoke_study_reports_every_row_and_target_and_resumes(tmp_path):
-    pretrained = make_run(tmp_path)  # 16 px, sizes 2/4/8: fine-tuned at 28 px on the recipe's sizes
-    args = ["--pretrained", str(pretrained), "--tasks", "tops", "--smoke", "--out", str(tmp_path / "runs"),
-            "--results", str(tmp_path / "finetune")]
-    done = _study(*args, "--jobs", "2")
-    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
-    result = json.loads((tmp_path / "finetune.json").read_text())
+def _check_plain_report(result: dict, md: list[str]) -> None:
+    """Every row at every size on both splits, and the targets read off the rows."""
     labels = ["default", *(f"fixed p={p}" for p in SIZES)]
     assert list(result["tasks"]) == ["tops"] and result["seeds"] == [0] and result["sizes"] == SIZES
     rows = result["tasks"]["tops"]["rows"]
@@ -172,36 +166,38 @@ def test_smoke_study_reports_every_row_and_target_and_resumes(tmp_path):
     for c in checks:
         assert c["default"] == rows["default"]["test"]["mean"][str(c["size"])]
         assert c["fixed"] == rows[f"fixed p={c['size']}"]["test"]["mean"][str(c["size"])]
-    md = (tmp_path / "finetune.md").read_text().splitlines()
     for label in labels:
         assert sum(line.startswith(f"| {label} |") for line in md) == 2  # the test and the validation table
-    runs = tmp_path / "runs" / "tops"
-    assert json.loads((runs / "fixed-p14-seed0" / "config.json").read_text())["patch"]["sizes"] == [14]
-    assert json.loads((runs / "default-seed0" / "config.json").read_text())["patch"]["sizes"] == SIZES
-    again = _study(*args)
-    assert again.returncode == 0 and "5 finished already (skipped), 0 to run" in again.stdout
 
 
 @pytest.mark.slow
-def test_smoke_learning_rate_search_trains_each_lr_apart_and_reports_the_chosen_runs(tmp_path):
-    pretrained = make_run(tmp_path)
-    lrs = ["1e-3", "3e-3"]
-    done = _study("--pretrained", str(pretrained), "--tasks", "tops", "--smoke", "--out", str(tmp_path / "runs"),
-                  "--results", str(tmp_path / "finetune"), "--lr", *lrs, "--jobs", "2")
+def test_smoke_lr_search_reports_the_chosen_runs_and_one_lr_reuses_them_as_a_plain_study(tmp_path):
+    pretrained = make_run(tmp_path)  # 16 px, sizes 2/4/8: fine-tuned at 28 px on the recipe's sizes
+    lrs, runs = ["1e-3", "3e-3"], tmp_path / "runs"
+    common = ["--pretrained", str(pretrained), "--tasks", "tops", "--smoke"]
+    done = _study(*common, "--out", str(runs), "--results", str(tmp_path / "search"), "--lr", *lrs, "--jobs", "2")
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
-    result = json.loads((tmp_path / "finetune.json").read_text())
+    result = json.loads((tmp_path / "search.json").read_text())
     search = result["search"]
     assert search["lrs"] == lrs and search["default"] in lrs and set(search["fixed"].values()) <= set(lrs)
     for lr in lrs:
-        saved = sorted((tmp_path / "runs" / f"lr{lr}" / "tops").glob("*/config.json"))
+        tops = runs / f"lr{lr}" / "tops"
+        saved = {f.parent.name: json.loads(f.read_text()) for f in tops.glob("*/config.json")}
         assert len(saved) == 1 + len(SIZES)
-        assert all(json.loads(f.read_text())["optim"]["lr"] == pytest.approx(float(lr)) for f in saved)
+        assert all(c["optim"]["lr"] == pytest.approx(float(lr)) for c in saved.values())
+        assert saved["fixed-p14-seed0"]["patch"]["sizes"] == [14] and saved["default-seed0"]["patch"]["sizes"] == SIZES
     rows = result["tasks"]["tops"]["rows"]
     for label, lr, run in [("default", search["default"], "default-seed0"),
                            *((f"fixed p={p}", search["fixed"][str(p)], f"fixed-p{p}-seed0") for p in SIZES)]:
-        report = json.loads((tmp_path / "runs" / f"lr{lr}" / "tops" / run / "eval.json").read_text())
+        report = json.loads((runs / f"lr{lr}" / "tops" / run / "eval.json").read_text())
         assert rows[label]["lr"] == lr  # one seed: the row is that run's own test result
         own = {str(r["patch_size"]): 100 * r["top1"] for r in report["results"]}  # eval.json keeps fractions
         assert rows[label]["test"]["mean"] == pytest.approx(own)
-    md = (tmp_path / "finetune.md").read_text()
+    md = (tmp_path / "search.md").read_text()
     assert "chosen per side on the validation split" in md and f"| default (lr {search['default']}) |" in md
+
+    # One --lr value is every run's lr: the plain study of that lr, whose finished runs are reused.
+    plain = _study(*common, "--out", str(runs / "lr1e-3"), "--results", str(tmp_path / "plain"), "--lr", "1e-3")
+    assert plain.returncode == 0 and "5 finished already (skipped), 0 to run" in plain.stdout, plain.stderr[-3000:]
+    _check_plain_report(json.loads((tmp_path / "plain.json").read_text()),
+                        (tmp_path / "plain.md").read_text().splitlines())
