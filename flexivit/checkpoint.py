@@ -22,6 +22,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file, safe_open
 
+from .files import _publish, _temp_file, atomic_write_text
 from .lutq import freeze, pack_state, unpack_state
 from .model import FlexiViT, FlexiViTConfig
 
@@ -37,34 +38,6 @@ FORMAT = "flexivit-model-v1"
 
 class CheckpointError(RuntimeError):
     """A checkpoint that cannot be used; the message says why and what to do."""
-
-
-def _umask() -> int:
-    mask = os.umask(0o022)
-    os.umask(mask)
-    return mask
-
-
-def _temp_file(path: Path) -> tuple[int, str]:
-    """A temporary file beside ``path``, to be renamed over it once complete."""
-    return tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-
-
-def _publish(tmp: str, path: Path) -> None:
-    """Rename ``tmp`` over ``path`` with the permissions a plain ``open`` would have given it (tempfile
-    creates 0600, which would leave a model or eval.json unreadable by the user's group)."""
-    os.chmod(tmp, 0o666 & ~_umask())
-    os.replace(tmp, path)
-
-
-def atomic_write_text(path: Path, text: str) -> None:
-    path = Path(path)
-    fd, tmp = _temp_file(path)
-    with os.fdopen(fd, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    _publish(tmp, path)
 
 
 def save_model(model: FlexiViT, path: str | Path, *, class_names: list[str], preprocess: dict[str, Any],
