@@ -3,11 +3,11 @@
 Importing the package registers the ``flexi_vit_*`` variants with timm's model registry.
 """
 
-from .architecture import FlexiViTConfig
-from .model import FlexiViT
-from .patch_embed import FlexiPatchEmbed, PatchScheme, check_patch_sizes, valid_patch_sizes
-from .resize import RESIZE_METHODS, kernel_rank, pi_resize, resample_posemb, resize_matrix
-from .variants import VARIANTS, create_variant
+from flexivit.model.config import FlexiViTConfig
+from flexivit.model.vit import FlexiViT
+from flexivit.model.patch_embed import FlexiPatchEmbed, PatchScheme, check_patch_sizes, valid_patch_sizes
+from flexivit.model.resize import RESIZE_METHODS, kernel_rank, pi_resize, resample_posemb, resize_matrix
+from flexivit.model.variants import VARIANTS, create_variant
 
 __all__ = [
     "FlexiViT",

@@ -17,7 +17,7 @@ import sys
 from pathlib import Path
 from typing import Any, Sequence
 
-from .files import atomic_write_text
+from flexivit.files import atomic_write_text
 
 __all__ = ["machine", "git_revision", "provenance", "provenance_markdown", "write_result"]
 

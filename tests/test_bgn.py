@@ -1,4 +1,4 @@
-"""Batch-statistics norms (flexivit.bgn): BatchNorm parity, per-group and per-size statistics, the power-of-two
+"""Batch-statistics norms (flexivit.ext.bgn): BatchNorm parity, per-group and per-size statistics, the power-of-two
 inference scale, recalibration, save/load, export, defaults and bad inputs."""
 
 import json
@@ -9,16 +9,16 @@ import torch
 import torch.nn.functional as F
 
 from flexivit import FlexiViT, FlexiViTConfig
-from flexivit.bgn import (BatchGroupNorm, batch_norms, norm_stats_source, recalibrate, set_token_grid,
+from flexivit.ext.bgn import (BatchGroupNorm, batch_norms, norm_stats_source, recalibrate, set_token_grid,
                           token_regions)
-from flexivit.builders import build_model
-from flexivit.checkpoint import load_model, save_model
-from flexivit.cli import main
-from flexivit.config import load_recipe
-from flexivit.data import from_arrays
-from flexivit.evaluate import evaluate_schemes
-from flexivit.export import PROGRAM_FORMAT, ExportError, export_model
-from flexivit.patch_embed import PatchScheme
+from flexivit.train.builders import build_model
+from flexivit.model.weights import load_model, save_model
+from flexivit.cli.main import main
+from flexivit.train.config import load_recipe
+from flexivit.data.sources import from_arrays
+from flexivit.eval.evaluate import evaluate_schemes
+from flexivit.eval.export import PROGRAM_FORMAT, ExportError, export_model
+from flexivit.model.patch_embed import PatchScheme
 from tiny_run import CLASSES, PREPROCESS, synthetic
 
 TINY = dict(img_size=16, patch_size=4, base_patch_size=8, base_grid=4, in_chans=1, num_classes=6, embed_dim=16,

@@ -8,12 +8,12 @@ import torch
 from torch import nn
 
 from flexivit import FlexiViT, FlexiViTConfig, PatchScheme
-from flexivit.bridge import (Bridge, block_origins, bridge_fallback, derived_state_dict, fit_bridge, insert_bridges,
+from flexivit.ext.bridge import (Bridge, block_origins, bridge_fallback, derived_state_dict, fit_bridge, insert_bridges,
                              record_segment)
-from flexivit.checkpoint import load_model, save_model
-from flexivit.cli import main
-from flexivit.evaluate import evaluate_schemes
-from flexivit.export import default_preprocess, export_model
+from flexivit.model.weights import load_model, save_model
+from flexivit.cli.main import main
+from flexivit.eval.evaluate import evaluate_schemes
+from flexivit.eval.export import default_preprocess, export_model
 
 SMALL = dict(img_size=28, patch_size=7, base_patch_size=14, base_grid=7, in_chans=1, num_classes=5,
              embed_dim=32, depth=4, num_heads=2)

@@ -1,7 +1,7 @@
 """One compiled model for every patch size: the logits of eager, few graphs, the same keys; and
 ``flexivit eval --compile`` / ``--precision``, which measure the model as it is deployed.
 
-Graph counts are dynamo's (``flexivit.compile.graph_count``), after ``torch._dynamo.reset()``. The fast
+Graph counts are dynamo's (``flexivit.model.compile.graph_count``), after ``torch._dynamo.reset()``. The fast
 tests compile with ``aot_eager`` (dynamo + AOTAutograd with the same dynamic shapes as inductor, but no
 C++ code generation, which takes tens of seconds per graph on 2 cores); the ``slow`` ones use inductor.
 """
@@ -20,14 +20,14 @@ import torch._dynamo
 import torch.nn.functional as F
 from timm.models.vision_transformer import VisionTransformer
 
-import flexivit.evaluate
+import flexivit.eval.evaluate
 from flexivit import FlexiViT, FlexiViTConfig
-from flexivit.checkpoint import load_model
-from flexivit.cli import main
-from flexivit.compile import compile_model, graph_count, token_trunk
-from flexivit.evaluate import evaluate_checkpoint, eval_dataset, load_eval_splits, sweep
-from flexivit.measure import MeasureSettings, autocast
-from flexivit.subjects import load_subject
+from flexivit.model.weights import load_model
+from flexivit.cli.main import main
+from flexivit.model.compile import compile_model, graph_count, token_trunk
+from flexivit.eval.evaluate import evaluate_checkpoint, eval_dataset, load_eval_splits, sweep
+from flexivit.eval.measure import MeasureSettings, autocast
+from flexivit.eval.subjects import load_subject
 from tiny_run import TRAIN_SIZES, make_run, subprocess_env, synthetic
 
 FAST = MeasureSettings(batch_size=8, warmup=1, repeats=2)
@@ -177,7 +177,7 @@ def _eval_json(run, tmp_path, *flags: str) -> dict:
 
 
 def test_eval_compile_records_compile_precision_and_threads(run, tmp_path, monkeypatch):
-    monkeypatch.setattr(flexivit.evaluate, "compile_model", functools.partial(compile_model, backend="aot_eager"))
+    monkeypatch.setattr(flexivit.eval.evaluate, "compile_model", functools.partial(compile_model, backend="aot_eager"))
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
     compiled = _eval_json(run, tmp_path / "compiled", "--compile")
     eager = _eval_json(run, tmp_path / "eager")
@@ -230,11 +230,11 @@ def test_cuda_eval_sweep_defaults_to_bf16(run, tmp_path):
 def test_train_compile_trains_the_compiled_model(tmp_path, monkeypatch):
     """`train.compile=true` compiles the model the trainer trains (aot_eager here: inductor's compile
     time is measured by tools/bench_compile.py, not paid in every CI run)."""
-    import flexivit.compile
+    import flexivit.model.compile
     from test_trainer_golden import OVERRIDES, make_data
 
-    from flexivit.config import load_recipe
-    from flexivit.train import train
+    from flexivit.train.config import load_recipe
+    from flexivit.train.loop import train
 
     compiled = []
 
@@ -242,7 +242,7 @@ def test_train_compile_trains_the_compiled_model(tmp_path, monkeypatch):
         compiled.append(model)
         return compile_model(model, backend="aot_eager")
 
-    monkeypatch.setattr(flexivit.compile, "compile_model", aot_eager)
+    monkeypatch.setattr(flexivit.model.compile, "compile_model", aot_eager)
     cfg = load_recipe("fashion_mnist:smoke", [f"data.source={make_data(tmp_path / 'data')}", *OVERRIDES,
                                               "train.compile=true", "train.steps=4", "train.grad_accum=1"])
     before = graph_count()

@@ -6,10 +6,10 @@ import pytest
 import torch
 
 from flexivit import FlexiViT, FlexiViTConfig
-from flexivit.checkpoint import load_model, save_model
-from flexivit.compress import check_compress, derive
-from flexivit.config import CompressConfig
-from flexivit.lutq import lutq_layers
+from flexivit.model.weights import load_model, save_model
+from flexivit.ext.compress import check_compress, derive
+from flexivit.train.config import CompressConfig
+from flexivit.ext.lutq import lutq_layers
 
 from test_distill_e2e import _cli, _top1
 
@@ -96,7 +96,7 @@ def test_scale_invariant_base_is_folded_first():
     # An identity bridge over the last block is the base without it.
     plain = FlexiViT(FlexiViTConfig.from_dict({**base.config.to_dict(), "scale_invariant": "none", "si_norm": "matrix",
                                                "si_head_scale": None}))
-    from flexivit.scale_invariant import fold_state_dict
+    from flexivit.ext.scale_invariant import fold_state_dict
 
     plain.load_state_dict(fold_state_dict(base))
     plain.blocks = plain.blocks[:3]
@@ -153,7 +153,7 @@ def test_too_few_calibration_images_say_how_many_are_needed():
 
 
 def test_a_compressed_model_fine_tunes_as_its_dense_weights(tmp_path):
-    from flexivit.finetune import from_pretrained
+    from flexivit.train.finetune import from_pretrained
 
     derived, _ = derive(_base(), CompressConfig(bridges=["3:4"], bridge_init="identity", lutq_k=4), patch_sizes=SIZES)
     save_model(derived, tmp_path, class_names=list("abcde"), preprocess={})

@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from flexivit.config import Config, ConfigError, apply_overrides, config_from_dict, list_recipes, load_recipe
+from flexivit.train.config import Config, ConfigError, apply_overrides, config_from_dict, list_recipes, load_recipe
 
 
 def test_recipes_load_and_smoke_shrinks():
@@ -63,7 +63,7 @@ def test_recipe_errors(tmp_path):
         load_recipe("fashion_mnst")
     bad = tmp_path / "bad.py"
     bad.write_text("def get_config(arg):\n    return {}\n")
-    with pytest.raises(ConfigError, match="must return flexivit.config.Config"):
+    with pytest.raises(ConfigError, match="must return flexivit.train.config.Config"):
         load_recipe(str(bad))
     with pytest.raises(FileNotFoundError):
         load_recipe(str(tmp_path / "missing.py"))

@@ -16,10 +16,10 @@ pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a C
 def test_bf16_training_at_two_patch_sizes_then_eval_and_export(tmp_path):
     from accelerate import Accelerator
 
-    from flexivit.config import load_recipe
-    from flexivit.export import export_checkpoint
+    from flexivit.train.config import load_recipe
+    from flexivit.eval.export import export_checkpoint
     from flexivit.rng import seed_all
-    from flexivit.train import train
+    from flexivit.train.loop import train
 
     cfg = load_recipe("fashion_mnist:smoke", [
         "model.embed_dim=64", "model.depth=2", "data.batch_size=32", "data.eval_limit=256", "train.steps=8",

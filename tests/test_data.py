@@ -17,9 +17,9 @@ import pytest
 import torch
 from PIL import Image
 
-from flexivit.builders import build_data, eval_loader
-from flexivit.config import Config
-from flexivit.data import (
+from flexivit.train.builders import build_data, eval_loader
+from flexivit.train.config import Config
+from flexivit.data.sources import (
     FASHION_MNIST_CLASSES,
     FASHION_MNIST_DIR,
     CorruptImageError,
@@ -477,7 +477,7 @@ def test_workers_keep_enough_batches_ready_for_a_token_budget_step() -> None:
 
 def test_evaluation_holds_out_no_validation_split_so_tiny_test_sets_load(tmp_path):
     """`flexivit eval` scores test alone: a dataset too small to stratify a validation split still loads."""
-    from flexivit.evaluate import load_eval_splits
+    from flexivit.eval.evaluate import load_eval_splits
 
     rng = np.random.default_rng(0)
     images = rng.integers(0, 255, size=(6, 8, 8), dtype=np.uint8)

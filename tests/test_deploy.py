@@ -6,8 +6,8 @@ import sys
 
 import pytest
 
-from flexivit.cli import main
-from flexivit.deploy import BudgetError, Predictor, choose_patch_size, parse_accuracy
+from flexivit.cli.main import main
+from flexivit.eval.deploy import BudgetError, Predictor, choose_patch_size, parse_accuracy
 from tiny_run import CLASSES, class_image, make_run, subprocess_env
 
 

@@ -9,10 +9,10 @@ from safetensors.torch import save_file
 from timm.models.vision_transformer import VisionTransformer
 
 from flexivit import FlexiViT, FlexiViTConfig
-from flexivit.checkpoint import CheckpointError, save_model
-from flexivit.distill import (Teacher, ViewSpec, convert_view, distill_loss, load_teacher, quantize_targets,
+from flexivit.model.weights import CheckpointError, save_model
+from flexivit.train.distill import (Teacher, ViewSpec, convert_view, distill_loss, load_teacher, quantize_targets,
                               student_from_teacher)
-from flexivit.transforms import build_transform
+from flexivit.data.transforms import build_transform
 
 STUDENT = FlexiViTConfig(img_size=28, patch_size=7, base_patch_size=14, base_grid=7, in_chans=1, num_classes=10,
                          embed_dim=32, depth=2, num_heads=2)
@@ -183,9 +183,9 @@ def test_only_the_student_is_prepared_and_saved(tmp_path):
     sees it."""
     from accelerate import Accelerator
 
-    from flexivit.config import load_recipe
-    from flexivit.distill import Teacher
-    from flexivit.train import train
+    from flexivit.train.config import load_recipe
+    from flexivit.train.distill import Teacher
+    from flexivit.train.loop import train
 
     teacher_model = FlexiViT(FlexiViTConfig(img_size=28, patch_size=4, base_patch_size=4, base_grid=7, in_chans=1,
                                             num_classes=10, embed_dim=32, depth=1, num_heads=2, class_token=False,
@@ -214,9 +214,9 @@ def test_only_the_student_is_prepared_and_saved(tmp_path):
 
 def test_fixed_size_finetuning_draws_one_size_whatever_the_recipe_weights():
     """`flexivit finetune --patch-size P` on a recipe that weights its sizes: one size, no stale weights."""
-    from flexivit.builders import build_sampler
-    from flexivit.config import load_recipe
-    from flexivit.finetune import fixed_size
+    from flexivit.train.builders import build_sampler
+    from flexivit.train.config import load_recipe
+    from flexivit.train.finetune import fixed_size
 
     cfg = load_recipe("fashion_mnist_finetune")
     assert cfg.patch.distribution == "weighted" and len(cfg.patch.weights) == 4

@@ -7,7 +7,7 @@ import sys
 import pytest
 from safetensors import safe_open
 
-from flexivit.checkpoint import load_model
+from flexivit.model.weights import load_model
 
 from test_train import ROOT, _env
 

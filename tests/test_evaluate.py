@@ -9,12 +9,12 @@ import torch
 from torch.utils.data import DataLoader
 
 from flexivit import FlexiViT
-from flexivit.cli import main
-from flexivit.data import collate, from_arrays
-from flexivit.evaluate import evaluate_checkpoint, eval_dataset, format_table, load_eval_splits, sweep
-from flexivit.measure import MeasureSettings, count_gflops
-from flexivit.report import pareto_front, plot_series, save_plot, write_report
-from flexivit.subjects import load_subject, resolve_patch_sizes
+from flexivit.cli.main import main
+from flexivit.data.sources import collate, from_arrays
+from flexivit.eval.evaluate import evaluate_checkpoint, eval_dataset, format_table, load_eval_splits, sweep
+from flexivit.eval.measure import MeasureSettings, count_gflops
+from flexivit.eval.report import pareto_front, plot_series, save_plot, write_report
+from flexivit.eval.subjects import load_subject, resolve_patch_sizes
 from tiny_run import CLASSES, TRAIN_SIZES, make_run, synthetic
 
 FAST = MeasureSettings(batch_size=8, warmup=1, repeats=3)

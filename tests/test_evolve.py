@@ -12,10 +12,10 @@ import time
 
 import pytest
 
-from flexivit.checkpoint import load_model
-from flexivit.cli import main
-from flexivit.evolve import RETRIES, EvolveError, Settings, evolve_graphs, parse_threshold, run_evolve
-from flexivit.graph import BlockGraph, chain
+from flexivit.model.weights import load_model
+from flexivit.cli.main import main
+from flexivit.ext.evolve import RETRIES, EvolveError, Settings, evolve_graphs, parse_threshold, run_evolve
+from flexivit.ext.graph import BlockGraph, chain
 from test_train import ROOT, _cli, _env, _sets
 
 
@@ -81,7 +81,7 @@ def test_a_rerun_with_other_settings_is_refused_before_training(tmp_path):
 
 def test_a_failed_candidate_stops_the_search_and_says_then_train_has_nothing(tmp_path, monkeypatch):
     calls = []
-    monkeypatch.setattr("flexivit.evolve.train_run", lambda run, sets, **kw: calls.append(sets) or 3)
+    monkeypatch.setattr("flexivit.ext.evolve.train_run", lambda run, sets, **kw: calls.append(sets) or 3)
     with pytest.raises(EvolveError, match=r"candidate 0 \(0-1,1-2,2-h\) failed \(exit 3\), see .*c000.log; .*rerun "
                        r"the same command to continue; nothing has finished, so --then-train has nothing to train"):
         run_evolve(recipe="fashion_mnist:smoke", settings=Settings(population=2, tournament=2), steps=3, out=tmp_path,

@@ -11,10 +11,10 @@ import torch
 from safetensors.torch import save_file
 
 from flexivit import FlexiViT
-from flexivit import export as export_module
-from flexivit.checkpoint import load_model
-from flexivit.cli import main
-from flexivit.export import ExportError, export_checkpoint, load_export
+from flexivit.eval import export as export_module
+from flexivit.model.weights import load_model
+from flexivit.cli.main import main
+from flexivit.eval.export import ExportError, export_checkpoint, load_export
 from tiny_run import CLASSES, PREPROCESS, make_run, subprocess_env
 
 # Runs in a fresh interpreter: loads the export the two ways docs/deploy.md shows, never importing flexivit.

@@ -6,10 +6,11 @@ import json
 import pytest
 import torch
 
-from flexivit import FlexiViT, fewshot
-from flexivit.checkpoint import load_model, save_model
-from flexivit.cli import main
-from flexivit.fewshot import FewShotSettings, parse_local, run_fewshot, score_episode, write_fewshot
+from flexivit import FlexiViT
+from flexivit.ext import fewshot
+from flexivit.model.weights import load_model, save_model
+from flexivit.cli.main import main
+from flexivit.ext.fewshot import FewShotSettings, parse_local, run_fewshot, score_episode, write_fewshot
 from tiny_run import CLASSES, PREPROCESS, make_run
 
 LOCALS = (2, 3, None)  # 2 and 3: k-means centres; None: every support token

@@ -14,9 +14,9 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "tools"))
 
 import finetune_study as fs  # noqa: E402
-from flexivit.builders import build_data  # noqa: E402
-from flexivit.config import load_recipe  # noqa: E402
-from flexivit.search import SearchError  # noqa: E402
+from flexivit.train.builders import build_data  # noqa: E402
+from flexivit.train.config import load_recipe  # noqa: E402
+from flexivit.experiments.search import SearchError  # noqa: E402
 from tiny_run import make_run, subprocess_env  # noqa: E402
 
 SIZES = [2, 4, 7, 14]

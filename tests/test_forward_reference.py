@@ -16,8 +16,8 @@ import torch.nn.functional as F
 from einops import rearrange
 
 from flexivit import FlexiViT, FlexiViTConfig
-from flexivit.patch_embed import PatchScheme
-from flexivit.resize import pi_resize
+from flexivit.model.patch_embed import PatchScheme
+from flexivit.model.resize import pi_resize
 
 
 def make_model(*, pad: bool, in_chans: int = 3) -> FlexiViT:

@@ -10,9 +10,9 @@ import torch
 from torch import nn
 
 from flexivit import FlexiViT, FlexiViTConfig
-from flexivit.checkpoint import load_model, save_model
-from flexivit.evolution import mutate, random_graph, repair, tournament
-from flexivit.graph import BlockGraph, GraphBlocks, GraphError, allowed_edges, chain
+from flexivit.model.weights import load_model, save_model
+from flexivit.ext.evolution import mutate, random_graph, repair, tournament
+from flexivit.ext.graph import BlockGraph, GraphBlocks, GraphError, allowed_edges, chain
 
 TINY = dict(img_size=28, patch_size=7, base_patch_size=14, base_grid=7, in_chans=1, num_classes=5,
             embed_dim=32, depth=4, num_heads=2)
@@ -313,8 +313,8 @@ def test_operators_reject_bad_arguments(call, message):
 
 
 def test_recipe_override_builds_the_graph_model():
-    from flexivit.builders import build_model
-    from flexivit.config import load_recipe
+    from flexivit.train.builders import build_model
+    from flexivit.train.config import load_recipe
 
     graph = "0-1,0-2,1-2,2-3,3-4,4-h"
     cfg = load_recipe("fashion_mnist:smoke", [f"model.graph={graph}"])

@@ -1,4 +1,4 @@
-"""LUT-Q weight tying (flexivit.lutq): tied layers, one-iteration re-clustering, packing, storage, export."""
+"""LUT-Q weight tying (flexivit.ext.lutq): tied layers, one-iteration re-clustering, packing, storage, export."""
 
 from __future__ import annotations
 
@@ -13,13 +13,13 @@ from safetensors.torch import load_file
 from torch import nn
 
 from flexivit import FlexiViT, FlexiViTConfig
-from flexivit.checkpoint import load_model, save_model
-from flexivit.export import export_model, load_export
-from flexivit.lutq import (
+from flexivit.model.weights import load_model, save_model
+from flexivit.eval.export import export_model, load_export
+from flexivit.ext.lutq import (
     PACKED_KEY, LutqHook, LutqLinear, apply_lutq, cluster_step, fold_lutq, freeze, index_bits, lutq_hooks,
     lutq_layers, nearest_pow2, pack_indices, unpack_indices,
 )
-from flexivit.scale_invariant import convert_layers
+from flexivit.ext.scale_invariant import convert_layers
 
 TINY = FlexiViTConfig(img_size=28, patch_size=7, base_patch_size=14, base_grid=4, in_chans=1, num_classes=10,
                       embed_dim=32, depth=2, num_heads=2, class_token=False, global_pool="avg")
@@ -270,8 +270,8 @@ def test_a_refused_conversion_converts_nothing():
 def test_training_resumes_bit_identically_through_the_trainer(tmp_path):
     from test_trainer_golden import make_data
 
-    from flexivit.config import load_recipe
-    from flexivit.train import train
+    from flexivit.train.config import load_recipe
+    from flexivit.train.loop import train
 
     source = make_data(tmp_path / "data")
     cfg = load_recipe("fashion_mnist:smoke", [

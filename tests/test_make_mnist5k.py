@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from flexivit.data import load_source
+from flexivit.data.sources import load_source
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tools"))
 

@@ -6,7 +6,8 @@ import torch
 import torch.nn.functional as F
 
 import flexivit
-from flexivit import FlexiViT, FlexiViTConfig, PatchScheme, resize
+from flexivit import FlexiViT, FlexiViTConfig, PatchScheme
+from flexivit.model import resize
 
 SMALL = dict(img_size=28, patch_size=7, base_patch_size=14, base_grid=7, in_chans=1, num_classes=5,
              embed_dim=32, depth=2, num_heads=2)

@@ -4,8 +4,8 @@ import pytest
 import torch
 
 from flexivit import FlexiViT, FlexiViTConfig
-from flexivit.config import load_recipe
-from flexivit.optim import build_optimizer
+from flexivit.train.config import load_recipe
+from flexivit.train.optim import build_optimizer
 
 
 def _model() -> FlexiViT:

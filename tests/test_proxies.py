@@ -1,4 +1,4 @@
-"""Class proxies (flexivit.proxies) and `flexivit fewshot` (flexivit.fewshot): the head's formulas, gradients at
+"""Class proxies (flexivit.ext.proxies) and `flexivit fewshot` (flexivit.ext.fewshot): the head's formulas, gradients at
 every patch size, support initialisation, fine-tuning, episodes, the command, defaults and bad inputs."""
 
 import copy
@@ -11,15 +11,16 @@ import torch
 import torch.nn.functional as F
 
 from flexivit import FlexiViT, FlexiViTConfig
-from flexivit.builders import build_model
-from flexivit.checkpoint import load_model, save_model
-from flexivit.cli import main
-from flexivit.config import load_recipe
-from flexivit.data import from_arrays
-from flexivit.export import ExportError, export_model
-from flexivit.fewshot import FewShotSettings, draw_episodes, run_fewshot, score_episode, task_support
-from flexivit.finetune import from_pretrained
-from flexivit.proxies import (ProxyHead, init_from_support, pooled_and_tokens, soft_max_over_tokens, spherical_kmeans,
+from flexivit.train.builders import build_model
+from flexivit.model.weights import load_model, save_model
+from flexivit.cli.main import main
+from flexivit.train.config import load_recipe
+from flexivit.data.sources import from_arrays
+from flexivit.eval.export import ExportError, export_model
+from flexivit.ext.fewshot import FewShotSettings, draw_episodes, run_fewshot, score_episode
+from flexivit.train.builders import task_support
+from flexivit.train.finetune import from_pretrained
+from flexivit.ext.proxies import (ProxyHead, init_from_support, pooled_and_tokens, soft_max_over_tokens, spherical_kmeans,
                               support_proxies)
 from tiny_run import CLASSES, PREPROCESS, make_run, synthetic
 

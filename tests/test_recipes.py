@@ -6,9 +6,9 @@ import re
 
 import pytest
 
-from flexivit.builders import build_sampler, schemes_of
-from flexivit.config import RECIPES_DIR, Config, list_recipes, load_recipe
-from flexivit.patch_embed import check_patch_sizes
+from flexivit.train.builders import build_sampler, schemes_of
+from flexivit.train.config import RECIPES_DIR, Config, list_recipes, load_recipe
+from flexivit.model.patch_embed import check_patch_sizes
 
 # The arguments each recipe's get_config accepts (None: no argument). A recipe added to recipes/ must be
 # listed here, and every `NAME:ARG` its docstring shows must be among them.

@@ -10,8 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from flexivit.builders import build_model
-from flexivit.config import load_recipe
+from flexivit.train.builders import build_model
+from flexivit.train.config import load_recipe
 
 ROOT = Path(__file__).resolve().parent.parent
 TOOL = ROOT / "tools" / "reproduce_flexibility.py"

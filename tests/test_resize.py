@@ -7,8 +7,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from flexivit import resize
-from flexivit.resize import RESIZE_METHODS, area_matrix_1d, kernel_rank, pi_resize, resample_posemb, resize_matrix
+from flexivit.model import resize
+from flexivit.model.resize import RESIZE_METHODS, area_matrix_1d, kernel_rank, pi_resize, resample_posemb, resize_matrix
 
 UP = [((8, 8), (16, 16)), ((4, 4), (7, 7)), ((3, 5), (6, 9)), ((2, 2), (32, 32)), ((5, 4), (5, 11))]
 DOWN = [((16, 16), (8, 8)), ((14, 14), (2, 2)), ((9, 6), (4, 5)), ((32, 32), (7, 7))]

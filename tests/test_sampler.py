@@ -11,9 +11,9 @@ import numpy as np
 import pytest
 import torch
 
-import flexivit.sampler as sampler_module
-from flexivit.patch_embed import PatchScheme
-from flexivit.sampler import (
+import flexivit.train.sampler as sampler_module
+from flexivit.model.patch_embed import PatchScheme
+from flexivit.train.sampler import (
     Curriculum,
     Gaussian,
     PatchSizeSampler,

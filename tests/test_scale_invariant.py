@@ -1,4 +1,4 @@
-"""Scale-invariant layers, fixed-norm updates and the equivalent learning rate (flexivit.scale_invariant)."""
+"""Scale-invariant layers, fixed-norm updates and the equivalent learning rate (flexivit.ext.scale_invariant)."""
 
 from __future__ import annotations
 
@@ -16,17 +16,17 @@ import torch.nn.functional as F
 from safetensors.torch import load_file
 
 from flexivit import FlexiViT, FlexiViTConfig
-from flexivit import search
-from flexivit.architecture import SI_NORMS
-from flexivit.builders import build_model
-from flexivit.checkpoint import load_model, save_model
-from flexivit.config import Config, ConfigError, apply_overrides, load_recipe, recipe_search_grid
-from flexivit.export import export_model, load_export
-from flexivit.finetune import from_pretrained
-from flexivit.optim import build_optimizer
-from flexivit.patch_embed import valid_patch_sizes
-from flexivit.run import RESUMABLE_CHANGES, config_changes
-from flexivit.scale_invariant import (
+from flexivit.experiments import search
+from flexivit.model.config import SI_NORMS
+from flexivit.train.builders import build_model
+from flexivit.model.weights import load_model, save_model
+from flexivit.train.config import Config, ConfigError, apply_overrides, load_recipe, recipe_search_grid
+from flexivit.eval.export import export_model, load_export
+from flexivit.train.finetune import from_pretrained
+from flexivit.train.optim import build_optimizer
+from flexivit.model.patch_embed import valid_patch_sizes
+from flexivit.train.assemble import RESUMABLE_CHANGES, config_changes
+from flexivit.ext.scale_invariant import (
     SI_BUFFER, fold_state_dict, option_hooks, scale_invariant_layers, unit_norms,
 )
 from tiny_run import make_run, subprocess_env
@@ -409,7 +409,7 @@ def test_search_without_a_grid_runs_the_recipes_grid(tmp_path, monkeypatch):
 
 def test_a_malformed_search_grid_is_a_clear_error(tmp_path):
     recipe = tmp_path / "bad.py"
-    recipe.write_text("from flexivit.config import Config\nSEARCH_GRID = 'optim.lr=1e-3'\n"
+    recipe.write_text("from flexivit.train.config import Config\nSEARCH_GRID = 'optim.lr=1e-3'\n"
                       "def get_config(arg=None):\n    return Config()\n")
     with pytest.raises(ConfigError, match="SEARCH_GRID must be a list of 'KEY=V1,V2,...' strings"):
         recipe_search_grid(str(recipe))

@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from flexivit.search import SearchError, Trial, parse_grid, plan, summarise
+from flexivit.experiments.search import SearchError, Trial, parse_grid, plan, summarise
 from test_train import TINY, _cli, _sets
 
 

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from flexivit.data import FASHION_MNIST_CLASSES
+from flexivit.data.sources import FASHION_MNIST_CLASSES
 
 ROOT = Path(__file__).resolve().parent.parent
 

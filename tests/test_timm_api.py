@@ -6,8 +6,8 @@ from timm.models import group_parameters
 from timm.optim import create_optimizer_v2
 
 from flexivit import FlexiViT, FlexiViTConfig
-from flexivit.config import Config
-from flexivit.optim import build_optimizer
+from flexivit.train.config import Config
+from flexivit.train.optim import build_optimizer
 
 SMALL = dict(img_size=28, patch_size=7, base_patch_size=14, base_grid=7, in_chans=1, num_classes=5,
              embed_dim=32, depth=3, num_heads=2)

@@ -1,8 +1,8 @@
 """Token-budget batches (``train.token_budget``): how many loader batches a step takes per patch size."""
 
-from flexivit.config import load_recipe
-from flexivit.patch_embed import PatchScheme
-from flexivit.steps import loader_batches
+from flexivit.train.config import load_recipe
+from flexivit.model.patch_embed import PatchScheme
+from flexivit.train.step_batches import loader_batches
 
 
 def test_token_budget_gives_large_patches_more_batches_for_the_same_tokens():
@@ -15,7 +15,7 @@ def test_token_budget_gives_large_patches_more_batches_for_the_same_tokens():
 
 
 def test_token_budget_off_is_one_batch_and_the_quickstart_uses_one_patch2_batch():
-    from flexivit.config import Config
+    from flexivit.train.config import Config
 
     assert Config().train.token_budget == 0  # off unless a recipe asks for it
     assert loader_batches(PatchScheme(14), (28, 28), 128, 0) == 1
@@ -29,7 +29,7 @@ def test_token_budget_off_is_one_batch_and_the_quickstart_uses_one_patch2_batch(
 def test_join_concatenates_loader_batches_and_counts_skipped():
     import torch
 
-    from flexivit.steps import _join
+    from flexivit.train.step_batches import _join
 
     a = {"image": torch.randn(3, 1, 4, 4), "label": torch.tensor([0, 1, 2]), "skipped": 1}
     empty = {"image": torch.empty(0), "label": torch.empty(0, dtype=torch.long), "skipped": 2}
@@ -44,7 +44,7 @@ def test_join_concatenates_loader_batches_and_counts_skipped():
 
 def test_a_token_budget_step_runs_its_loader_batches_as_one_forward(tmp_path):
     """Every training forward holds budget // tokens images (joined), never one loader batch at a time."""
-    from flexivit.train import train
+    from flexivit.train.loop import train
 
     seen: list[tuple[int, int]] = []  # (patch, images) of every training forward
 
@@ -72,7 +72,7 @@ def test_cpu_training_with_workers_leaves_them_a_core(monkeypatch):
     import torch
     from accelerate import Accelerator
 
-    from flexivit.run import _share_cores
+    from flexivit.train.assemble import _share_cores
 
     cores = len(os.sched_getaffinity(0))
     before = torch.get_num_threads()

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 from safetensors.torch import load_file
 
-from flexivit.checkpoint import find_states, latest_good_state
+from flexivit.train.state import find_states, latest_good_state
 
 ROOT = Path(__file__).resolve().parent.parent
 PROBE = ROOT / "tests" / "scripts" / "train_probe.py"

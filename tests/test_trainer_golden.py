@@ -23,8 +23,8 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from flexivit.arrays import from_arrays
-from flexivit.config import load_recipe
+from flexivit.data.arrays import from_arrays
+from flexivit.train.config import load_recipe
 
 GOLDEN = Path(__file__).resolve().parent / "golden" / "trainer.safetensors"
 CLASSES = [f"c{i}" for i in range(4)]
@@ -59,7 +59,7 @@ def make_data(folder: Path) -> str:
 
 
 def train_weights(tmp: Path, **kwargs) -> dict[str, torch.Tensor]:
-    from flexivit.train import train
+    from flexivit.train.loop import train
 
     cfg = load_recipe("fashion_mnist:smoke", [f"data.source={make_data(tmp / 'data')}", *OVERRIDES])
     threads = torch.get_num_threads()

@@ -11,15 +11,15 @@ from pathlib import Path
 import pytest
 import torch
 
-from flexivit.checkpoint import atomic_write_text, save_model
-from flexivit.config import Config, load_recipe
-from flexivit.evaluate import evaluate_schemes
-from flexivit.hooks import Hooks
-from flexivit.metrics import MetricWindow
-from flexivit.patch_embed import PatchScheme
-from flexivit.run import RESUMABLE_CHANGES, config_changes
-from flexivit.sampler import PatchSizeSampler, make_distribution
-from flexivit.steps import StepBatches
+from flexivit.model.weights import atomic_write_text, save_model
+from flexivit.train.config import Config, load_recipe
+from flexivit.eval.evaluate import evaluate_schemes
+from flexivit.train.hooks import Hooks
+from flexivit.train.metrics import MetricWindow
+from flexivit.model.patch_embed import PatchScheme
+from flexivit.train.assemble import RESUMABLE_CHANGES, config_changes
+from flexivit.train.sampler import PatchSizeSampler, make_distribution
+from flexivit.train.step_batches import StepBatches
 
 
 class _Loader:

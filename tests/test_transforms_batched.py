@@ -12,8 +12,8 @@ import pytest
 import torch
 from PIL import Image
 
-from flexivit.arrays import from_arrays
-from flexivit.transforms import AtSize, TransformedDataset, build_transform, collate
+from flexivit.data.arrays import from_arrays
+from flexivit.data.transforms import AtSize, TransformedDataset, build_transform, collate
 
 
 def images(n: int, size: int, mode: str, seed: int = 0) -> list[Image.Image]:

@@ -2,7 +2,7 @@
 
 Synthetic data: 16x16 grayscale images, one bright 5x5 square on noise; the class is the square's cell in a
 3x2 grid (6 classes, so top-5 is reported). The model trains in-process with plain torch for 150 steps,
-drawing the patch size from {2, 4, 8} each step, and is saved with ``flexivit.checkpoint.save_model`` next
+drawing the patch size from {2, 4, 8} each step, and is saved with ``flexivit.model.weights.save_model`` next
 to a run ``config.json`` that names the synthetic test set as its data source.
 """
 
@@ -19,8 +19,8 @@ import torch.nn.functional as F
 from PIL import Image
 
 from flexivit import FlexiViT, FlexiViTConfig
-from flexivit.checkpoint import save_model
-from flexivit.data import from_arrays
+from flexivit.model.weights import save_model
+from flexivit.data.sources import from_arrays
 
 IMAGE = 16
 CLASSES = [f"cell-{i}" for i in range(6)]

@@ -22,8 +22,8 @@ from typing import Any
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from flexivit.checkpoint import load_model  # noqa: E402
-from flexivit.search import run_search  # noqa: E402
+from flexivit.model.weights import load_model  # noqa: E402
+from flexivit.experiments.search import run_search  # noqa: E402
 
 RECIPE = "fashion_mnist"
 # The study's conditions pinned, so that a rerun measures the same thing if the recipe's defaults move:

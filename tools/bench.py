@@ -47,10 +47,10 @@ from timm.models.vision_transformer import VisionTransformer
 from torch import nn
 from torch.utils import flop_counter
 
-from flexivit import resize
-from flexivit.model import FlexiViT, FlexiViTConfig
-from flexivit.timm_interop import timm_vit_kwargs
-from flexivit.variants import VARIANTS
+from flexivit.model import resize
+from flexivit.model.vit import FlexiViT, FlexiViTConfig
+from flexivit.model.timm_interop import timm_vit_kwargs
+from flexivit.model.variants import VARIANTS
 
 TARGETS = {"train": 0.97, "eval": 0.99}
 Step = Callable[[], None]

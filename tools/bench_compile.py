@@ -5,7 +5,7 @@ For each of the quickstart's patch sizes (``flexi_vit_micro`` as ``recipes/fashi
 - the graphs dynamo builds when that size first trains, then first evaluates (batch 64, then batch 1),
   and how long those first calls take (compile time = first call minus a steady call);
 - steady train-step time (forward + cross-entropy + backward + AdamW) and eval-forward time (``no_grad``,
-  batch 64 and batch 1), compiled (``flexivit.compile.compile_model``) vs eager, as speedups
+  batch 64 and batch 1), compiled (``flexivit.model.compile.compile_model``) vs eager, as speedups
   (eager time / compiled time) from timed blocks that alternate (ABBA) between the compiled model, the
   eager one and a second eager model; the second one's ratio to the first is the noise floor (A/A).
 Compile times are cold: inductor gets a fresh cache directory unless ``TORCHINDUCTOR_CACHE_DIR`` is set.
@@ -39,11 +39,11 @@ import torch._dynamo  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 from torch import nn  # noqa: E402
 
-from flexivit.builders import build_model  # noqa: E402
-from flexivit.compile import compile_model, graph_count  # noqa: E402
-from flexivit.config import load_recipe  # noqa: E402
-from flexivit.patch_embed import PatchScheme  # noqa: E402
-from flexivit.steps import loader_batches  # noqa: E402
+from flexivit.train.builders import build_model  # noqa: E402
+from flexivit.model.compile import compile_model, graph_count  # noqa: E402
+from flexivit.train.config import load_recipe  # noqa: E402
+from flexivit.model.patch_embed import PatchScheme  # noqa: E402
+from flexivit.train.step_batches import loader_batches  # noqa: E402
 
 Step = Callable[[], None]
 MODELS = ("compiled", "eager", "twin")  # twin: a second eager model, the A/A control

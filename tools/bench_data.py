@@ -28,9 +28,9 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from flexivit.arrays import from_arrays  # noqa: E402
-from flexivit.data import load_source  # noqa: E402
-from flexivit.transforms import TransformedDataset, build_transform, collate  # noqa: E402
+from flexivit.data.arrays import from_arrays  # noqa: E402
+from flexivit.data.sources import load_source  # noqa: E402
+from flexivit.data.transforms import TransformedDataset, build_transform, collate  # noqa: E402
 
 SIZES = (16, 64, 192, 784)  # images of one step at patch 2 / 4 / 7 / 14 under the quickstart's token budget
 

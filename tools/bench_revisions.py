@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
-RUN = "import sys; from flexivit.config import load_recipe; from flexivit.train import train; " \
+RUN = "import sys; from flexivit.train.config import load_recipe; from flexivit.train.loop import train; " \
       "train(load_recipe(sys.argv[1], sys.argv[3:]), out_dir=sys.argv[2])"
 
 

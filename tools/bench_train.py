@@ -29,8 +29,8 @@ sys.path.insert(0, str(ROOT))
 
 def _run(recipe: str, overrides: list[str], out: Path) -> list[dict[str, Any]]:
     """Train one configuration; returns its log windows (all but the first, which holds warm-up)."""
-    from flexivit.config import load_recipe
-    from flexivit.train import train
+    from flexivit.train.config import load_recipe
+    from flexivit.train.loop import train
 
     train(load_recipe(recipe, overrides), out_dir=out)
     windows = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]

@@ -87,8 +87,8 @@ def pow2_check(run: Path) -> dict[str, Any]:
 
     import torch
 
-    from flexivit.bgn import batch_norms, token_regions
-    from flexivit.checkpoint import load_model
+    from flexivit.ext.bgn import batch_norms, token_regions
+    from flexivit.model.weights import load_model
 
     model, _ = load_model(run)
     img = model.config.img_size
@@ -122,7 +122,7 @@ def latency(out: Path, *, rounds: int, calls: int) -> dict[str, Any]:
     timed calls per turn after one untimed; the median of every timed call."""
     import torch
 
-    from flexivit.checkpoint import load_model
+    from flexivit.model.weights import load_model
 
     torch.set_num_threads(1)
     models = {name: load_model(out / name)[0].eval() for name in LATENCY_ARMS}

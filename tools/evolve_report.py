@@ -7,7 +7,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from flexivit.graph import HEAD
+from flexivit.ext.graph import HEAD
 
 __all__ = ["write"]
 

@@ -46,9 +46,9 @@ from typing import Any
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from flexivit.config import load_recipe  # noqa: E402
-from flexivit.graph import HEAD, BlockGraph, allowed_edges, chain  # noqa: E402
-from flexivit.variants import VARIANTS  # noqa: E402
+from flexivit.train.config import load_recipe  # noqa: E402
+from flexivit.ext.graph import HEAD, BlockGraph, allowed_edges, chain  # noqa: E402
+from flexivit.model.variants import VARIANTS  # noqa: E402
 
 from evolve_report import write  # noqa: E402  (tools/, beside this file)
 
@@ -258,7 +258,7 @@ def _test_stats(runs: list[Path]) -> dict[str, Any]:
 
 
 def _heatmap(run: Path) -> dict[str, Any]:
-    from flexivit.checkpoint import load_model
+    from flexivit.model.weights import load_model
 
     blocks = load_model(run)[0].blocks
     depth = blocks.graph.depth

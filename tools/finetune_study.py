@@ -47,11 +47,11 @@ sys.path.insert(0, str(ROOT))
 # Sibling modules: a script's own directory is on sys.path.
 from compare_runs import load_groups, summarise  # noqa: E402
 from flexibility_plan import images_by_patch, saved_changes, train_gflops  # noqa: E402
-from flexivit.checkpoint import load_model  # noqa: E402
-from flexivit.config import Config, config_from_dict, load_recipe  # noqa: E402
-from flexivit.finetune import fixed_size  # noqa: E402
-from flexivit.measure import count_gflops  # noqa: E402
-from flexivit.search import SearchError, check_data, check_init, train_run  # noqa: E402
+from flexivit.model.weights import load_model  # noqa: E402
+from flexivit.train.config import Config, config_from_dict, load_recipe  # noqa: E402
+from flexivit.train.finetune import fixed_size  # noqa: E402
+from flexivit.eval.measure import count_gflops  # noqa: E402
+from flexivit.experiments.search import SearchError, check_data, check_init, train_run  # noqa: E402
 
 RECIPE = "fashion_mnist_finetune"
 TASKS = {"tops": "the recipe's task, 4 upper-body Fashion-MNIST classes",

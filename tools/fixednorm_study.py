@@ -39,7 +39,7 @@ from typing import Any
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from flexivit.search import run_search  # noqa: E402
+from flexivit.experiments.search import run_search  # noqa: E402
 
 COMMON = ["data.num_workers=0"]
 LRS = "1e-4,3e-4,1e-3,3e-3,1e-2"

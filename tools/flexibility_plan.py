@@ -4,12 +4,12 @@ Every budget here follows from the resolved configs (recipe + overrides) alone, 
 before, during and after training, and the reproduction stays resumable:
 
 - **Images.** The loader drops its last partial batch and the tool trains on one process, so a step of
-  scheme ``s`` takes ``batch_size × grad_accum × loader_batches(s)`` images (``flexivit.steps``), and the
+  scheme ``s`` takes ``batch_size × grad_accum × loader_batches(s)`` images (``flexivit.train.step_batches``), and the
   scheme of every step is the sampler's draw, a pure function of ``(seed, step)``.
 - **Equal images.** A fixed ViT/p takes the same images every step, so its ``train.steps`` is
   ``round(FlexiViT images / images per ViT/p step)``: the two differ by at most half a ViT/p step.
 - **Training FLOPs.** Forward + backward ≈ 3 × the forward FLOPs of an image at the patch size it was
-  trained at (``flexivit.measure.count_gflops`` on a model built from the run's config), summed over the
+  trained at (``flexivit.eval.measure.count_gflops`` on a model built from the run's config), summed over the
   images each size saw; a distilled run adds one teacher forward per image. The kernel PI-resize and
   position-grid resample, once per step rather than per image, are left out.
 """
@@ -28,12 +28,12 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from flexivit.builders import build_model, build_sampler, default_patch  # noqa: E402
-from flexivit.config import Config, config_from_dict, load_recipe  # noqa: E402
-from flexivit.measure import count_gflops  # noqa: E402
-from flexivit.patch_embed import PatchScheme  # noqa: E402
-from flexivit.run import config_changes  # noqa: E402
-from flexivit.steps import loader_batches  # noqa: E402
+from flexivit.train.builders import build_model, build_sampler, default_patch  # noqa: E402
+from flexivit.train.config import Config, config_from_dict, load_recipe  # noqa: E402
+from flexivit.eval.measure import count_gflops  # noqa: E402
+from flexivit.model.patch_embed import PatchScheme  # noqa: E402
+from flexivit.train.assemble import config_changes  # noqa: E402
+from flexivit.train.step_batches import loader_batches  # noqa: E402
 
 FWD_BWD = 3  # a backward pass costs about twice its forward
 GFlops = Callable[[Config, int], float]  # (config, patch size) -> forward GFLOPs per image
@@ -193,7 +193,7 @@ def plan(*, seeds: Sequence[int], small: int, large: int, sizes: list[int], extr
 
 def saved_changes(saved_file: Path, cfg: Config, also: Sequence[str] = ("train.steps",)) -> dict[str, tuple]:
     """Fields where the run config saved in ``saved_file`` differs from ``cfg``: those a resume refuses
-    (``flexivit.run.config_changes``) and the ``also`` fields ("section.key"). Fields added to the config
+    (``flexivit.train.assemble.config_changes``) and the ``also`` fields ("section.key"). Fields added to the config
     since the run was made take their defaults there."""
     saved = json.loads(json.dumps(config_from_dict(Config, json.loads(saved_file.read_text())).to_dict()))
     now = json.loads(json.dumps(cfg.to_dict()))  # tuples as lists, as saved

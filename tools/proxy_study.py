@@ -39,7 +39,7 @@ ROOT = Path(__file__).resolve().parent.parent
 RECIPE = "fashion_mnist"
 COMMON = ["data.num_workers=0"]
 SMOKE = ["optim.warmup_steps=2", "data.eval_limit=128", "train.log_every=5", "train.checkpoint_every=10"]
-# flexivit.data.FASHION_MNIST_CLASSES split in two (tests/test_study_tools.py checks the names).
+# flexivit.data.sources.FASHION_MNIST_CLASSES split in two (tests/test_study_tools.py checks the names).
 UPPER_BODY = ("T-shirt/top", "Pullover", "Coat", "Shirt")
 BACKBONE_CLASSES = ("Trouser", "Dress", "Sandal", "Sneaker", "Bag", "Ankle boot")
 LOCALS = ("4", "16", "all")

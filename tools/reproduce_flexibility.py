@@ -51,12 +51,13 @@ sys.path.insert(0, str(ROOT))
 from flexibility_plan import (  # noqa: E402
     ForwardCounter, GFlops, Run, check_settings, comparisons, images_by_patch, plan, run_gflops)
 from flexibility_report import distill_vs_labels, summarise, target_checks, write_markdown, write_plot  # noqa: E402
-from flexivit.builders import build_data, eval_loader  # noqa: E402
-from flexivit.checkpoint import find_states, load_model  # noqa: E402
-from flexivit.config import Config, config_from_dict, load_recipe  # noqa: E402
-from flexivit.evaluate import evaluate_schemes  # noqa: E402
-from flexivit.model import FlexiViT  # noqa: E402
-from flexivit.patch_embed import PatchScheme  # noqa: E402
+from flexivit.train.builders import build_data, eval_loader  # noqa: E402
+from flexivit.model.weights import load_model  # noqa: E402
+from flexivit.train.state import find_states  # noqa: E402
+from flexivit.train.config import Config, config_from_dict, load_recipe  # noqa: E402
+from flexivit.eval.evaluate import evaluate_schemes  # noqa: E402
+from flexivit.model.vit import FlexiViT  # noqa: E402
+from flexivit.model.patch_embed import PatchScheme  # noqa: E402
 
 SMOKE = ["train.steps=30", "train.log_every=10", "train.checkpoint_every=15", "optim.warmup_steps=5",
          "data.batch_size=64", "train.token_budget=3136"]

@@ -15,8 +15,8 @@ from pathlib import Path
 import torch
 from accelerate import Accelerator, DataLoaderConfiguration
 
-from flexivit.config import load_recipe
-from flexivit.train import StepInfo, train
+from flexivit.train.config import load_recipe
+from flexivit.train.loop import StepInfo, train
 
 parser = argparse.ArgumentParser()
 parser.add_argument("out", type=Path)

@@ -1,0 +1,189 @@
+"""The command line's arguments: one subparser per ``flexivit`` command (the commands are in ``cli.py``)."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from flexivit.train.config import list_recipes
+
+__all__ = ["build_parser"]
+
+
+def _recipe_help() -> str:
+    return "recipes: " + ", ".join(list_recipes()) + " (or a path to a recipe .py file); add :ARG, e.g. fashion_mnist:smoke"
+
+
+def _add_run_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("recipe", help="RECIPE[:ARG] — " + _recipe_help())
+    p.add_argument("--data", help="fashion-mnist (default), a local image folder, or hf:NAME[:CONFIG]")
+    p.add_argument("--out", type=Path, help="run directory (default: runs/<recipe>)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a config field, e.g. --set optim.lr=3e-4 (repeatable)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="flexivit", description="Train and use FlexiViT models (one ViT, every patch size).",
+        epilog=_recipe_help(),
+    )
+    sub = parser.add_subparsers(dest="command", required=True)
+    p = sub.add_parser("train", help="train a recipe", epilog=_recipe_help())
+    _add_run_args(p)
+    p.add_argument("--resume", action="store_true", help="continue from the newest good checkpoint in --out")
+    p = sub.add_parser("finetune", help="fine-tune a trained FlexiViT on a recipe's task (stays flexible)",
+                       epilog=_recipe_help())
+    p.add_argument("checkpoint", help="a run directory or a model .safetensors file")
+    _add_run_args(p)
+    p.add_argument("--patch-size", type=int, help="fine-tune at this one size (default: sample the recipe's sizes, "
+                   "which keeps every size usable)")
+    p.add_argument("--resume", action="store_true", help="continue from the newest good checkpoint in --out")
+    p = sub.add_parser("compress", help="a compact model derived from a trained FlexiViT (LUT-Q, least-squares "
+                       "bridges, trained on its quantised outputs)", epilog=_recipe_help())
+    p.add_argument("base", help="the trained FlexiViT: a run directory or a model .safetensors file")
+    _add_run_args(p)
+    p.add_argument("--resume", action="store_true", help="continue from the newest good checkpoint in --out")
+    _add_search_parser(sub)
+    _add_evolve_parser(sub)
+    _add_eval_parser(sub)
+    _add_predict_parser(sub)
+    _add_export_parser(sub)
+    _add_recalibrate_parser(sub)
+    _add_fewshot_parser(sub)
+    return parser
+
+
+def _add_search_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("search", help="choose settings on the validation split: a grid of trials, resumable",
+                       epilog=_recipe_help())
+    _add_run_args(p)
+    p.add_argument("--grid", action="append", default=[], metavar="KEY=V1,V2",
+                   help="a config key and its values to try (repeatable: the grid is their product); a list "
+                   "value goes in brackets, e.g. patch.sizes=[2,4],[4,8]; without --grid, the recipe's SEARCH_GRID")
+    p.add_argument("--seeds", default="0", help="comma-separated seeds; every grid point runs once per seed "
+                   "(default 0)")
+    p.add_argument("--steps", type=int, help="training steps of each trial (default: the recipe's)")
+    p.add_argument("--metric", default="worst", help="worst (default): the lowest validation top-1 over the "
+                   "evaluated sizes; mean: their mean")
+    p.add_argument("--jobs", type=int, default=1, help="trials at a time (default 1)")
+    p.add_argument("--init", help="a FlexiViT checkpoint: every trial fine-tunes from it (flexivit finetune)")
+    p.add_argument("--then-train", action="store_true", help="train the winner at the recipe's budget into "
+                   "OUT/final and report it on the test split")
+
+
+def _add_evolve_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("evolve", help="evolve block graphs guided by their learned connection weights, scored on "
+                       "the validation split, resumable (docs/evolve.md)", epilog=_recipe_help())
+    _add_run_args(p)
+    p.add_argument("--population", type=int, default=8, help="candidates alive at once: the chain and random "
+                   "graphs at the start (default 8)")
+    p.add_argument("--iterations", type=int, default=16, help="children trained after the initial population, one "
+                   "per iteration (default 16)")
+    p.add_argument("--tournament", type=int, default=3, help="members drawn each iteration: the best is the parent, "
+                   "the worst leaves the population (default 3)")
+    p.add_argument("--threshold", default="0.5", help="a parent's edge is kept iff its trained weight exceeds this: a "
+                   "number in [0, 1] (default 0.5) or 'uniform' (drawn from U(0, 1) per edge)")
+    p.add_argument("--unguided", action="store_true", help="the control: keep each edge with probability "
+                   "--keep-rate whatever its weight")
+    p.add_argument("--keep-rate", type=float, default=0.5, help="the coin of --unguided, and of a guided parent "
+                   "with no untrained child (default 0.5; pass a guided run's mean keep-rate to compare with it)")
+    p.add_argument("--steps", type=int, help="training steps of each candidate (default: the recipe's)")
+    p.add_argument("--metric", default="worst", help="worst (default): the lowest validation top-1 over the "
+                   "evaluated sizes; mean: their mean")
+    p.add_argument("--seed", type=int, default=0, help="the search's seed (default 0); candidates train with the "
+                   "recipe's train.seed")
+    p.add_argument("--then-train", action="store_true", help="train the best graph at the recipe's budget into "
+                   "OUT/final and report it on the test split")
+
+
+CHECKPOINT_HELP = "a run directory, a model .safetensors file, or a folder written by `flexivit export`"
+
+
+def _add_eval_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("eval", help="accuracy and measured cost at every patch size (eval.json/.md/.png)")
+    p.add_argument("checkpoint", help=CHECKPOINT_HELP)
+    p.add_argument("--data", help="fashion-mnist, an image folder or hf:NAME[:CONFIG] (default: the run's "
+                   "dataset, else fashion-mnist); its test split is evaluated")
+    p.add_argument("--patch-sizes", help="comma-separated sizes, or 'all' (every size that tiles the image); "
+                   "default: the run's training sizes")
+    p.add_argument("--out", type=Path, help="where eval.json/.md/.png go (default: the checkpoint's folder)")
+    p.add_argument("--baseline", action="append", default=[], metavar="CKPT[:PATCH]",
+                   help="also sweep a fixed-size model at PATCH (default: its own size); repeatable")
+    p.add_argument("--limit", type=int, help="evaluate the first N test images only")
+    p.add_argument("--device", help="cpu, cuda or cuda:N (default: cuda when available)")
+    p.add_argument("--batch-size", type=int, default=64, help="batch for img/s and peak memory (default 64)")
+    p.add_argument("--eval-batch-size", type=int, default=256, help="batch for the accuracy pass")
+    p.add_argument("--warmup", type=int, default=3, help="untimed calls before each timing (default 3)")
+    p.add_argument("--repeats", type=int, default=20, help="timed batch-1 calls per latency median (default 20)")
+    p.add_argument("--precision", choices=("fp32", "bf16", "fp16"),
+                   help="run and measure in this precision (bf16/fp16: autocast); default: bf16 on CUDA, fp32 on CPU")
+    p.add_argument("--compile", action="store_true", help="torch.compile the model once for every patch size "
+                   "first (flexivit.model.compile); accuracy, img/s and latency are then the compiled model's")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    _add_budget_args(p)
+
+
+def _add_budget_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("budget", "print the patch size to deploy: the most accurate within the cost "
+                             "limits, or (accuracy floor alone) the cheapest that reaches it")
+    g.add_argument("--max-latency-ms", type=float, help="batch-1 latency limit in ms")
+    g.add_argument("--max-gflops", type=float, help="GFLOPs-per-image limit")
+    g.add_argument("--min-accuracy", help="top-1 floor: a fraction (0.85) or a percentage (85%%)")
+
+
+def _add_predict_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("predict", help="classify image files")
+    p.add_argument("checkpoint", help=CHECKPOINT_HELP)
+    p.add_argument("images", nargs="+", metavar="IMAGE", help="image files (any size, any mode)")
+    which = p.add_mutually_exclusive_group()
+    which.add_argument("--patch-size", type=int, help="patch size to run at (default: the model's)")
+    which.add_argument("--budget-ms", type=float, help="use the most accurate patch size whose batch-1 latency "
+                       "on this machine fits (from the run's eval.json, else measured now)")
+    p.add_argument("--topk", type=int, default=5, help="classes to show per image (default 5)")
+    p.add_argument("--json", action="store_true", help="print JSON instead of text")
+    p.add_argument("--device", help="cpu, cuda or cuda:N (default: cuda when available)")
+
+
+def _add_export_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("export", help="a plain timm VisionTransformer at one patch size (+ ONNX, torch.export); "
+                       "a model that is not a plain ViT (bridges) as ONNX / torch.export only")
+    p.add_argument("checkpoint", help="a run directory or a model .safetensors file")
+    p.add_argument("--patch-size", type=int, required=True, help="the size to bake in")
+    p.add_argument("--out", type=Path, required=True, help="folder for config.json + model.safetensors")
+    p.add_argument("--onnx", action="store_true", help="also write model.onnx (needs onnx and onnxscript); the "
+                   "only way, with --torch-export, to export a model that is not a plain ViT")
+    p.add_argument("--torch-export", action="store_true", help="also write model.pt2 (torch.export.save)")
+    p.add_argument("--atol", type=float, default=1e-5, help="logit tolerance of the check (default 1e-5)")
+
+
+def _add_recalibrate_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("recalibrate", help="running statistics of batch-statistics norms (model.norm=batchnorm|bgn) "
+                       "for new patch sizes, estimated on training images without gradients (docs/batchnorm.md)")
+    p.add_argument("checkpoint", help="a run directory or a model .safetensors file")
+    p.add_argument("--patch-sizes", required=True, help="comma-separated new sizes, e.g. 3,5")
+    p.add_argument("--data", help="where the training images come from (default: the run's dataset, else fashion-mnist)")
+    p.add_argument("--images", type=int, default=512, help="training images to estimate on (default 512)")
+    p.add_argument("--out", type=Path, help="model file or folder to write (default: over the checkpoint's model)")
+
+
+def _add_fewshot_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("fewshot", help="few-shot accuracy of a frozen FlexiViT with class proxies built from each "
+                       "episode's support set, per method, shot count and patch size (docs/proxies.md)")
+    p.add_argument("checkpoint", help="a run directory or a model .safetensors file (its head is ignored)")
+    p.add_argument("--data", required=True, help="fashion-mnist, an image folder or hf:NAME[:CONFIG]; episodes come "
+                   "from its test split")
+    p.add_argument("--classes", help="comma-separated class names to draw episodes from (default: every class)")
+    p.add_argument("--ways", type=int, default=5, help="classes per episode (default 5)")
+    p.add_argument("--shots", default="1,5", help="support images per class, comma-separated (default 1,5)")
+    p.add_argument("--queries", type=int, default=15, help="query images per class and episode (default 15)")
+    p.add_argument("--episodes", type=int, default=100, help="episodes (default 100)")
+    p.add_argument("--patch-sizes", help="comma-separated sizes, or 'all' (default: the run's training sizes)")
+    p.add_argument("--methods", default="global,local,global+local", help="comma-separated, among global, local and "
+                   "global+local (default: all three)")
+    p.add_argument("--local", default="16", help="local proxies per class M (k-means of the support tokens), or 'all' "
+                   "(every support token); several comma-separated (4,16,all) score each M on the same episodes and "
+                   "share one backbone pass per patch size; default 16")
+    p.add_argument("--mix", type=float, default=0.5, help="weight of the global proxies in global+local (default 0.5)")
+    p.add_argument("--seed", type=int, default=0, help="episodes and k-means derive from it (default 0)")
+    p.add_argument("--device", help="cpu, cuda or cuda:N (default: cuda when available)")
+    p.add_argument("--out", type=Path, help="where fewshot.json/.md/.png go (default: the checkpoint's folder)")

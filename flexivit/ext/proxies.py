@@ -1,0 +1,220 @@
+"""Class proxies: a head that describes each class by one global proxy and ``M`` local proxies.
+
+The global proxy of class ``k`` is matched to the pooled feature, its local proxies to the patch tokens,
+all by cosine similarity. With pooled feature ``f`` ``(D,)``, patch tokens ``t_1..t_N`` ``(N, D)``, global
+proxies ``g_k`` and local proxies ``q_k1..q_kM``:
+
+    global_k = cos(f, g_k)
+    local_k  = 1/M  sum_j  softmax_tau_n cos(t_n, q_kj)       softmax_tau_n s_n = tau log(1/N sum_n exp(s_n / tau))
+    logit_k  = scale (alpha global_k + (1 - alpha) local_k)
+
+The soft maximum over tokens is a log-mean-exp at temperature ``tau`` (``LOCAL_TEMPERATURE``). It lies
+between the mean and the maximum of the similarities and equals ``s`` when every token has similarity
+``s``, so it does not grow with the token count, which the patch size sets (4 tokens at patch 14, 196 at
+patch 2 on 28 px); it does not depend on the order of the tokens; and its gradient with respect to a
+token's similarity is that token's softmax weight ``w_n >= 0``, so every token gets a gradient (a hard
+maximum gives it to one) and raising any similarity never lowers the score. The softmax-weighted mean
+``sum_n w_n s_n`` has the same bounds, but its gradient ``w_n (1 + (s_n - S) / tau)`` (``S`` the weighted
+mean) is negative for tokens more than ``tau`` below ``S``, hence the log-mean-exp. A class's local score is
+the mean over its local proxies: an item of the class should contain every local portion the class is
+described by.
+
+A term whose weight is zero has no parameters (``alpha = 1``: no local proxies, ``M = 0``; ``alpha = 0``: no
+global proxies), so every parameter of the head gets a gradient, as DDP requires.
+
+``init_from_support`` sets a model's proxies from a support set: the global proxy of a class is the
+normalised mean of its support images' pooled features, its local proxies the centres of a seeded spherical
+k-means (cosine, the similarity they are matched with) of its support images' patch tokens.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import TYPE_CHECKING, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+if TYPE_CHECKING:
+    from flexivit.model.vit import FlexiViT
+
+__all__ = [
+    "HEADS", "ProxyHead", "check_proxy_fields", "spherical_kmeans", "pooled_and_tokens", "support_proxies",
+    "init_from_support", "global_similarity", "local_similarity", "soft_max_over_tokens", "LOCAL_TEMPERATURE",
+]
+
+HEADS = ("linear", "proxies")
+# Cosines lie in [-1, 1]: at 0.1 a token 0.23 more similar than another weighs 10x more in the soft maximum.
+LOCAL_TEMPERATURE = 0.1
+KMEANS_ITERS = 50  # cap on Lloyd iterations; they stop earlier when no assignment changes
+
+
+def check_proxy_fields(*, local: int, mix: float, scale: float) -> None:
+    """Raise a ``ValueError`` that says what to change for proxy settings that cannot be used."""
+    if not 0.0 <= mix <= 1.0:  # also refuses NaN
+        raise ValueError(f"proxy_mix (the weight alpha of the global proxies; the local ones get 1 - alpha) must be "
+                         f"in [0, 1], got {mix}")
+    if local < 0:
+        raise ValueError(f"proxy_local (local proxies per class) must be 0 or more, got {local}")
+    if not scale > 0:
+        raise ValueError(f"proxy_scale (the logit scale) must be positive, got {scale}")
+    if local == 0 and mix < 1:
+        raise ValueError(f"proxy_mix={mix} gives local proxies a weight but proxy_local=0; set proxy_local to 1 or "
+                         "more, or proxy_mix=1 (global proxies only)")
+    if local > 0 and mix == 1:
+        raise ValueError(f"proxy_mix=1 gives the {local} local proxies per class no weight; set proxy_local=0, or "
+                         "proxy_mix below 1")
+
+
+def _unit_rows(shape: tuple[int, ...]) -> torch.Tensor:
+    """Random unit vectors along the last dim (uniform directions): a proxy's norm never matters."""
+    return F.normalize(torch.randn(shape), dim=-1)
+
+
+def soft_max_over_tokens(sim: torch.Tensor, temperature: float = LOCAL_TEMPERATURE) -> torch.Tensor:
+    """Log-mean-exp of ``sim`` over its last dim (the tokens) at ``temperature``: between mean and max."""
+    return temperature * (torch.logsumexp(sim / temperature, dim=-1) - math.log(sim.shape[-1]))
+
+
+def global_similarity(pooled: torch.Tensor, proxies: torch.Tensor) -> torch.Tensor:
+    """``cos(f, g_k)`` of pooled features ``(B, D)`` and global proxies ``(K, D)``: ``(B, K)``."""
+    return F.normalize(pooled, dim=-1) @ F.normalize(proxies, dim=-1).T
+
+
+def local_similarity(tokens: torch.Tensor, proxies: torch.Tensor) -> torch.Tensor:
+    """Patch tokens ``(B, N, D)`` against local proxies ``(K, M, D)``: the mean over each class's proxies of the
+    soft maximum over tokens of their cosines, ``(B, K)``."""
+    sim = torch.einsum("bnd,kmd->bkmn", F.normalize(tokens, dim=-1), F.normalize(proxies, dim=-1))  # (B, K, M, N)
+    return soft_max_over_tokens(sim).mean(dim=-1)  # (B, K)
+
+
+class ProxyHead(nn.Module):
+    """Logits from global proxies ``(K, D)`` matched to the pooled feature and local proxies ``(K, M, D)``
+    matched to the patch tokens; ``forward(pooled (B, D), tokens (B, N, D)) -> (B, K)``."""
+
+    def __init__(self, *, dim: int, num_classes: int, local: int, mix: float, scale: float) -> None:
+        super().__init__()
+        check_proxy_fields(local=local, mix=mix, scale=scale)
+        self.mix, self.scale, self.num_classes = mix, scale, num_classes
+        self.global_proxies = nn.Parameter(_unit_rows((num_classes, dim))) if mix > 0 else None  # (K, D)
+        self.local_proxies = nn.Parameter(_unit_rows((num_classes, local, dim))) if local else None  # (K, M, D)
+
+    @property
+    def local(self) -> int:
+        return 0 if self.local_proxies is None else self.local_proxies.shape[1]
+
+    def forward(self, pooled: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+        logits = self.mix * global_similarity(pooled, self.global_proxies) if self.global_proxies is not None else 0.0
+        if self.local_proxies is not None:
+            logits = logits + (1.0 - self.mix) * local_similarity(tokens, self.local_proxies)
+        return self.scale * logits
+
+    def extra_repr(self) -> str:
+        return f"classes={self.num_classes}, local={self.local}, mix={self.mix}, scale={self.scale}"
+
+
+# ---- proxies from a support set -------------------------------------------------------------------------
+def spherical_kmeans(points: torch.Tensor, k: int, *, seed: int, iters: int = KMEANS_ITERS) -> torch.Tensor:
+    """``k`` unit centres ``(k, D)`` of ``points`` ``(P, D)`` under cosine similarity: k-means++ seeding from a
+    ``torch.Generator(seed)``, then Lloyd steps (assign to the most similar centre, centre = normalised sum);
+    a centre left without points keeps its place. Deterministic for a seed. (Our own: the dependencies hold no
+    k-means of vectors; ``flexivit.ext.lutq``'s is one-dimensional.)"""
+    if not 1 <= k <= len(points):
+        raise ValueError(f"k-means of {len(points)} points into {k} centres: k must be between 1 and the point count")
+    x = F.normalize(points.detach().float().cpu(), dim=-1)  # (P, D)
+    gen = torch.Generator().manual_seed(seed)
+    chosen = [int(torch.randint(len(x), (1,), generator=gen))]
+    dist = (2 - 2 * x @ x[chosen[0]]).clamp_min(0)  # (P,) squared chord distance to the nearest centre
+    for _ in range(1, k):
+        weights = dist.clone()
+        weights[chosen] = 0
+        if not weights.sum() > 0:  # the remaining points repeat centres: draw among them uniformly
+            weights = torch.ones(len(x))
+            weights[chosen] = 0
+        chosen.append(int(torch.multinomial(weights, 1, generator=gen)))
+        dist = torch.minimum(dist, (2 - 2 * x @ x[chosen[-1]]).clamp_min(0))
+    centres = x[chosen].clone()  # (k, D)
+    assign = None
+    for _ in range(iters):
+        new = (x @ centres.T).argmax(dim=1)  # (P,)
+        if assign is not None and torch.equal(new, assign):
+            break
+        assign = new
+        sums = torch.zeros_like(centres).index_add_(0, assign, x)  # (k, D)
+        filled = torch.bincount(assign, minlength=k) > 0
+        centres[filled] = F.normalize(sums[filled], dim=-1)
+    return centres
+
+
+@torch.no_grad()
+def pooled_and_tokens(model: "FlexiViT", images: torch.Tensor, patch_size: int,
+                      batch_size: int = 256) -> tuple[torch.Tensor, torch.Tensor]:
+    """The pooled feature ``(B, D)`` (what the head sees) and the patch tokens ``(B, N, D)`` of ``images`` at
+    ``patch_size``, in eval mode (running statistics, no dropout), on the CPU; the model's mode is restored."""
+    was_training = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    pooled, tokens = [], []
+    for chunk in images.split(batch_size):
+        feats = model.forward_features(chunk.to(device), patch_size)  # (b, prefix + N, D)
+        pooled.append(model.forward_head(feats, pre_logits=True).float().cpu())
+        tokens.append(feats[:, model.num_prefix_tokens:].float().cpu())
+    model.train(was_training)
+    return torch.cat(pooled), torch.cat(tokens)
+
+
+def support_proxies(features: Sequence[tuple[torch.Tensor, torch.Tensor]], labels: torch.Tensor, *, num_classes: int,
+                    local: int | None, seed: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Global proxies ``(K, D)``: the normalised mean pooled feature of each class; local proxies ``(K, M, D)``:
+    the spherical k-means centres of each class's support tokens (seed ``seed + k`` for class ``k``),
+    ``local=None`` every token itself, ``local=0`` none. ``features``: ``(pooled (B, D), tokens (B, N, D))`` of
+    the support images at one or more patch sizes (``pooled_and_tokens``), all labelled by ``labels (B,)`` in
+    ``0..num_classes-1``."""
+    labels = labels.cpu()
+    counts = torch.bincount(labels, minlength=num_classes)
+    missing = [str(k) for k in range(num_classes) if counts[k] == 0]
+    if missing or len(counts) > num_classes:
+        raise ValueError(f"the support set must hold images of every class 0..{num_classes - 1} and of no other; "
+                         f"missing {', '.join(missing) or 'none'}, labels up to {len(counts) - 1}")
+    per_image = sum(tokens.shape[1] for _, tokens in features)  # tokens of one image over the sizes
+    if local is not None and local > int(counts.min()) * per_image:
+        k = int(counts.argmin())
+        raise ValueError(f"class {k} has {int(counts[k]) * per_image} support tokens ({int(counts[k])} images "
+                         f"x {per_image} tokens), fewer than the {local} local proxies per class; give more support "
+                         "images, a smaller patch size, or fewer local proxies")
+    pooled = torch.cat([p.float() for p, _ in features])  # (B * sizes, D)
+    sums = torch.zeros(num_classes, pooled.shape[1]).index_add_(0, labels.repeat(len(features)), pooled)  # (K, D)
+    global_proxies = F.normalize(sums, dim=-1)  # the mean's direction
+    if local == 0:
+        return global_proxies, None
+    per_class = []
+    for k in range(num_classes):
+        points = torch.cat([tokens[labels == k].flatten(0, 1).float() for _, tokens in features])  # (S * N, D)
+        per_class.append(F.normalize(points, dim=-1) if local is None
+                         else spherical_kmeans(points, local, seed=seed + k))
+    return global_proxies, torch.stack(per_class)  # (K, M, D)
+
+
+@torch.no_grad()
+def init_from_support(model: "FlexiViT", images: torch.Tensor, labels: torch.Tensor,
+                      patch_size: int | Sequence[int], *, local: int | None = None, seed: int = 0) -> None:
+    """Set the proxies of ``model`` (``head='proxies'``) from a support set: images ``(B, C, H, W)`` with
+    labels ``(B,)`` covering every class of the model. With several patch sizes the features of every size
+    are pooled (each image counts once per size). ``local`` (default: the model's ``proxy_local``) must equal
+    the model's count. k-means is seeded with ``seed``: the same inputs give the same proxies."""
+    head = model.head
+    if not isinstance(head, ProxyHead):
+        raise ValueError(f"init_from_support needs a model with head='proxies'; this one has a {type(head).__name__} "
+                         "head (build it with --set model.head=proxies)")
+    if local is not None and local != head.local:
+        raise ValueError(f"the model holds {head.local} local proxies per class, not {local}; build it with "
+                         f"proxy_local={local} or leave local unset")
+    sizes = [patch_size] if isinstance(patch_size, int) else list(patch_size)
+    features = [pooled_and_tokens(model, images, p) for p in sizes]
+    global_proxies, local_proxies = support_proxies(features, labels, num_classes=head.num_classes,
+                                                    local=head.local, seed=seed)
+    if head.global_proxies is not None:
+        head.global_proxies.copy_(global_proxies)
+    if local_proxies is not None:
+        head.local_proxies.copy_(local_proxies)

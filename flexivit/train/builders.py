@@ -1,0 +1,172 @@
+"""Turn a resolved ``Config`` into the objects a run needs: model, sampler, data, optimizer."""
+
+from __future__ import annotations
+
+import dataclasses
+import statistics
+from dataclasses import dataclass
+from typing import Any
+
+import datasets
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset, Subset
+
+from flexivit.train.config import Config, PatchConfig, StageConfig
+from flexivit.data.sources import (
+    Splits, TransformedDataset, build_transform, collate, load_source, make_loader, select_classes,
+)
+from flexivit.model.vit import FlexiViT
+from flexivit.model.patch_embed import PatchScheme
+from flexivit.train.sampler import Curriculum, Distribution, PatchSizeSampler, make_distribution
+from flexivit.data.transforms import eval_transform, preprocess_spec
+from flexivit.model.variants import VARIANTS, create_variant
+from flexivit.rng import mix
+
+__all__ = ["build_model", "build_sampler", "schemes_of", "default_patch", "RunData", "build_data", "eval_loader", "preprocess_meta",
+           "task_support"]
+
+
+def schemes_of(patch: PatchConfig, sizes: list[int] | None = None) -> list[PatchScheme]:
+    sizes = patch.sizes if sizes is None else sizes
+    if patch.strides is not None and sizes is patch.sizes:
+        if len(patch.strides) != len(sizes):
+            raise ValueError(f"patch.strides has {len(patch.strides)} entries for {len(sizes)} patch.sizes")
+        return [PatchScheme(p, s) for p, s in zip(sizes, patch.strides)]
+    return [PatchScheme(p) for p in sizes]
+
+
+def default_patch(patch: PatchConfig) -> int:
+    """The deployment default: ``patch.default`` or the median training size."""
+    if patch.default is not None:
+        return patch.default
+    return int(statistics.median_low(sorted(patch.sizes)))
+
+
+def build_model(cfg: Config, *, channels: int, num_classes: int) -> FlexiViT:
+    overrides = {k: v for k, v in dataclasses.asdict(cfg.model).items() if k != "variant" and v is not None}
+    if cfg.model.variant not in VARIANTS:
+        raise ValueError(f"unknown model.variant {cfg.model.variant!r}; known: {sorted(VARIANTS)}")
+    if overrides.get("norm", "layernorm") != "layernorm":  # batch statistics are kept per training patch size
+        overrides.setdefault("norm_sizes", tuple(cfg.patch.sizes))
+    return create_variant(
+        cfg.model.variant,
+        img_size=cfg.data.image_size,
+        patch_size=default_patch(cfg.patch),
+        in_chans=channels,
+        num_classes=num_classes,
+        **overrides,
+    )
+
+
+def _distribution(kind: str, weights: list[float] | None, center: float | None, width: float | None) -> Distribution:
+    return make_distribution(
+        kind, weights=tuple(weights) if weights is not None else None, center=center, width=width
+    )
+
+
+def _stage(stage: StageConfig) -> tuple[int, Distribution]:
+    return stage.until, _distribution(stage.distribution, stage.weights, stage.center, stage.width)
+
+
+def build_sampler(cfg: Config) -> PatchSizeSampler:
+    patch = cfg.patch
+    if patch.distribution == "curriculum":
+        if not patch.curriculum:
+            raise ValueError("patch.distribution='curriculum' needs patch.curriculum stages")
+        dist: Distribution = Curriculum(stages=tuple(_stage(s) for s in patch.curriculum))
+    else:
+        dist = _distribution(patch.distribution, patch.weights, patch.center, patch.width)
+    return PatchSizeSampler(
+        schemes=schemes_of(patch), distribution=dist, seed=cfg.train.seed, image_size=cfg.data.image_size
+    )
+
+
+@dataclass
+class RunData:
+    """The run's datasets: ``train`` augmented; ``val`` (what settings are chosen on) and ``test`` (only
+    reported) with the evaluation transform, both cut to ``data.eval_limit`` images when it is set."""
+
+    splits: Splits
+    channels: int
+    train: Dataset
+    val: Dataset
+    test: Dataset
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.splits.class_names)
+
+
+def load_splits(cfg: Config) -> Splits:
+    """The run's train / validation / test splits (``data.classes`` applied), before any transform."""
+    d = cfg.data
+    splits = load_source(
+        d.source, val_fraction=d.val_fraction, seed=cfg.train.seed, split_train=d.split_train,
+        split_test=d.split_test, image_column=d.image_column, label_column=d.label_column,
+    )
+    return select_classes(splits, d.classes) if d.classes else splits
+
+
+def build_data(cfg: Config) -> RunData:
+    d = cfg.data
+    splits = load_splits(cfg)
+    channels = d.channels or splits.channels
+    train_tf = build_transform(
+        image_size=d.image_size, channels=channels, train=True, scale=tuple(d.scale), hflip=d.hflip,
+        randaugment=d.randaugment,
+    )
+    eval_tf = eval_transform(preprocess_meta(cfg, channels))  # exactly what a saved model stores
+
+    def evaluated(ds: datasets.Dataset) -> TransformedDataset:
+        if d.eval_limit is not None:
+            ds = ds.select(range(min(d.eval_limit, len(ds))))
+        return TransformedDataset(ds, eval_tf, on_corrupt=d.on_corrupt)
+
+    return RunData(
+        splits=splits,
+        channels=channels,
+        train=TransformedDataset(splits.train, train_tf, on_corrupt=d.on_corrupt, seed=cfg.train.seed),
+        val=evaluated(splits.val),
+        test=evaluated(splits.test),
+    )
+
+
+EVAL_SPLITS = ("val", "test")
+
+
+def eval_loader(cfg: Config, data: RunData, split: str = "val", *, rank: int = 0, world: int = 1) -> DataLoader:
+    """A loader over ``data.val`` (periodic evaluation, model selection) or ``data.test`` (the report);
+    with ``world`` processes, rank ``rank``'s shard: every ``world``-th image, none evaluated twice."""
+    if split not in EVAL_SPLITS:
+        raise ValueError(f"eval_loader split must be one of {EVAL_SPLITS}, got {split!r}")
+    dataset = getattr(data, split)
+    return make_loader(
+        dataset if world == 1 else Subset(dataset, range(rank, len(dataset), world)),
+        batch_size=cfg.data.eval_batch_size, shuffle=False, seed=cfg.train.seed,
+        num_workers=cfg.data.num_workers, drop_last=False,
+    )
+
+
+def preprocess_meta(cfg: Config, channels: int) -> dict[str, Any]:
+    """What a deployed model needs to prepare an image like the evaluation did."""
+    return preprocess_spec(image_size=cfg.data.image_size, channels=channels, crop_pct=cfg.data.crop_pct)
+
+
+SUPPORT_PER_CLASS = 16  # training images per class that initialise a fine-tuned head from examples
+SUPPORT_STREAM = 2  # task_support draws with mix(train.seed, 2)
+
+
+def task_support(cfg: Config, per_class: int = SUPPORT_PER_CLASS) -> tuple[torch.Tensor, torch.Tensor]:
+    """Images ``(B, C, H, W)`` and labels ``(B,)`` of up to ``per_class`` training images of each class of
+    ``cfg``'s task (``data.classes`` applied), drawn with ``mix(train.seed, 2)`` and prepared as evaluation
+    prepares them: the support set a fine-tuned proxy head starts from."""
+    d = cfg.data
+    splits = load_splits(cfg)
+    transform = eval_transform(preprocess_meta(cfg, d.channels or splits.channels))
+    labels = np.asarray(splits.train.with_format("numpy", columns=["label"])[:]["label"])
+    rng = np.random.default_rng(mix(cfg.train.seed, SUPPORT_STREAM))
+    rows = [int(i) for c in np.unique(labels) for i in
+            rng.choice(np.flatnonzero(labels == c), min(per_class, int((labels == c).sum())), replace=False)]
+    batch = collate(TransformedDataset(splits.train, transform, on_corrupt=d.on_corrupt).__getitems__(rows))
+    return batch["image"], batch["label"]

@@ -1,0 +1,103 @@
+"""The stream of training batches, step by step: token budgets, gradient accumulation and resume.
+
+A step of patch scheme ``s`` runs ``train.grad_accum`` micro-batches. With a token budget, each
+micro-batch joins ``loader_batches(s, …)`` loader batches into one forward, so large patches see more
+images for about the same compute and memory. How many loader batches a step takes is a function of the
+step number alone (the sampler draws from ``(seed, step)``), so a resumed run skips exactly the batches
+the steps before it consumed and continues mid-epoch on the same images.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Iterator
+
+import torch
+
+from flexivit.model.patch_embed import PatchScheme
+from flexivit.train.sampler import PatchSizeSampler
+
+__all__ = ["loader_batches", "StepBatches"]
+
+Batch = dict[str, Any]
+
+
+def loader_batches(scheme: PatchScheme, image_hw: tuple[int, int], batch_size: int, token_budget: int) -> int:
+    """Loader batches one micro-step of ``scheme`` joins: 1, or its share of ``train.token_budget``
+    (``max(1, budget // (batch_size * tokens per image))``)."""
+    if token_budget <= 0:
+        return 1
+    gh, gw = scheme.grid_size(image_hw)
+    return max(1, token_budget // (batch_size * gh * gw))
+
+
+def _join(parts: list[Batch]) -> Batch:
+    """Loader batches concatenated into one micro-batch; batches emptied by corrupt images are dropped."""
+    if len(parts) == 1:
+        return parts[0]
+    kept = [b for b in parts if b["label"].numel()]
+    skipped = sum(int(b.get("skipped", 0)) for b in parts)
+    if not kept:
+        return {**parts[0], "skipped": skipped}
+    return {"image": torch.cat([b["image"] for b in kept]), "label": torch.cat([b["label"] for b in kept]),
+            "skipped": skipped}
+
+
+class StepBatches:
+    """``micro_batches(step)`` → the micro-batches of ``step``, each one joined forward's worth of images.
+
+    Built from the run's arithmetic alone (so ``most()`` can size the loader's prefetch before the loader
+    exists); ``attach`` then positions it on the loader at a step. The loader is re-iterated once per
+    epoch (``set_epoch`` on it and on ``dataset`` first, so shuffling and augmentation follow the
+    epoch); ``skip(loader, n)`` drops the first ``n`` batches of an epoch
+    (``accelerator.skip_first_batches``), used once when starting mid-epoch.
+    """
+
+    def __init__(
+        self, *, sampler: PatchSizeSampler, image_hw: tuple[int, int], batch_size: int, token_budget: int,
+        grad_accum: int,
+    ) -> None:
+        self.sampler, self.image_hw = sampler, image_hw
+        self.batch_size, self.token_budget, self.grad_accum = batch_size, token_budget, grad_accum
+        self._stream: Iterator[Batch] | None = None
+
+    def attach(self, *, loader: Any, dataset: Any, skip: Callable[[Any, int], Any], step: int) -> None:
+        """Read from ``loader`` from the first batch of ``step`` on."""
+        per_epoch = len(loader)
+        if per_epoch < self.grad_accum:
+            raise ValueError(
+                f"the training split gives {per_epoch} batches per process, fewer than "
+                f"train.grad_accum={self.grad_accum}; lower data.batch_size or train.grad_accum"
+            )
+        self._stream = _epochs(loader, dataset, skip, per_epoch, self.consumed(step))
+
+    def joined(self, step: int) -> int:
+        """Loader batches in each micro-batch of ``step``."""
+        return loader_batches(self.sampler.at(step), self.image_hw, self.batch_size, self.token_budget)
+
+    def most(self) -> int:
+        """Loader batches of the dearest step: how many the data workers should keep prefetched."""
+        return self.grad_accum * max(
+            loader_batches(s, self.image_hw, self.batch_size, self.token_budget) for s in self.sampler.schemes
+        )
+
+    def consumed(self, step: int) -> int:
+        """Loader batches the steps before ``step`` took (3600 draws cost about 0.1 s)."""
+        return self.grad_accum * sum(self.joined(s) for s in range(step))
+
+    def micro_batches(self, step: int) -> Iterator[Batch]:
+        """The ``train.grad_accum`` micro-batches of ``step``, read one at a time (only one is held)."""
+        if self._stream is None:
+            raise RuntimeError("StepBatches.attach(...) must be called before micro_batches(step)")
+        joined = self.joined(step)
+        for _ in range(self.grad_accum):
+            yield _join([next(self._stream) for _ in range(joined)])
+
+
+def _epochs(loader: Any, dataset: Any, skip: Callable[[Any, int], Any], per_epoch: int, start: int) -> Iterator[Batch]:
+    """Batches forever from global batch index ``start``."""
+    epoch, offset = divmod(start, per_epoch)
+    while True:
+        dataset.set_epoch(epoch)
+        loader.set_epoch(epoch)
+        yield from (skip(loader, offset) if offset else loader)
+        epoch, offset = epoch + 1, 0
