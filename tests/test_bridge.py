@@ -7,6 +7,7 @@ import timm.optim
 import torch
 from torch import nn
 
+from flexivit.ext.lutq import make_lutq
 from flexivit import FlexiViT, FlexiViTConfig, PatchScheme
 from flexivit.ext.bridge import (Bridge, block_origins, bridge_fallback, derived_state_dict, fit_bridge, insert_bridges,
                              record_segment)
@@ -148,7 +149,7 @@ def test_save_load_keeps_logits_and_config(tmp_path):
 
 def test_bridged_then_tied_model_reloads_with_tied_bridge_maps(tmp_path):
     derived, _ = insert_bridges(_base(), ["1:3"], per_size=True, patch_sizes=[7, 14], data=_images(20))
-    derived.make_lutq(4)
+    make_lutq(derived, 4)
     save_model(derived, tmp_path, class_names=list("abcde"), preprocess=default_preprocess(derived))
     loaded, _ = load_model(tmp_path)
     assert type(loaded.blocks[1].per_size["7"]).__name__ == "LutqLinear"
@@ -197,7 +198,7 @@ def test_insert_bridges_bad_input():
     with pytest.raises(ValueError, match=r"the model has bridges already \(1:3\); bridge its plain base instead"):
         insert_bridges(bridged, ["0:1"], per_size=False, init="identity")
     with pytest.raises(ValueError, match=r"insert the bridges first, then tie the weights"):
-        insert_bridges(_base().make_lutq(4), ["1:3"], per_size=False, init="identity")
+        insert_bridges(make_lutq(_base(), 4), ["1:3"], per_size=False, init="identity")
     with pytest.raises(ValueError, match=r"not a one-shot iterator"):
         record_segment(base, iter([_images(2)]), start=0, end=1, patch_sizes=[7])
 

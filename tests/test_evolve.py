@@ -15,7 +15,7 @@ import pytest
 from flexivit.model.weights import load_model
 from flexivit.cli.main import main
 from flexivit.ext.evolve import RETRIES, EvolveError, Settings, evolve_graphs, parse_threshold, run_evolve
-from flexivit.ext.graph import BlockGraph, chain
+from flexivit.ext.graph import BlockGraph, block_graph, chain
 from test_train import ROOT, _cli, _env, _sets
 
 
@@ -178,7 +178,7 @@ def test_cli_smoke_run_writes_its_outputs_and_its_best_graph_trains_via_set(smok
         report = json.loads((out / line["run"] / "eval.json").read_text())
         assert report["split"] == "val" and report["step"] == 3 and set(line["val"]) == {"4", "14"}
         graph, model = BlockGraph.parse(line["graph"], 2), load_model(out / line["run"])[0]
-        assert model.config.block_graph == graph  # trained via --set model.graph=<its string>
+        assert block_graph(model.config) == graph  # trained via --set model.graph=<its string>
         assert sorted(line["weights"]) == sorted(graph.format().split(","))
         if not graph.is_chain():
             trained = model.blocks.connection_weights()
@@ -190,7 +190,7 @@ def test_cli_smoke_run_writes_its_outputs_and_its_best_graph_trains_via_set(smok
     final = out / "final"  # `flexivit train RECIPE --set ... --set model.graph=<best>` at the recipe's budget
     report = json.loads((final / "eval.json").read_text())
     assert report["split"] == "test" and report["step"] == 4
-    assert load_model(final)[0].config.block_graph == BlockGraph.parse(best["graph"], 2)
+    assert block_graph(load_model(final)[0].config) == BlockGraph.parse(best["graph"], 2)
     assert best["command"].endswith(f"--set {best['set']}") and "test top-1" in stdout
     rows = (out / "evolve.md").read_text().split("\n| ")[2:]  # after the header: best first
     assert len(rows) == 3 and rows[0].startswith(f"{top['id']} |")

@@ -16,6 +16,7 @@ from flexivit import FlexiViT, FlexiViTConfig
 from flexivit.model.weights import load_model, save_model
 from flexivit.eval.export import export_model, load_export
 from flexivit.ext.lutq import (
+    make_lutq,
     PACKED_KEY, LutqHook, LutqLinear, apply_lutq, cluster_step, fold_lutq, freeze, index_bits, lutq_hooks,
     lutq_layers, nearest_pow2, pack_indices, unpack_indices,
 )
@@ -210,7 +211,7 @@ def test_the_option_builds_what_tying_a_plain_model_builds_and_plain_configs_are
     assert not any(key.startswith("lutq") for key in TINY.to_dict())
     built = _model(k=4, lutq_pow2=True)
     torch.manual_seed(0)
-    tied = FlexiViT(TINY).make_lutq(4, pow2=True)
+    tied = make_lutq(FlexiViT(TINY), 4, pow2=True)
     assert tied.config == built.config and FlexiViTConfig.from_dict(built.config.to_dict()) == built.config
     assert built.config.to_dict()["lutq_scope"] == "blocks"
     a, b = built.state_dict(), tied.state_dict()
@@ -243,7 +244,7 @@ def test_the_hook_reports_the_tying_error_and_keeps_no_state_of_its_own():
     (lambda: apply_lutq(FlexiViT(TINY), k=4, scope="all"), "unknown LUT-Q scope 'all'"),
     (lambda: FlexiViTConfig(lutq_k=4, lutq_scope="head"), "unknown lutq_scope 'head'"),
     (lambda: apply_lutq(_model(), k=4), "has LUT-Q layers already (blocks.0.attn.qkv"),
-    (lambda: _model().make_lutq(8), "has LUT-Q layers already"),
+    (lambda: make_lutq(_model(), 8), "has LUT-Q layers already"),
     (lambda: FlexiViTConfig(lutq_pow2=True), "set lutq_k"),
     (lambda: FlexiViTConfig(lutq_k=4, scale_invariant="linears"), "do not combine"),
     (lambda: apply_lutq(_scale_invariant(), k=4), "not a plain nn.Linear"),
@@ -281,7 +282,7 @@ def test_training_resumes_bit_identically_through_the_trainer(tmp_path):
         "train.log_every=4", "train.token_budget=0", "optim.warmup_steps=2"])
 
     def tie(model: FlexiViT) -> FlexiViT:
-        return model.make_lutq(4)
+        return make_lutq(model, 4)
 
     class Killed(Exception):
         pass

@@ -17,7 +17,7 @@ from safetensors.torch import load_file
 
 from flexivit import FlexiViT, FlexiViTConfig
 from flexivit.experiments import search
-from flexivit.model.config import SI_NORMS
+from flexivit.ext.scale_invariant import SI_NORMS, make_scale_invariant
 from flexivit.train.builders import build_model
 from flexivit.model.weights import load_model, save_model
 from flexivit.train.config import Config, ConfigError, apply_overrides, load_recipe, recipe_search_grid
@@ -132,7 +132,7 @@ def trained(tmp_path_factory) -> FlexiViT:
 @pytest.mark.parametrize("scope", SCOPES)
 def test_converting_a_trained_model_keeps_its_logits(trained, scope, norm):
     x = torch.randn(5, 1, 16, 16)
-    converted = copy.deepcopy(trained).make_scale_invariant(scope, norm=norm)
+    converted = make_scale_invariant(copy.deepcopy(trained), scope, norm=norm)
     assert converted.config.scale_invariant == scope and set(scale_invariant_layers(converted)) == IN_SCOPE[scope]
     with torch.no_grad():
         for p in SIZES:
@@ -144,7 +144,7 @@ def test_converting_a_trained_model_keeps_its_logits(trained, scope, norm):
 
 
 def test_the_head_scale_sets_the_logit_scale(trained):
-    model = copy.deepcopy(trained).make_scale_invariant("head", norm="row", head_scale=3.0)
+    model = make_scale_invariant(copy.deepcopy(trained), "head", norm="row", head_scale=3.0)
     x = torch.randn(4, 1, 16, 16)
     with torch.no_grad():
         features = trained.forward_head(trained.forward_features(x, 4), pre_logits=True)
@@ -366,7 +366,7 @@ def test_a_zero_scale_invariant_weight_is_named(norm):
     with torch.no_grad():
         plain.head.weight.zero_()
     with pytest.raises(ValueError, match="head.weight has zero norm when made scale-invariant"):
-        plain.make_scale_invariant("head")
+        make_scale_invariant(plain, "head")
 
 
 def test_other_misuse_is_refused():
@@ -374,7 +374,7 @@ def test_other_misuse_is_refused():
     with pytest.raises(ValueError, match="does not run under FSDP"):
         option_hooks(_cfg("optim.fixed_norm=true"), model, sharded=True)
     with pytest.raises(ValueError, match="scale-invariant already"):
-        model.make_scale_invariant("head")
+        make_scale_invariant(model, "head")
     (hook,) = option_hooks(_cfg("optim.fixed_norm=true"), _model("head"), say=lambda _: None)
     with pytest.raises(ValueError, match="resume with the options that made it"):
         hook.load_state_dict({"n0.blocks.0.mlp.fc1.weight": torch.ones(())})
@@ -466,7 +466,7 @@ def test_fixed_norm_finetune_of_a_trained_run_exports_a_plain_vit(tmp_path):
     model, _ = load_model(out)
     assert (model.config.scale_invariant, model.config.si_head_scale, float(model.head.si_scale)) == ("all", 2.0, 2.0)
     start, _ = load_model(run)
-    start.make_scale_invariant("all")  # the checkpoint's norms are the body's N0
+    make_scale_invariant(start, "all")  # the checkpoint's norms are the body's N0
     for name, layer in scale_invariant_layers(model).items():
         if name != "head.weight":
             torch.testing.assert_close(layer.weight.detach().norm(), start.get_parameter(name).detach().norm())

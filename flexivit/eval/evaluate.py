@@ -21,11 +21,11 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
-from flexivit.ext.bgn import norm_stats_source
-from flexivit.ext.bridge import bridge_fallback
 from flexivit.data.sources import Splits, TransformedDataset, load_source, make_loader, select_classes
 from flexivit.model.compile import compile_model, graph_count
 from flexivit.eval.measure import MeasureSettings, autocast, default_precision, measure_costs, param_count, peak_mem_kind
+from flexivit.model.config import FlexiViTConfig
+from flexivit.model.options import ModelOption, registered
 from flexivit.model.vit import FlexiViT
 from flexivit.model.patch_embed import PatchScheme
 from flexivit.eval.subjects import EvalSubject, fixed_param_count, load_subject, parse_baseline, resolve_patch_sizes
@@ -50,10 +50,9 @@ def evaluate_schemes(
     reduce: Reduce | None = None,
     device: torch.device | None = None,
 ) -> list[dict[str, Any]]:
-    """Top-1 (top-5 when there are more than 5 classes), mean loss and token count per scheme; rows where a
-    bridge ran without a map fitted at that patch size (``flexivit.ext.bridge``) have ``bridge_fallback: true``;
-    rows where batch-statistics norms used another size's running statistics (``flexivit.ext.bgn``) name that size
-    in ``norm_stats_from``.
+    """Top-1 (top-5 when there are more than 5 classes), mean loss and token count per scheme, and the notes
+    the model's options add to qualify a row (``ModelOption.eval_notes``: e.g. which size's running statistics
+    a norm borrowed, or that a layer ran without the map fitted at that size).
 
     ``batches`` is re-iterated for each scheme (pass a callable to build a fresh iterator each time).
     Sums stay on the device until a scheme is done; with several processes, each evaluates its own shard
@@ -63,6 +62,7 @@ def evaluate_schemes(
     """
     was_training = model.training
     model.eval()
+    options = _options_of(model)
     results = []
     for scheme in schemes:
         # top-1 hits, top-5 hits, loss sum, images, and whether there are over 5 classes (top-5 reported)
@@ -97,14 +97,20 @@ def evaluate_schemes(
         }
         if count and many_classes:
             row["top5"] = correct5 / count
-        if bridge_fallback(model, scheme, image_hw):  # a bridge ran without a map fitted at this size
-            row["bridge_fallback"] = True
-        borrowed = norm_stats_source(model, scheme.patch)  # batch-statistics norms without statistics of this size
-        if borrowed is not None:
-            row["norm_stats_from"] = borrowed
+        for option, values in options:
+            row.update(option.eval_notes(values, model, scheme, image_hw))
         results.append(row)
     model.train(was_training)
     return results
+
+
+def _options_of(model: nn.Module) -> list[tuple[ModelOption, Any]]:
+    """The options of the FlexiViT in ``model`` (which may be wrapped: DDP, compiled), in hook order."""
+    for module in model.modules():
+        config = getattr(module, "config", None)
+        if isinstance(config, FlexiViTConfig):
+            return config.active()
+    return []
 
 
 def _pct(v: float) -> str:
@@ -116,13 +122,16 @@ _COLUMNS: list[tuple[str, str, Callable[[Any], str]]] = [
     ("top-1 (%)", "top1", _pct), ("top-5 (%)", "top5", _pct), ("loss", "loss", "{:.4f}".format),
     ("GFLOPs", "gflops", "{:.4g}".format), ("params", "params", "{:,}".format),
     ("img/s", "img_per_s", "{:.1f}".format), ("latency (ms)", "latency_ms", "{:.3g}".format),
-    ("peak mem (MB)", "peak_mem_mb", "{:.1f}".format), ("norm stats from", "norm_stats_from", str),
+    ("peak mem (MB)", "peak_mem_mb", "{:.1f}".format),
 ]
 
 
 def format_table(rows: Sequence[dict[str, Any]]) -> str:
     """A Markdown table of per-scheme results; cost columns appear when the rows have them."""
-    columns = [c for c in _COLUMNS if any(r.get(c[1]) is not None for r in rows)]
+    known = {key for _, key, _ in _COLUMNS}
+    extra = [(title, key, str) for option in registered() for title, key in option.eval_columns] \
+        if any(set(r) - known for r in rows) else []  # options' notes that have a column of their own
+    columns = [c for c in [*_COLUMNS, *extra] if any(r.get(c[1]) is not None for r in rows)]
     lines = ["| " + " | ".join(h for h, _, _ in columns) + " |", "|" + "---:|" * len(columns)]
     for r in rows:
         cells = [fmt(r[key]) if r.get(key) is not None else "" for _, key, fmt in columns]

@@ -20,7 +20,7 @@ architecture argument comes from ``model_args``.) Nothing is written unless the 
 match the flexible model's on a sample batch, and each file is checked again after it has been read
 back; the files then move into ``--out`` together.
 
-A model that is not a plain ViT (``FlexiViT.is_plain_vit()`` false: least-squares bridges, ...) has no
+A model that is not a plain ViT (``FlexiViT.is_plain_vit()`` false: an option it has cannot fold into timm's weights) has no
 timm form. Its export holds ``config.json`` (format ``flexivit-program-export-v1``: what the model is, its
 input and output, preprocessing, class names, the check) and ``model.onnx`` and/or ``model.pt2``: the
 FlexiViT called at the fixed patch size (``FixedPatchModel``), traced, read back and checked the same way.

@@ -32,6 +32,7 @@ from typing import TYPE_CHECKING, Any, Iterable, Iterator, Sequence
 import torch
 from torch import nn
 
+from flexivit.model.options import ModelOption, register
 from flexivit.model.patch_embed import PatchScheme, check_patch_sizes
 
 if TYPE_CHECKING:
@@ -378,3 +379,46 @@ def insert_bridges(
             residuals[format_span(bridge.span)] = _residuals(bridge, recordings)
     return derived.train(model.training), residuals
 
+
+@dataclass(frozen=True)
+class BridgeFields:
+    # "a:b" replaces blocks a..b-1 (0-based, of `depth`) by one token-wise linear map; bridge_sizes: the patch
+    # sizes with a map of their own (others use the pooled one).
+    bridges: tuple[str, ...] = ()
+    bridge_sizes: tuple[int, ...] = ()
+
+
+@register
+class BridgeOption(ModelOption):
+    """Least-squares bridges in place of block spans (``model.bridges``; set by ``flexivit compress``)."""
+
+    name = "bridges"
+    fields = BridgeFields
+    order = 40
+
+    def normalize(self, values: BridgeFields, config: Any) -> BridgeFields:
+        if isinstance(values.bridge_sizes, (str, int)):
+            raise ValueError(f"bridge_sizes must be a list of patch sizes such as [4, 7], got {values.bridge_sizes!r}")
+        spans = parse_spans(values.bridges, config.depth)  # raises naming the bad spec
+        # One spelling, sorted; lists from JSON.
+        return BridgeFields(tuple(map(format_span, spans)), tuple(sorted(int(p) for p in values.bridge_sizes)))
+
+    def check(self, values: BridgeFields, config: Any) -> None:
+        if values.bridge_sizes and not values.bridges:
+            raise ValueError("bridge_sizes apply to bridges only; set bridges (e.g. ['2:4']) as well, or leave it empty")
+        if len(set(values.bridge_sizes)) != len(values.bridge_sizes):
+            raise ValueError(f"bridge_sizes {list(values.bridge_sizes)} repeat a size")
+        if values.bridge_sizes:
+            check_patch_sizes(values.bridge_sizes, config.img_size, hint=" (bridge_sizes)")
+        if values.bridges and config.option("graph") is not None:
+            raise ValueError("bridges and a block graph do not combine; set one of bridges and graph")
+
+    def build_blocks(self, values: BridgeFields, config: Any, blocks: list[nn.Module]) -> list[nn.Module]:
+        return bridge_blocks(blocks, config)
+
+    def non_plain(self, values: BridgeFields) -> list[str]:
+        return [f"bridges {', '.join(values.bridges)}"]
+
+    def eval_notes(self, values: BridgeFields, model: nn.Module, scheme: PatchScheme,
+                   image_hw: tuple[int, int]) -> dict[str, Any]:
+        return {"bridge_fallback": True} if bridge_fallback(model, scheme, image_hw) else {}

@@ -24,7 +24,7 @@ from flexivit.train.builders import load_splits, preprocess_meta, schemes_of
 from flexivit.model.weights import MODEL_FILE, CheckpointError, atomic_write_text, load_model, read_model_meta
 from flexivit.train.config import CompressConfig, Config, ConfigError
 from flexivit.data.sources import TransformedDataset
-from flexivit.ext.lutq import LUTQ_SCOPES, check_k, lutq_layers
+from flexivit.ext.lutq import LUTQ_SCOPES, check_k, lutq_layers, make_lutq
 from flexivit.eval.measure import count_gflops
 from flexivit.model.vit import FlexiViT, FlexiViTConfig
 from flexivit.ext.scale_invariant import fold_state_dict
@@ -80,7 +80,7 @@ def derive(base: FlexiViT, c: CompressConfig, *, patch_sizes: list[int], calibra
         derived = FlexiViT(base.config)
         derived.load_state_dict(base.state_dict())
     if c.lutq_k is not None:
-        derived.make_lutq(c.lutq_k, scope=c.lutq_scope, pow2=c.lutq_pow2)
+        make_lutq(derived, c.lutq_k, scope=c.lutq_scope, pow2=c.lutq_pow2)
     return derived.train(), residuals
 
 

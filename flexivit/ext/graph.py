@@ -26,13 +26,16 @@ input uses it as it is, with no parameter: the chain has no edge parameters at a
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Iterable, Sequence
+from typing import Any, Callable, Iterable, Sequence
 
 import torch
 from timm.models import checkpoint
 from torch import nn
 
-__all__ = ["BlockGraph", "GraphBlocks", "GraphError", "Edge", "allowed_edges", "chain", "HEAD"]
+from flexivit.model.options import ModelOption, register
+
+__all__ = ["BlockGraph", "GraphBlocks", "GraphError", "Edge", "allowed_edges", "chain", "HEAD", "block_graph", "GRAPH_LOGITS",
+           "GraphFields"]
 
 Edge = tuple[int, int]
 HEAD = "h"  # how the string form writes the head
@@ -192,6 +195,8 @@ class GraphBlocks(nn.Sequential):
     ``forward(tokens)`` returns what the head receives.
     """
 
+    wired = True  # FlexiViT calls forward(tokens, checkpointing=...) and nodes(...) instead of running blocks in turn
+
     def __init__(self, blocks: Sequence[nn.Module], *, graph: BlockGraph) -> None:
         if len(blocks) != graph.depth:
             raise ValueError(f"the graph has depth {graph.depth} but {len(blocks)} blocks were given")
@@ -236,3 +241,49 @@ class GraphBlocks(nn.Sequential):
         if self.edge_logits is not None:
             weights.update(zip(self.weighted_edges, torch.sigmoid(self.edge_logits.detach()).tolist()))
         return weights
+
+
+GRAPH_LOGITS = "blocks.edge_logits"  # the connection logits' parameter name in a FlexiViT
+
+
+def block_graph(config: Any) -> BlockGraph:
+    """A FlexiViT config's blocks as a graph: its ``graph`` parsed, or the chain."""
+    values = config.option("graph")
+    return chain(config.depth) if values is None else BlockGraph.parse(values.graph, config.depth)
+
+
+@dataclass(frozen=True)
+class GraphFields:
+    # The blocks wired as a DAG (e.g. "0-1,0-2,1-2,2-h"); None, or the chain written out (stored as None), is the
+    # plain ViT.
+    graph: str | None = None
+
+
+@register
+class GraphOption(ModelOption):
+    """Blocks wired as a DAG with learned connection weights (``model.graph``; ``flexivit evolve``)."""
+
+    name = "graph"
+    fields = GraphFields
+    order = 30
+
+    def normalize(self, values: GraphFields, config: Any) -> GraphFields:
+        if values.graph is None:
+            return values
+        graph = BlockGraph.parse(values.graph, config.depth)  # raises naming the node and why
+        return GraphFields(None if graph.is_chain() else graph.format())  # one spelling
+
+    def check(self, values: GraphFields, config: Any) -> None:
+        if config.option("lutq") is not None:
+            raise ValueError("LUT-Q weight tying and a block graph are not combined in this version; set one of "
+                             "lutq_k and graph")
+
+    def build_blocks(self, values: GraphFields, config: Any, blocks: list[nn.Module]) -> nn.Module:
+        return GraphBlocks(blocks, graph=BlockGraph.parse(values.graph, config.depth))
+
+    def non_plain(self, values: GraphFields) -> list[str]:
+        return [f"a block graph ({values.graph})"]
+
+    def lr_scales(self, run: Any, model: nn.Module) -> dict[str, float]:
+        names = {name for name, _ in model.named_parameters()}
+        return {GRAPH_LOGITS: run.optim.graph_lr_scale} if GRAPH_LOGITS in names else {}

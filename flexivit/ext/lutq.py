@@ -19,15 +19,20 @@ two with the least squared error for that cluster, so one iteration still never 
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
+from typing import Any, Callable
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from flexivit.model.config import FlexiViTConfig
+from flexivit.model.options import ModelOption, register
+
 __all__ = [
     "LutqLinear", "LutqHook", "LUTQ_SCOPES", "MAX_K", "PACK_BITS", "PACKED_KEY", "check_k", "index_bits",
     "apply_lutq", "lutq_layers", "cluster_step", "tying_error", "nearest_pow2", "pack_indices", "unpack_indices",
-    "pack_state", "unpack_state", "freeze", "fold_lutq", "lutq_hooks",
+    "pack_state", "unpack_state", "freeze", "fold_lutq", "lutq_hooks", "make_lutq", "LutqFields",
 ]
 
 LUTQ_SCOPES = ("blocks", "blocks+head")
@@ -331,3 +336,65 @@ def lutq_hooks(model: nn.Module, *, sharded: bool = False) -> list[LutqHook]:
         raise ValueError("LUT-Q re-clusters whole weight tensors after each step and does not run under FSDP, "
                          "whose ranks hold shards; train with DDP (the default)")
     return [LutqHook(layers=layers)]
+
+
+def make_lutq(model: nn.Module, k: int, *, scope: str = "blocks", pow2: bool = False) -> nn.Module:
+    """Tie a plain FlexiViT's weights in place (training form): each Linear in ``scope`` (``blocks`` or
+    ``blocks+head``) computes with ``k`` shared values (powers of two with ``pow2``), fitted by k-means to
+    its weights now (post-hoc clustering). Returns the model."""
+    config = FlexiViTConfig.from_dict({**model.config.to_dict(), "lutq_k": k, "lutq_scope": scope, "lutq_pow2": pow2})
+    apply_lutq(model, k=k, scope=scope, pow2=pow2)
+    model.config = config
+    return model
+
+
+@dataclass(frozen=True)
+class LutqFields:
+    # The Linears in lutq_scope ("blocks" or "blocks+head") compute with lutq_k shared values per tensor (powers
+    # of two with lutq_pow2); None is the plain ViT.
+    lutq_k: int | None = None
+    lutq_scope: str = "blocks"
+    lutq_pow2: bool = False
+
+
+@register
+class LutqOption(ModelOption):
+    """LUT-Q weight tying (``model.lutq_k``; usually set by ``flexivit compress``)."""
+
+    name = "lutq"
+    fields = LutqFields
+    order = 20
+    folds = True  # a fine-tune trains the dense weights it computes with (compress the result to tie it again)
+
+    def check(self, values: LutqFields, config: Any) -> None:
+        if values.lutq_k is None:
+            raise ValueError("lutq_scope and lutq_pow2 apply to LUT-Q weight tying only; set lutq_k (the number of "
+                             "values per tensor) as well, or leave them unset")
+        check_k(values.lutq_k)
+        if values.lutq_scope not in LUTQ_SCOPES:
+            raise ValueError(f"unknown lutq_scope {values.lutq_scope!r}; choose one of {', '.join(LUTQ_SCOPES)}")
+        if config.option("scale_invariant") is not None:
+            raise ValueError("LUT-Q weight tying and scale-invariant layers do not combine (a tied weight's norm is "
+                             "not free); set scale_invariant='none' or leave lutq_k unset")
+
+    def finish(self, values: LutqFields, model: nn.Module) -> None:
+        apply_lutq(model, k=values.lutq_k, scope=values.lutq_scope, pow2=values.lutq_pow2)
+
+    def head_replaced(self, values: LutqFields, model: nn.Module, old: nn.Module) -> None:
+        if values.lutq_scope == "blocks+head" and isinstance(model.head, nn.Linear):
+            model.head = LutqLinear.from_linear(model.head, k=values.lutq_k, pow2=values.lutq_pow2, name="head.weight")
+
+    def fold(self, values: LutqFields, model: nn.Module, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        return fold_lutq(model, state)
+
+    def for_loading(self, values: LutqFields, model: nn.Module) -> nn.Module:
+        return freeze(model)
+
+    def pack_state(self, values: LutqFields, model: nn.Module, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        return pack_state(model, state)
+
+    def unpack_state(self, values: LutqFields, model: nn.Module, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        return unpack_state(model, state)
+
+    def post_step_hooks(self, run: Any, model: nn.Module, *, sharded: bool, say: Callable[[str], None]) -> list[Any]:
+        return lutq_hooks(model, sharded=sharded)

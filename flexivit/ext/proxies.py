@@ -30,11 +30,14 @@ k-means (cosine, the similarity they are matched with) of its support images' pa
 from __future__ import annotations
 
 import math
-from typing import TYPE_CHECKING, Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from flexivit.model.options import ModelOption, register
 
 if TYPE_CHECKING:
     from flexivit.model.vit import FlexiViT
@@ -92,6 +95,8 @@ def local_similarity(tokens: torch.Tensor, proxies: torch.Tensor) -> torch.Tenso
 class ProxyHead(nn.Module):
     """Logits from global proxies ``(K, D)`` matched to the pooled feature and local proxies ``(K, M, D)``
     matched to the patch tokens; ``forward(pooled (B, D), tokens (B, N, D)) -> (B, K)``."""
+
+    reads_tokens = True  # FlexiViT.forward_head passes the patch tokens too
 
     def __init__(self, *, dim: int, num_classes: int, local: int, mix: float, scale: float) -> None:
         super().__init__()
@@ -218,3 +223,59 @@ def init_from_support(model: "FlexiViT", images: torch.Tensor, labels: torch.Ten
         head.global_proxies.copy_(global_proxies)
     if local_proxies is not None:
         head.local_proxies.copy_(local_proxies)
+
+
+_PROXY_DEFAULTS = (16, 0.5, 16.0)
+# proxy_local: the count in the calibration run (docs/proxies.md); proxy_mix: global and local weighed alike;
+# proxy_scale: logits in [-16, 16]; with the true class at cosine 1 and nine others at 0, softmax gives it 1 - 1e-6.
+
+
+@dataclass(frozen=True)
+class ProxyFields:
+    # "proxies" scores class k by cosine similarity to its global proxy (the pooled feature) and to its proxy_local
+    # local proxies (the patch tokens, a soft maximum over tokens), weighed proxy_mix : 1 - proxy_mix, times
+    # proxy_scale. "linear" is the plain ViT.
+    head: str = "linear"
+    proxy_local: int = _PROXY_DEFAULTS[0]
+    proxy_mix: float = _PROXY_DEFAULTS[1]
+    proxy_scale: float = _PROXY_DEFAULTS[2]
+
+
+@register
+class ProxyOption(ModelOption):
+    """The class-proxy head (``model.head=proxies``); a fine-tune initialises it from the new task's images."""
+
+    name = "proxies"
+    fields = ProxyFields
+    order = 60
+    from_recipe = True
+    needs_support = True
+
+    def check(self, values: ProxyFields, config: Any) -> None:
+        if values.head not in HEADS:
+            raise ValueError(f"unknown head {values.head!r}; choose one of {', '.join(HEADS)}")
+        check_proxy_fields(local=values.proxy_local, mix=values.proxy_mix, scale=values.proxy_scale)
+        if values.head == "linear":
+            raise ValueError("proxy_local, proxy_mix and proxy_scale apply to head='proxies' only; set "
+                             "head='proxies' as well, or leave them unset")
+        if config.scale_invariant == "head" or config.si_head_scale is not None:
+            raise ValueError("the proxy head is scale-invariant already (cosine similarities); set its logit scale "
+                             "with proxy_scale, and scale_invariant to 'none', 'linears' or 'all' without si_head_scale")
+        if config.lutq_scope == "blocks+head":
+            raise ValueError("lutq_scope='blocks+head' ties a linear head's weights; the proxy head has none: use "
+                             "lutq_scope='blocks'")
+        if values.proxy_mix == 0 and config.final_norm and config.use_fc_norm:
+            raise ValueError("proxy_mix=0 ignores the pooled feature, so fc_norm (the norm after average pooling) would "
+                             "get no gradient; set proxy_mix above 0, or fc_norm=false")
+
+    def new_head(self, values: ProxyFields, config: Any, num_classes: int) -> nn.Module:
+        return ProxyHead(dim=config.embed_dim, num_classes=num_classes, local=values.proxy_local,
+                         mix=values.proxy_mix, scale=values.proxy_scale)
+
+    def non_plain(self, values: ProxyFields) -> list[str]:
+        return [f"a class-proxy head ({values.proxy_local} local proxies per class)"]
+
+    def prepare_finetune(self, values: ProxyFields, model: nn.Module, support: Any, *, seed: int) -> None:
+        if support is not None:
+            images, labels, sizes = support
+            init_from_support(model, images, labels, sizes, seed=seed)

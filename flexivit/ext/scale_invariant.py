@@ -17,20 +17,27 @@ amount per step whatever its norm and size (``elr_scales``; the formulas are in 
 from __future__ import annotations
 
 import math
-from typing import Callable
+from dataclasses import dataclass
+from typing import Any, Callable
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from flexivit.model.config import SI_NORMS, SI_SCOPES
-from flexivit.train.config import Config
+from flexivit.model.config import FlexiViTConfig
+from flexivit.model.options import ModelOption, register
 from flexivit.model.patch_embed import FlexiPatchEmbed
+
+Config = Any  # the run config (flexivit.train.config.Config), read by attribute: this layer sits below train/
 
 __all__ = [
     "ScaleInvariantLinear", "ScaleInvariantPatchEmbed", "unit_norms", "convert_layers", "scale_invariant_layers",
     "fold_state_dict", "FixedNormHook", "elr_scales", "fixed_norm_names", "option_hooks", "ELR_RULES", "SI_BUFFER",
+    "SI_SCOPES", "SI_NORMS", "ScaleInvariantFields", "make_scale_invariant",
 ]
+
+SI_SCOPES = ("none", "head", "linears", "all")
+SI_NORMS = ("matrix", "row")
 
 SI_BUFFER = "si_scale"
 # How each timm optimizer's step scales with the gradient, which decides the equivalent-learning-rate rule.
@@ -194,10 +201,11 @@ def scale_invariant_layers(model: nn.Module) -> dict[str, nn.Module]:
 
 
 @torch.no_grad()
-def fold_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
-    """``model.state_dict()`` with each scale-invariant weight replaced by the plain weight ``S * W / ||W||``
-    it computes with and the ``si_scale`` buffers left out: the state of the same function, plain layers."""
-    state = model.state_dict()
+def fold_state_dict(model: nn.Module, state: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
+    """``state`` (default ``model.state_dict()``) with each scale-invariant weight replaced by the plain
+    weight ``S * W / ||W||`` it computes with and the ``si_scale`` buffers left out: the state of the same
+    function, plain layers."""
+    state = model.state_dict() if state is None else dict(state)
     for name, layer in scale_invariant_layers(model).items():
         prefix = name[: -len("weight")]
         state[name] = _normalised(layer.weight, getattr(layer, SI_BUFFER), layer.norm).detach()
@@ -328,3 +336,73 @@ def option_hooks(cfg: Config, model: nn.Module, *, sharded: bool = False,
         say(f"optim.fixed_norm: weight decay is off on the {len(layers)} fixed-norm weights (projecting them back "
             f"to their norm would undo it); optim.weight_decay={cfg.optim.weight_decay:g} applies to the others")
     return [FixedNormHook(layers=layers)]
+
+
+def make_scale_invariant(model: nn.Module, scope: str, *, norm: str = "matrix",
+                         head_scale: float | None = None) -> nn.Module:
+    """Reparametrise a plain FlexiViT in place: the layers in ``scope`` (``head``, ``linears`` or ``all``)
+    compute ``S * W / ||W||`` with ``S`` their norm now, so the model computes what it did, but for the head
+    when ``head_scale`` sets its ``S``. Returns the model."""
+    if model.config.option("scale_invariant") is not None:
+        raise ValueError(f"the model is scale-invariant already ({model.config.scale_invariant}); build a plain one "
+                         "from fold_state_dict(model) first")
+    config = FlexiViTConfig.from_dict({**model.config.to_dict(), "scale_invariant": scope, "si_norm": norm,
+                                       "si_head_scale": head_scale})
+    convert_layers(model, scope=scope, norm=norm, head_scale=head_scale)
+    model.config = config
+    return model
+
+
+@dataclass(frozen=True)
+class ScaleInvariantFields:
+    # "head", every Linear ("linears"), or every Linear and the base patch kernel ("all") compute S*W/||W||
+    # with a constant S; "none" is the plain ViT.
+    scale_invariant: str = "none"
+    si_norm: str = "matrix"  # ||W|| over the whole matrix or per output row ("row")
+    si_head_scale: float | None = None  # the head's S (a logit scale); None: ||W|| when made scale-invariant
+
+
+@register
+class ScaleInvariantOption(ModelOption):
+    """Scale-invariant layers (``model.scale_invariant``) and, in training, fixed-norm updates and the
+    equivalent learning rate (``optim.fixed_norm``, ``optim.elr``)."""
+
+    name = "scale_invariant"
+    fields = ScaleInvariantFields
+    order = 10
+    from_recipe = True  # a fine-tune reparametrises the checkpoint as the recipe asks ...
+    folds = True  # ... after loading its plain (folded) weights, so every pretrained layer keeps its function
+
+    def check(self, values: ScaleInvariantFields, config: FlexiViTConfig) -> None:
+        if values.scale_invariant not in SI_SCOPES:
+            raise ValueError(f"unknown scale_invariant scope {values.scale_invariant!r}; choose one of "
+                             f"{', '.join(SI_SCOPES)}")
+        if values.si_norm not in SI_NORMS:
+            raise ValueError(f"unknown si_norm {values.si_norm!r}; choose one of {', '.join(SI_NORMS)}")
+        if values.scale_invariant == "none":
+            raise ValueError("si_norm and si_head_scale apply to scale-invariant layers only; set scale_invariant "
+                             f"to one of {', '.join(SI_SCOPES[1:])} as well, or leave them unset")
+        if values.si_head_scale is not None and not values.si_head_scale > 0:
+            raise ValueError(f"si_head_scale must be positive (a logit scale), got {values.si_head_scale}")
+
+    def finish(self, values: ScaleInvariantFields, model: nn.Module) -> None:
+        convert_layers(model, scope=values.scale_invariant, norm=values.si_norm, head_scale=values.si_head_scale)
+
+    def head_replaced(self, values: ScaleInvariantFields, model: nn.Module, old: nn.Module) -> None:
+        if isinstance(model.head, nn.Linear):
+            convert_layers(model, scope="head", norm=values.si_norm, head_scale=values.si_head_scale)
+
+    def fold(self, values: ScaleInvariantFields, model: nn.Module, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        return fold_state_dict(model, state)
+
+    def lr_scales(self, run: Config, model: nn.Module) -> dict[str, float]:
+        return elr_scales(run, model)
+
+    def no_weight_decay(self, run: Config, model: nn.Module) -> set[str]:
+        return fixed_norm_names(run, model)
+
+    def post_step_hooks(self, run: Config, model: nn.Module, *, sharded: bool, say: Callable[[str], None]) -> list[Any]:
+        return option_hooks(run, model, sharded=sharded, say=say)
+
+    def prepare_finetune(self, values: ScaleInvariantFields, model: nn.Module, support: Any, *, seed: int) -> None:
+        make_scale_invariant(model, values.scale_invariant, norm=values.si_norm, head_scale=values.si_head_scale)

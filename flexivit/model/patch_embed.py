@@ -164,7 +164,7 @@ class FlexiPatchEmbed(nn.Module):
 
     def base_kernel(self) -> torch.Tensor:
         """The ``(D, C, base, base)`` kernel that PI-resize starts from: the weight itself here; a subclass
-        may reparametrise it (``flexivit.ext.scale_invariant``), from the weight and its own buffers."""
+        may reparametrise it (a model option's layer), from the weight and its own buffers."""
         return self.weight
 
     def kernel(self, patch: int) -> torch.Tensor:

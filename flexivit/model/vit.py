@@ -22,14 +22,8 @@ from timm.models.vision_transformer import Block
 from torch import nn
 
 from flexivit.model.config import FlexiViTConfig
-from flexivit.ext.bgn import install_norms, set_token_grid
-from flexivit.ext.bridge import bridge_blocks
-from flexivit.ext.graph import GraphBlocks
-from flexivit.ext.lutq import LutqLinear, apply_lutq, fold_lutq
 from flexivit.model.patch_embed import FlexiPatchEmbed, PatchScheme
-from flexivit.ext.proxies import ProxyHead
 from flexivit.model.resize import pi_resize, resample_posemb
-from flexivit.ext.scale_invariant import convert_layers, fold_state_dict
 from flexivit.model.timm_interop import flexivit_to_timm, timm_to_flexivit
 
 __all__ = ["FlexiViT", "FlexiViTConfig"]
@@ -86,16 +80,17 @@ class FlexiViT(nn.Module):
             )
             for i in range(cfg.depth)
         ]
-        if cfg.bridges:  # least-squares bridges (flexivit.ext.bridge): one linear map in place of each span
-            blocks = bridge_blocks(blocks, cfg)
-        # A block graph (flexivit.ext.graph) keeps the blocks at their indices and adds its connection logits.
-        self.blocks = nn.Sequential(*blocks) if cfg.graph is None else GraphBlocks(blocks, graph=cfg.block_graph)
+        active = cfg.active()  # the options that are on (flexivit.model.options), in hook order
+        wired: list[nn.Module] | nn.Module = blocks
+        for option, values in active:  # an option may change the blocks, or wire them into its own container
+            wired = option.build_blocks(values, cfg, wired)
+        self.blocks = nn.Sequential(*wired) if isinstance(wired, list) else wired
         self.norm = norm_layer(dim) if cfg.final_norm and not cfg.use_fc_norm else nn.Identity()
         self.fc_norm = norm_layer(dim) if cfg.final_norm and cfg.use_fc_norm else nn.Identity()
         self.head_drop = nn.Dropout(cfg.drop_rate)
         self.head = self._new_head(cfg.num_classes)
-        if cfg.norm != "layernorm":  # batch-statistics norms (flexivit.ext.bgn) in the blocks and at the end
-            install_norms(self, cfg)
+        for option, values in active:
+            option.build(values, self)
         # timm-style metadata so timm.data.resolve_data_config(model=...) works.
         self.pretrained_cfg = {
             "input_size": (cfg.in_chans, cfg.img_size, cfg.img_size),
@@ -108,19 +103,17 @@ class FlexiViT(nn.Module):
         self._posemb_cache: dict[tuple[int, int], tuple[tuple, torch.Tensor]] = {}
         self.grad_checkpointing = False
         self._init_weights()
-        if cfg.scale_invariant != "none":
-            convert_layers(self, scope=cfg.scale_invariant, norm=cfg.si_norm, head_scale=cfg.si_head_scale)
-        if cfg.lutq_k is not None:
-            apply_lutq(self, k=cfg.lutq_k, scope=cfg.lutq_scope, pow2=cfg.lutq_pow2)
+        for option, values in active:
+            option.finish(values, self)
 
     def _new_head(self, num_classes: int) -> nn.Module:
-        """The classifier for ``num_classes`` outputs: ``nn.Linear``, or class proxies (``flexivit.ext.proxies``)."""
-        cfg = self.config
+        """The classifier for ``num_classes`` outputs: ``nn.Linear``, or an option's own head."""
         if num_classes <= 0:
             return nn.Identity()
-        if cfg.head == "proxies":
-            return ProxyHead(dim=self.embed_dim, num_classes=num_classes, local=cfg.proxy_local, mix=cfg.proxy_mix,
-                             scale=cfg.proxy_scale)
+        for option, values in self.config.active():
+            head = option.new_head(values, self.config, num_classes)
+            if head is not None:
+                return head
         return nn.Linear(self.embed_dim, num_classes)
 
     def _init_weights(self) -> None:
@@ -175,8 +168,8 @@ class FlexiViT(nn.Module):
         """Tokens entering the blocks ``(B, prefix + gh*gw, D)`` and the token grid ``(gh, gw)``."""
         tokens = self.patch_embed(x, scheme)  # (B, gh, gw, D)
         b, gh, gw, _ = tokens.shape
-        if self.config.norm != "layernorm":  # the norms' statistics depend on the patch size and token grid
-            set_token_grid(self, scheme.patch, (gh, gw))
+        for option, values in self.config.active():  # e.g. norms whose statistics depend on the token grid
+            option.on_grid(values, self, scheme.patch, (gh, gw))
         tokens = (tokens + self.posemb_grid((gh, gw))).flatten(1, 2)  # (B, N, D); per step, so not einops
         if self.cls_token is not None:
             tokens = torch.cat([self.cls_token.expand(b, -1, -1), tokens], dim=1)  # (B, 1 + N, D)
@@ -188,7 +181,7 @@ class FlexiViT(nn.Module):
         """Tokens after the final norm: ``(B, prefix + gh*gw, D)``."""
         tokens, _ = self._embed(x, self.scheme(patch_size, stride))
         use_ckpt = self.grad_checkpointing and torch.is_grad_enabled()
-        if isinstance(self.blocks, GraphBlocks):
+        if getattr(self.blocks, "wired", False):  # an option's block container runs (and checkpoints) itself
             tokens = self.blocks(tokens, checkpointing=use_ckpt)
         elif use_ckpt:
             tokens = checkpoint_seq(self.blocks, tokens)
@@ -222,7 +215,7 @@ class FlexiViT(nn.Module):
         take, last = feature_take_indices(len(self.blocks), indices)
         tokens, (gh, gw) = self._embed(x, self.scheme(patch_size, stride))
         use_ckpt = self.grad_checkpointing and torch.is_grad_enabled()
-        if isinstance(self.blocks, GraphBlocks):  # block i's output is node i + 1's; the last node's is final
+        if getattr(self.blocks, "wired", False):  # block i's output is node i + 1's; the last node's is final
             nodes = self.blocks.nodes(tokens, last=last + 1 if stop_early or intermediates_only else None,
                                       checkpointing=use_ckpt)
             tokens, taken = nodes[-1], [self.norm(nodes[i + 1]) if norm else nodes[i + 1] for i in take]
@@ -241,13 +234,13 @@ class FlexiViT(nn.Module):
         return out if intermediates_only else (self.norm(tokens), out)
 
     def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
-        """Pool the tokens of ``forward_features`` and apply the classifier (a proxy head also sees the patch
-        tokens)."""
+        """Pool the tokens of ``forward_features`` and apply the classifier (a head with ``reads_tokens`` also
+        sees the patch tokens)."""
         pooled = x[:, 0] if self.global_pool == "token" else x[:, self.num_prefix_tokens :].mean(dim=1)  # (B, D)
         pooled = self.head_drop(self.fc_norm(pooled))
         if pre_logits:
             return pooled
-        if isinstance(self.head, ProxyHead):
+        if getattr(self.head, "reads_tokens", False):
             return self.head(pooled, x[:, self.num_prefix_tokens :])  # patch tokens (B, N, D)
         return self.head(pooled)
 
@@ -272,42 +265,14 @@ class FlexiViT(nn.Module):
         self.pretrained_cfg["num_classes"] = num_classes
         old = self.head
         self.head = self._new_head(num_classes)
-        if isinstance(self.head, ProxyHead) and isinstance(old, ProxyHead):
-            ref = next(old.parameters())
+        ref = next(old.parameters(), None)
+        if ref is not None and type(self.head) is type(old):  # the new head lives where the old one did
             self.head.to(device=ref.device, dtype=ref.dtype)
         if isinstance(self.head, nn.Linear):
-            if isinstance(old, nn.Linear):
-                self.head.to(device=old.weight.device, dtype=old.weight.dtype)
             trunc_normal_(self.head.weight, std=0.02)
             nn.init.zeros_(self.head.bias)
-            if self.config.scale_invariant != "none":
-                convert_layers(self, scope="head", norm=self.config.si_norm, head_scale=self.config.si_head_scale)
-            if self.config.lutq_k is not None and self.config.lutq_scope == "blocks+head":
-                self.head = LutqLinear.from_linear(self.head, k=self.config.lutq_k, pow2=self.config.lutq_pow2,
-                                                   name="head.weight")
-
-    def make_scale_invariant(self, scope: str, *, norm: str = "matrix", head_scale: float | None = None) -> "FlexiViT":
-        """Reparametrise this plain model in place (``flexivit.ext.scale_invariant``): the layers in ``scope``
-        (``head``, ``linears`` or ``all``) compute ``S * W / ||W||`` with ``S`` their norm now, so the model
-        computes what it did, but for the head when ``head_scale`` sets its ``S``. Returns the model."""
-        if self.config.scale_invariant != "none":
-            raise ValueError(f"the model is scale-invariant already ({self.config.scale_invariant}); build a "
-                             "plain one from fold_state_dict(model) first")
-        config = FlexiViTConfig.from_dict({**self.config.to_dict(), "scale_invariant": scope, "si_norm": norm,
-                                           "si_head_scale": head_scale})
-        convert_layers(self, scope=scope, norm=norm, head_scale=head_scale)
-        self.config = config
-        return self
-
-    def make_lutq(self, k: int, *, scope: str = "blocks", pow2: bool = False) -> "FlexiViT":
-        """Tie this plain model's weights in place (``flexivit.ext.lutq``, training form): each Linear in ``scope``
-        (``blocks`` or ``blocks+head``) computes with ``k`` shared values (powers of two with ``pow2``),
-        fitted by k-means to its weights now (post-hoc clustering). Returns the model."""
-        fields = {"lutq_k": k, "lutq_scope": scope, "lutq_pow2": pow2}
-        config = FlexiViTConfig.from_dict({**self.config.to_dict(), **fields})
-        apply_lutq(self, k=k, scope=scope, pow2=pow2)
-        self.config = config
-        return self
+        for option, values in self.config.active():
+            option.head_replaced(values, self, old)
 
     def no_weight_decay(self) -> set[str]:
         """Names of the parameters timm's optimizer factory keeps out of weight decay (as timm's ViT)."""
@@ -324,10 +289,9 @@ class FlexiViT(nn.Module):
 
     def set_grad_checkpointing(self, enable: bool = True) -> None:
         """Recompute each block's activations in the backward pass instead of storing them."""
-        if enable and self.config.norm != "layernorm":
-            raise ValueError("gradient checkpointing recomputes each block in the backward pass, which would update the "
-                             f"running statistics of the {self.config.norm} norms twice per step; set "
-                             "train.grad_checkpointing=false, or use model.norm=layernorm")
+        refusals = [r for option, values in self.config.active() if (r := option.refuses_grad_checkpointing(values))]
+        if enable and refusals:
+            raise ValueError(refusals[0])
         self.grad_checkpointing = enable
 
     # ---- interop (the conversions live in flexivit.model.timm_interop) -------------------------------
@@ -362,12 +326,15 @@ class FlexiViT(nn.Module):
     def non_plain_parts(self) -> list[str]:
         """What this model has that timm's ``VisionTransformer`` cannot hold (empty for a plain ViT, which
         ``to_fixed`` bakes; other models export through ONNX / ``torch.export``, ``flexivit.eval.export``)."""
-        cfg = self.config
-        parts = [f"bridges {', '.join(cfg.bridges)}"] if cfg.bridges else []
-        parts += [f"a block graph ({cfg.graph})"] if cfg.graph is not None else []
-        parts += [f"batch-statistics norms ({cfg.norm})"] if cfg.norm != "layernorm" else []
-        return parts + ([f"a class-proxy head ({cfg.proxy_local} local proxies per class)"] if cfg.head == "proxies"
-                        else [])
+        return [part for option, values in self.config.active() for part in option.non_plain(values)]
+
+    def plain_state_dict(self) -> dict[str, torch.Tensor]:
+        """The state dict with every option that folds (scale-invariant, tied weights) folded into the plain
+        weights it computes with: what a plain ViT of the same function would hold."""
+        state = self.state_dict()
+        for option, values in self.config.active():
+            state = option.fold(values, self, state)
+        return state
 
     def is_plain_vit(self) -> bool:
         """Whether ``to_fixed`` can bake this model into a plain timm ``VisionTransformer``."""
@@ -389,7 +356,6 @@ class FlexiViT(nn.Module):
         with torch.no_grad():
             kernel = pi_resize(self.patch_embed.base_kernel(), int(patch_size), cfg.kernel_resize)  # (D, C, p, p)
             pos_embed = self._resample_posemb(grid)  # (1, gh, gw, D)
-        # Scale-invariant and LUT-Q layers fold into the plain weights they compute with: the export is a plain ViT.
-        state = fold_lutq(self, fold_state_dict(self))
+        state = self.plain_state_dict()
         vit = flexivit_to_timm(cfg, state, kernel=kernel, pos_embed=pos_embed, img_size=img_size)
         return vit.train(self.training)

@@ -16,7 +16,6 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file, safe_open
 
 from flexivit.files import _publish, _temp_file, atomic_write_text
-from flexivit.ext.lutq import freeze, pack_state, unpack_state
 from flexivit.model.vit import FlexiViT, FlexiViTConfig
 
 __all__ = [
@@ -36,14 +35,16 @@ def save_model(model: FlexiViT, path: str | Path, *, class_names: list[str], pre
     """Write ``model.safetensors`` (+ ``model.json``) into ``path`` (a folder) or to ``path`` (a file).
 
     ``state_dict`` replaces ``model.state_dict()`` where the full weights come from elsewhere (Accelerate's
-    ``get_state_dict``, which gathers them under FSDP). LUT-Q layers are stored as their values and packed
-    indices, without the shadow weights (``flexivit.ext.lutq.pack_state``); a plain model's file is unaffected."""
+    ``get_state_dict``, which gathers them under FSDP). An option may store its tensors in another form (its
+    ``pack_state``, e.g. tied weights as values and packed indices); a plain model's file is unaffected."""
     path = Path(path)
     file = path / MODEL_FILE if path.suffix != ".safetensors" else path
     file.parent.mkdir(parents=True, exist_ok=True)
     meta = {"format": FORMAT, "config": model.config.to_dict(), "class_names": list(class_names),
             "preprocess": preprocess}
-    state = pack_state(model, model.state_dict() if state_dict is None else state_dict)
+    state = model.state_dict() if state_dict is None else state_dict
+    for option, values in model.config.active():
+        state = option.pack_state(values, model, state)
     tensors = {k: v.detach().to("cpu").contiguous() for k, v in state.items()}
     fd, tmp = _temp_file(file)
     os.close(fd)
@@ -92,15 +93,19 @@ def read_model_meta(path: str | Path) -> dict[str, Any]:
 
 
 def load_model(path: str | Path, map_location: str = "cpu") -> tuple[FlexiViT, dict[str, Any]]:
-    """Load a model file or a run directory's model; returns ``(model in eval mode, metadata)``. A LUT-Q
-    model comes back in its frozen form (values and indices, no shadow weights)."""
+    """Load a model file or a run directory's model; returns ``(model in eval mode, metadata)``. An option
+    may give the model the form its file holds (``for_loading``, e.g. tied weights without their shadows)."""
     meta = read_model_meta(path)
-    model = freeze(FlexiViT(FlexiViTConfig.from_dict(meta["config"])))
+    model = FlexiViT(FlexiViTConfig.from_dict(meta["config"]))
+    for option, values in model.config.active():  # e.g. tied layers in their frozen form
+        model = option.for_loading(values, model)
     try:
         state = load_file(str(_model_file(path)), device=map_location)
     except (SafetensorError, OSError) as err:
         raise CheckpointError(f"cannot read the weights in {path}: {err}") from None
-    model.load_state_dict(unpack_state(model, state), strict=True)
+    for option, values in model.config.active():
+        state = option.unpack_state(values, model, state)
+    model.load_state_dict(state, strict=True)
     return model.eval(), meta
 
 

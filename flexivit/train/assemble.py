@@ -25,14 +25,13 @@ from flexivit.train.config import Config, config_from_dict
 from flexivit.data.sources import make_loader
 from flexivit.train.distill import Teacher, ViewSpec, load_teacher, student_from_teacher
 from flexivit.train.hooks import Hooks, PostStepHook
-from flexivit.ext.lutq import lutq_hooks
+from flexivit.model.options import registered
 from flexivit.model.vit import FlexiViT
 from flexivit.train.objective import LossTerm, Objective, build_objective, l2_sp_term
 from flexivit.train.optim import build_optimizer
 from flexivit.model.patch_embed import PatchScheme
 from flexivit.rng import seed_all
 from flexivit.train.sampler import PatchSizeSampler
-from flexivit.ext.scale_invariant import option_hooks
 from flexivit.train.step_batches import StepBatches
 
 __all__ = ["Run", "TrainingError", "assemble", "RESUMABLE_CHANGES"]
@@ -232,8 +231,8 @@ def assemble(
             teacher.to(accelerator.device)
         fsdp = accelerator.distributed_type == DistributedType.FSDP
         raw = accelerator.unwrap_model(model)
-        run_hooks = Hooks([*hooks, *option_hooks(cfg, raw, sharded=fsdp, say=accelerator.print),
-                           *lutq_hooks(raw, sharded=fsdp)])  # re-clustering for a LUT-Q model (flexivit.ext.lutq)
+        run_hooks = Hooks([*hooks, *(hook for option in registered()  # e.g. a norm projection, re-clustering
+                                     for hook in option.post_step_hooks(cfg, raw, sharded=fsdp, say=accelerator.print))])
         start = _resume(accelerator, out, cfg, model_config, run_hooks) if resume else dict(FRESH)
         batches.attach(loader=loader, dataset=data.train, skip=accelerator.skip_first_batches, step=start["step"])
         view = ViewSpec(d.image_size, data.channels, tuple(pre["mean"]), tuple(pre["std"]))

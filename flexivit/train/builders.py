@@ -16,6 +16,8 @@ from flexivit.train.config import Config, PatchConfig, StageConfig
 from flexivit.data.sources import (
     Splits, TransformedDataset, build_transform, collate, load_source, make_loader, select_classes,
 )
+from flexivit.model.config import CORE_FIELDS
+from flexivit.model.options import registered
 from flexivit.model.vit import FlexiViT
 from flexivit.model.patch_embed import PatchScheme
 from flexivit.train.sampler import Curriculum, Distribution, PatchSizeSampler, make_distribution
@@ -47,8 +49,9 @@ def build_model(cfg: Config, *, channels: int, num_classes: int) -> FlexiViT:
     overrides = {k: v for k, v in dataclasses.asdict(cfg.model).items() if k != "variant" and v is not None}
     if cfg.model.variant not in VARIANTS:
         raise ValueError(f"unknown model.variant {cfg.model.variant!r}; known: {sorted(VARIANTS)}")
-    if overrides.get("norm", "layernorm") != "layernorm":  # batch statistics are kept per training patch size
-        overrides.setdefault("norm_sizes", tuple(cfg.patch.sizes))
+    if set(overrides) - CORE_FIELDS:  # option fields: each option may fill its own from the run (e.g. sizes)
+        for option in registered():
+            overrides = option.from_run(overrides, cfg)
     return create_variant(
         cfg.model.variant,
         img_size=cfg.data.image_size,
@@ -160,7 +163,7 @@ SUPPORT_STREAM = 2  # task_support draws with mix(train.seed, 2)
 def task_support(cfg: Config, per_class: int = SUPPORT_PER_CLASS) -> tuple[torch.Tensor, torch.Tensor]:
     """Images ``(B, C, H, W)`` and labels ``(B,)`` of up to ``per_class`` training images of each class of
     ``cfg``'s task (``data.classes`` applied), drawn with ``mix(train.seed, 2)`` and prepared as evaluation
-    prepares them: the support set a fine-tuned proxy head starts from."""
+    prepares them: the support set an option's fine-tuned head may start from."""
     d = cfg.data
     splits = load_splits(cfg)
     transform = eval_transform(preprocess_meta(cfg, d.channels or splits.channels))

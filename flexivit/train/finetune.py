@@ -13,19 +13,15 @@ from pathlib import Path
 
 import torch
 
-from flexivit.model.weights import load_model
-from flexivit.ext.lutq import fold_lutq
-from flexivit.train.config import Config
-from flexivit.train.builders import task_support
-from flexivit.model.vit import FlexiViT, FlexiViTConfig
+from flexivit.model.config import CORE_FIELDS
 from flexivit.model.patch_embed import check_patch_sizes
-from flexivit.ext.proxies import init_from_support
-from flexivit.ext.scale_invariant import fold_state_dict
+from flexivit.model.vit import FlexiViT, FlexiViTConfig
+from flexivit.model.weights import load_model
+from flexivit.train.builders import task_support
+from flexivit.train.config import Config
 from flexivit.train.loop import RunResult, train
 
-__all__ = ["finetune", "fixed_size", "from_pretrained", "HEAD_FIELDS"]
-
-HEAD_FIELDS = ("head", "proxy_local", "proxy_mix", "proxy_scale")  # taken from the recipe, like the SI fields
+__all__ = ["finetune", "fixed_size", "from_pretrained"]
 
 
 def fixed_size(cfg: Config, patch_size: int) -> Config:
@@ -42,46 +38,48 @@ def fixed_size(cfg: Config, patch_size: int) -> Config:
 
 def from_pretrained(pretrained: FlexiViT, fresh: FlexiViT, *,
                     support: tuple[torch.Tensor, torch.Tensor, list[int]] | None = None, seed: int = 0) -> FlexiViT:
-    """The pretrained network with ``fresh``'s image size, default patch and a new head for its classes,
-    and ``fresh``'s scale-invariant layers (the recipe's ``model.scale_invariant``, ``si_norm`` and
-    ``si_head_scale``): the checkpoint is folded into plain weights and reparametrised, which keeps the
-    function of every pretrained layer. A LUT-Q checkpoint fine-tunes as the dense weights it computes
-    with (float; compress the result again to tie it). The head's kind is ``fresh``'s too (``HEAD_FIELDS``);
-    a proxy head is initialised from ``support`` = (images, labels, patch sizes) of the new task
-    (``flexivit.ext.proxies.init_from_support``, k-means seeded with ``seed``)."""
+    """The pretrained network with ``fresh``'s image size, default patch and a new head for its classes.
+
+    Model options follow their registration (``flexivit.model.options``): one that ``folds`` (e.g. a
+    reparametrisation, tied weights) is folded into the plain weights it computes with, so every pretrained layer keeps its
+    function; one taken ``from_recipe`` (e.g. the head's kind) comes from ``fresh`` and is
+    applied after the weights are loaded (``prepare_finetune``: e.g. a head initialised from
+    ``support`` = (images, labels, patch sizes) of the new task, seeded with ``seed``); the others stay as
+    the checkpoint has them."""
     if pretrained.config.in_chans != fresh.config.in_chans:
         raise ValueError(
             f"the checkpoint takes {pretrained.config.in_chans}-channel images but the data gives "
             f"{fresh.config.in_chans}; set data.channels={pretrained.config.in_chans}"
         )
-    fields = {**pretrained.config.to_dict(), "img_size": fresh.config.img_size,
-              "patch_size": fresh.config.patch_size, "stride": fresh.config.stride,
-              "num_classes": fresh.config.num_classes, "scale_invariant": "none", "si_norm": "matrix",
-              "si_head_scale": None, "lutq_k": None, "lutq_scope": "blocks", "lutq_pow2": False,
-              **{key: getattr(fresh.config, key) for key in HEAD_FIELDS}}
-    model = FlexiViT(FlexiViTConfig.from_dict(fields))
-    dense = fold_lutq(pretrained, fold_state_dict(pretrained))  # LUT-Q layers fine-tune as their dense weights
-    body = {k: v for k, v in dense.items() if not k.startswith("head.")}
+    kept = [(o.name, v) for o, v in pretrained.config.active() if not (o.folds or o.from_recipe)]
+    taken = [(o.name, v) for o, v in fresh.config.active() if o.from_recipe and not o.folds]
+    core = {k: v for k, v in pretrained.config.to_dict().items() if k in CORE_FIELDS}
+    core.update(img_size=fresh.config.img_size, patch_size=fresh.config.patch_size, stride=fresh.config.stride,
+                num_classes=fresh.config.num_classes)
+    model = FlexiViT(FlexiViTConfig(**core, options=tuple(kept + taken)))
+    body = {k: v for k, v in pretrained.plain_state_dict().items() if not k.startswith("head.")}
     missing, unexpected = model.load_state_dict(body, strict=False)
     if unexpected or any(not k.startswith("head.") for k in missing):
         raise ValueError(f"the checkpoint's weights do not fit its own config: missing {missing}, unexpected {unexpected}")
-    si = fresh.config
-    if si.scale_invariant != "none":
-        model.make_scale_invariant(si.scale_invariant, norm=si.si_norm, head_scale=si.si_head_scale)
-    if si.head == "proxies" and support is not None:
-        images, labels, sizes = support
-        init_from_support(model, images, labels, sizes, seed=seed)
+    for option, values in fresh.config.active():
+        if option.from_recipe:
+            option.prepare_finetune(values, model, support, seed=seed)
     return model
 
 
 def finetune(checkpoint: str | Path, cfg: Config, *, out_dir: str | Path, resume: bool = False) -> RunResult:
     """Train ``cfg`` starting from the FlexiViT in ``checkpoint`` (a run directory or model file).
 
-    The architecture comes from the checkpoint (of the recipe's ``model`` section only the scale-invariant
-    reparametrisation and the head's kind are used); the head is replaced for the classes of ``cfg``'s data, a
-    proxy head initialised from training images of each class (``flexivit.train.builders.task_support``).
+    The architecture comes from the checkpoint (of the recipe's ``model`` section only the options a
+    fine-tune takes from the recipe are used, ``ModelOption.from_recipe``); the head is
+    replaced for the classes of ``cfg``'s data, and an option that needs examples of the new task gets some
+    training images of each class (``flexivit.train.builders.task_support``).
     """
     pretrained, _ = load_model(checkpoint)
-    support = (*task_support(cfg), list(cfg.patch.sizes)) if cfg.model.head == "proxies" else None
-    return train(cfg, out_dir=out_dir, resume=resume,
-                 init=lambda fresh: from_pretrained(pretrained, fresh, support=support, seed=cfg.train.seed))
+
+    def init(fresh: FlexiViT) -> FlexiViT:
+        needs = any(o.from_recipe and o.needs_support for o, _ in fresh.config.active())
+        support = (*task_support(cfg), list(cfg.patch.sizes)) if needs else None
+        return from_pretrained(pretrained, fresh, support=support, seed=cfg.train.seed)
+
+    return train(cfg, out_dir=out_dir, resume=resume, init=init)

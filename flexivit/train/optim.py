@@ -4,7 +4,7 @@ Every parameter group is made here: timm's weight-decay split (biases, norms and
 ``model.no_weight_decay()`` get none), with ``optim.layer_decay`` timm's layer-wise decay (one group per
 layer of ``model.group_matcher()``, lower layers at a smaller ``lr_scale``), and the groups options add
 with their own learning-rate scale (timm's schedulers multiply a group's rate by its ``lr_scale``) or
-without weight decay (fixed-norm weights, ``flexivit.ext.scale_invariant``).
+without weight decay (``ModelOption.lr_scales`` / ``no_weight_decay``, asked of every registered option).
 """
 
 from __future__ import annotations
@@ -14,23 +14,19 @@ from timm.optim import create_optimizer_v2
 from timm.scheduler import CosineLRScheduler
 from torch import nn
 
+from flexivit.model.options import registered
 from flexivit.train.config import Config
-from flexivit.ext.scale_invariant import elr_scales, fixed_norm_names
 
 __all__ = ["build_optimizer"]
 
-GRAPH_LOGITS = "blocks.edge_logits"  # a block graph's connection logits (flexivit.ext.graph.GraphBlocks)
-
 
 def lr_scales(cfg: Config, model: nn.Module) -> dict[str, float]:
-    """Learning-rate multipliers by parameter name that the config asks for, its options' included (the
-    equivalent learning rate of fixed-norm weights, a block graph's connection logits); a parameter named twice
-    gets the product; 1 is left out."""
+    """Learning-rate multipliers by parameter name that the config asks for, the options' included; a
+    parameter named twice gets the product; 1 is left out."""
     scales = {"patch_embed.weight": cfg.optim.kernel_lr_scale}
-    if any(name == GRAPH_LOGITS for name, _ in model.named_parameters()):
-        scales[GRAPH_LOGITS] = cfg.optim.graph_lr_scale
-    for name, scale in elr_scales(cfg, model).items():
-        scales[name] = scales.get(name, 1.0) * scale
+    for option in registered():
+        for name, scale in option.lr_scales(cfg, model).items():
+            scales[name] = scales.get(name, 1.0) * scale
     return {name: scale for name, scale in scales.items() if scale != 1.0}
 
 
@@ -62,7 +58,8 @@ def build_optimizer(cfg: Config, model: nn.Module) -> tuple[torch.optim.Optimize
     optimizer = create_optimizer_v2(
         model, opt=o.opt, lr=o.lr, weight_decay=o.weight_decay, layer_decay=o.layer_decay
     )
-    _split_scaled(optimizer, model, lr_scales(cfg, model), fixed_norm_names(cfg, model))
+    no_decay = {name for option in registered() for name in option.no_weight_decay(cfg, model)}
+    _split_scaled(optimizer, model, lr_scales(cfg, model), no_decay)
     # timm's scheduler is a pure function of the update count, so it needs no checkpointed state. A 0-step
     # run (a training-free `flexivit compress`) never steps; timm's scheduler wants a positive length.
     scheduler = CosineLRScheduler(
