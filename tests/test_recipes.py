@@ -19,7 +19,7 @@ ARGUMENTS: dict[str, list[str | None]] = {
     "fashion_mnist_finetune": [None, "smoke"],
     "fashion_mnist_fixednorm": [None, "smoke"],
     "fashion_mnist_teacher": [None, "smoke"],
-    "imagenet": [None, "s", "b"],
+    "imagenet": [None, "s", "b", "smoke"],
 }
 CASES = [(name, arg) for name, args in ARGUMENTS.items() for arg in args]
 

@@ -2,6 +2,7 @@
 
     accelerate launch -m flexivit train imagenet:s --data hf:/path/to/imagenet-1k
     accelerate launch -m flexivit train imagenet:b --data hf:/path/to/imagenet-1k
+    flexivit train imagenet:smoke --data path/to/folder   # 8 steps of the S card, for tests and tools/gpu_check.py
 
 Meant for 8 GPUs with bf16 (global batch 8 x 128 = 1024). Not run in CI and not yet measured by us:
 there is no GPU in our CI, so this card states a configuration, not a result. The data must be a local
@@ -18,10 +19,11 @@ GLOBAL_BATCH = 8 * 128
 
 
 def get_config(arg: str | None = None) -> Config:
-    variant = {"s": "flexi_vit_small", "b": "flexi_vit_base", None: "flexi_vit_small"}.get(arg)
+    small = "flexi_vit_small"
+    variant = {"s": small, "b": "flexi_vit_base", "smoke": small, None: small}.get(arg)
     if variant is None:
-        raise ValueError(f"imagenet recipe takes 's' or 'b', got {arg!r}")
-    return Config(
+        raise ValueError(f"imagenet recipe takes 's', 'b' or 'smoke', got {arg!r}")
+    cfg = Config(
         name=f"imagenet-{arg or 's'}",
         model=ModelConfig(variant=variant, base_patch_size=32, base_grid=7, drop_path_rate=0.1),
         data=DataConfig(
@@ -36,3 +38,9 @@ def get_config(arg: str | None = None) -> Config:
             mixed_precision="bf16", log_every=100, eval_every=5_000, checkpoint_every=2_000,
         ),
     )
+    if arg == "smoke":  # the S card's data path, augmentation, sizes and precision; a few small steps
+        cfg.name = "imagenet-smoke"
+        cfg.data.batch_size, cfg.data.eval_batch_size, cfg.data.num_workers, cfg.data.eval_limit = 8, 16, 2, 64
+        cfg.optim.warmup_steps = 2
+        cfg.train.steps, cfg.train.log_every, cfg.train.eval_every, cfg.train.checkpoint_every = 8, 2, 0, 4
+    return cfg
