@@ -1,7 +1,7 @@
 """A tiny ImageNet stand-in written to disk: an image folder of 224-px JPEGs, a few classes.
 
 ``write_imagenet_standin(root)`` writes ``root/{train,val,test}/CLASS/NAME.JPEG`` in the layout
-``flexivit``'s folder source reads (``flexivit.data.load_source``: class sub-folders under split folders,
+``flexivit``'s folder source reads (``flexivit.data.sources.load_source``: class sub-folders under split folders,
 so the shipped validation and test splits are kept), with WordNet-style class ids (``n00000000`` ...) and
 ``.JPEG`` names as ImageNet has them. Images are 224 px on their short side; every third one is
 landscape and every third portrait (224 x 280, 280 x 224), so the random-resized crop and the eval

@@ -18,8 +18,8 @@ import torch
 from safetensors.torch import load_file
 from timm.models.vision_transformer import VisionTransformer
 
-from flexivit.checkpoint import load_model
-from flexivit.config import load_recipe
+from flexivit.model.weights import load_model
+from flexivit.train.config import load_recipe
 from imagenet_standin import write_imagenet_standin
 from test_train import ROOT, _env, _sets
 

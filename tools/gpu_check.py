@@ -4,7 +4,7 @@
     python tools/gpu_check.py --cpu-smoke --out /tmp/check    # tiny model on the CPU, seconds (tests)
 
 Images are 224 px, which 8, 16 and 32 all tile (240, the paper's size, is not a multiple of 32).
-``flexi_vit_base`` (``flexivit.variants``, at 224 px) races ``timm.create_model("vit_base_patch16_224",
+``flexi_vit_base`` (``flexivit.model.variants``, at 224 px) races ``timm.create_model("vit_base_patch16_224",
 patch_size=p, img_size=224)`` at each size p, same width, depth and heads, with the training and eval
 steps, timed blocks and FLOP counter of ``tools/bench.py`` (bf16 autocast on CUDA). Sections, each
 recorded as ok / error / skipped (``--time-limit``) so one failure never hides the others:
@@ -13,7 +13,7 @@ recorded as ok / error / skipped (``--time-limit``) so one failure never hides t
 - ``eager`` and ``compiled``: training img/s of both models and their ratio, TFLOP/s and model FLOPs
   utilisation (MFU: counted FLOPs x img/s / the device's dense bf16 peak, ``PEAK_BF16_TFLOPS``), eval
   img/s and ratio, and peak memory of one training step. ``compiled`` compiles both models in place with
-  ``flexivit.compile.compile_model`` (blocks only, dynamic shapes) and counts dynamo's graphs over all
+  ``flexivit.model.compile.compile_model`` (blocks only, dynamic shapes) and counts dynamo's graphs over all
   sizes, training then eval, FlexiViT first and timm after it;
 - ``ddp``: the real trainer, ``flexivit train imagenet:smoke`` on a generated 224-px JPEG folder
   (``tests/imagenet_standin.py``), through ``accelerate launch --num_processes 1`` with torch's rendezvous
@@ -52,7 +52,7 @@ from timm.layers import use_fused_attn  # noqa: E402
 from torch import nn  # noqa: E402
 
 from bench import Settings, count_flops, eval_step, peak_mem_mb, race, train_step  # noqa: E402
-from flexivit.compile import compile_model, graph_count  # noqa: E402
+from flexivit.model.compile import compile_model, graph_count  # noqa: E402
 from flexivit.provenance import write_result  # noqa: E402
 from imagenet_standin import write_imagenet_standin  # noqa: E402
 
