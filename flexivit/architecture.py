@@ -19,6 +19,7 @@ from .resize import check_method
 __all__ = ["FlexiViTConfig", "GLOBAL_POOLS", "SI_SCOPES", "SI_NORMS", "NORMS", "HEADS"]
 
 GLOBAL_POOLS = ("token", "avg")
+ACT_LAYERS = ("gelu", "gelu_tanh")
 SI_SCOPES = ("none", "head", "linears", "all")  # see flexivit.scale_invariant
 SI_NORMS = ("matrix", "row")
 _SI_FIELDS = ("scale_invariant", "si_norm", "si_head_scale")
@@ -48,6 +49,7 @@ class FlexiViTConfig:
     depth: int = 12
     num_heads: int = 12
     mlp_ratio: float = 4.0
+    act_layer: str = "gelu"  # the MLP's GELU: "gelu" (exact, as timm) or "gelu_tanh" (flax's, in big_vision weights)
     qkv_bias: bool = True
     qk_norm: bool = False
     init_values: float | None = None  # layer scale
@@ -110,6 +112,8 @@ class FlexiViTConfig:
         if self.embed_dim % self.num_heads:
             raise ValueError(f"embed_dim {self.embed_dim} is not divisible by num_heads {self.num_heads}")
         check_method(self.kernel_resize)
+        if self.act_layer not in ACT_LAYERS:
+            raise ValueError(f"act_layer must be one of {', '.join(ACT_LAYERS)}, got {self.act_layer!r}")
         self._check_scale_invariance()
         self._check_lutq()
         self._check_graph()
@@ -231,6 +235,8 @@ class FlexiViTConfig:
         norms and the proxy head only when they are on, so a plain model's config (and every file that stores
         it) is what it was before the options existed."""
         values = asdict(self)
+        if self.act_layer == "gelu":
+            del values["act_layer"]
         if self.scale_invariant == "none":
             for key in _SI_FIELDS:
                 del values[key]

@@ -83,6 +83,7 @@ class FlexiViT(nn.Module):
                 attn_drop=cfg.attn_drop_rate,
                 drop_path=dpr[i],
                 norm_layer=norm_layer,
+                act_layer=nn.GELU if cfg.act_layer == "gelu" else partial(nn.GELU, approximate="tanh"),
             )
             for i in range(cfg.depth)
         ]
