@@ -100,16 +100,21 @@ def read_model_meta(path: str | Path) -> dict[str, Any]:
     return meta
 
 
-def load_model(path: str | Path, map_location: str = "cpu") -> tuple[FlexiViT, dict[str, Any]]:
+def load_model(path: str | Path, map_location: str = "cpu", **overrides: Any) -> tuple[FlexiViT, dict[str, Any]]:
     """Load a model file or a run directory's model; returns ``(model in eval mode, metadata)``. A LUT-Q
-    model comes back in its frozen form (values and indices, no shadow weights)."""
+    model comes back in its frozen form (values and indices, no shadow weights). ``overrides`` set config
+    fields that keep the weights' shapes (e.g. ``drop_path_rate``)."""
     meta = read_model_meta(path)
-    model = freeze(FlexiViT(FlexiViTConfig.from_dict(meta["config"])))
+    model = freeze(FlexiViT(FlexiViTConfig.from_dict({**meta["config"], **overrides})))
     try:
         state = load_file(str(_model_file(path)), device=map_location)
     except (SafetensorError, OSError) as err:
         raise CheckpointError(f"cannot read the weights in {path}: {err}") from None
-    model.load_state_dict(unpack_state(model, state), strict=True)
+    try:
+        model.load_state_dict(unpack_state(model, state), strict=True)
+    except RuntimeError as err:  # only overrides that change a shape get here
+        raise CheckpointError(f"the weights in {path} do not fit its config with {overrides}: "
+                              f"{str(err).splitlines()[-1].strip()}") from None
     return model.eval(), meta
 
 

@@ -11,10 +11,12 @@ timm's model API is there too (``group_matcher``, ``set_grad_checkpointing``, ``
 from __future__ import annotations
 
 from functools import partial
+from pathlib import Path
 from typing import Any, Sequence
 
 import torch
 from einops import rearrange
+from huggingface_hub import PyTorchModelHubMixin
 from timm.layers import trunc_normal_
 from timm.models import checkpoint, checkpoint_seq
 from timm.models._features import feature_take_indices  # timm's own index rule for forward_intermediates
@@ -37,8 +39,13 @@ __all__ = ["FlexiViT", "FlexiViTConfig"]
 Intermediates = list[torch.Tensor] | list[tuple[torch.Tensor, torch.Tensor]]
 
 
-class FlexiViT(nn.Module):
-    """A ViT whose ``forward(x, patch_size, stride)`` accepts any patch scheme that tiles the image."""
+class FlexiViT(nn.Module, PyTorchModelHubMixin, library_name="flexivit", paper_url="https://arxiv.org/abs/2212.08013",
+               pipeline_tag="image-classification", tags=["image-classification", "vision-transformer", "flexivit"]):
+    """A ViT whose ``forward(x, patch_size, stride)`` accepts any patch scheme that tiles the image.
+
+    ``save_pretrained`` / ``from_pretrained`` / ``push_to_hub`` come from huggingface_hub's mixin with the
+    FlexiViT parts in ``flexivit.hub``.
+    """
 
     def __init__(self, config: FlexiViTConfig | None = None, **overrides: Any) -> None:
         super().__init__()
@@ -359,6 +366,26 @@ class FlexiViT(nn.Module):
                 f"missing {result.missing_keys}, unexpected {result.unexpected_keys}"
             )
         return model
+
+    # hub.py builds on checkpoint.py, which imports this module: imported when called.
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path: str | Path, **kwargs: Any) -> "FlexiViT":
+        """From a folder written by ``save_pretrained``, a run directory, a model file or a Hub repo id
+        (``flexivit.hub.load_pretrained``)."""
+        from .hub import load_pretrained
+
+        return load_pretrained(pretrained_model_name_or_path, **kwargs)
+
+    def save_pretrained(self, save_directory: str | Path, **kwargs: Any) -> str | None:
+        """Write a Hub folder (``flexivit.hub.save_pretrained``: atomic; ``push_to_hub=True`` also pushes it)."""
+        from .hub import save_pretrained
+
+        return save_pretrained(self, save_directory, **kwargs)
+
+    def _save_pretrained(self, save_directory: Path) -> None:
+        from .hub import write_folder  # the mixin's hook
+
+        write_folder(self, save_directory)
 
     def non_plain_parts(self) -> list[str]:
         """What this model has that timm's ``VisionTransformer`` cannot hold (empty for a plain ViT, which
