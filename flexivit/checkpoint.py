@@ -85,7 +85,12 @@ def _model_file(path: str | Path) -> Path:
 
 
 def read_model_meta(path: str | Path) -> dict[str, Any]:
-    """The metadata stored in a model file (config, class names, preprocessing)."""
+    """The metadata stored in a model file (config, class names, preprocessing); for a big_vision ``.npz``,
+    what ``flexivit.big_vision`` reads it as (from the arrays' shapes)."""
+    if Path(path).suffix == ".npz":
+        from .big_vision import big_vision_config, big_vision_meta  # it builds on this module
+
+        return big_vision_meta(big_vision_config(path))
     file = _model_file(path)
     try:
         with safe_open(str(file), framework="pt") as f:
@@ -101,9 +106,13 @@ def read_model_meta(path: str | Path) -> dict[str, Any]:
 
 
 def load_model(path: str | Path, map_location: str = "cpu", **overrides: Any) -> tuple[FlexiViT, dict[str, Any]]:
-    """Load a model file or a run directory's model; returns ``(model in eval mode, metadata)``. A LUT-Q
-    model comes back in its frozen form (values and indices, no shadow weights). ``overrides`` set config
-    fields that keep the weights' shapes (e.g. ``drop_path_rate``)."""
+    """Load a model file, a run directory's model or a big_vision ``.npz`` (``flexivit.big_vision``); returns
+    ``(model in eval mode, metadata)``. A LUT-Q model comes back in its frozen form (values and indices, no
+    shadow weights). ``overrides`` set config fields that keep the weights' shapes (e.g. ``drop_path_rate``)."""
+    if Path(path).suffix == ".npz":
+        from .big_vision import load_big_vision_model  # it builds on this module
+
+        return load_big_vision_model(path, map_location, **overrides)
     meta = read_model_meta(path)
     model = freeze(FlexiViT(FlexiViTConfig.from_dict({**meta["config"], **overrides})))
     try:

@@ -44,7 +44,7 @@ class FlexiViT(nn.Module, PyTorchModelHubMixin, library_name="flexivit", paper_u
     """A ViT whose ``forward(x, patch_size, stride)`` accepts any patch scheme that tiles the image.
 
     ``save_pretrained`` / ``from_pretrained`` / ``push_to_hub`` come from huggingface_hub's mixin with the
-    FlexiViT parts in ``flexivit.hub``.
+    FlexiViT parts in ``flexivit.hub``; ``from_big_vision`` reads the official weights (``flexivit.big_vision``).
     """
 
     def __init__(self, config: FlexiViTConfig | None = None, **overrides: Any) -> None:
@@ -367,7 +367,15 @@ class FlexiViT(nn.Module, PyTorchModelHubMixin, library_name="flexivit", paper_u
             )
         return model
 
-    # hub.py builds on checkpoint.py, which imports this module: imported when called.
+    # hub.py and big_vision.py build on checkpoint.py, which imports this module: imported when called.
+    @classmethod
+    def from_big_vision(cls, source: Any, **kwargs: Any) -> "FlexiViT":
+        """A FlexiViT holding a big_vision ``.npz`` checkpoint, kernel and grid at their stored size
+        (``flexivit.big_vision.load_big_vision``: ``prefix=`` and config overrides)."""
+        from .big_vision import load_big_vision
+
+        return load_big_vision(source, **kwargs)
+
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path: str | Path, **kwargs: Any) -> "FlexiViT":
         """From a folder written by ``save_pretrained``, a run directory, a model file or a Hub repo id
