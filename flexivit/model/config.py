@@ -20,6 +20,7 @@ from flexivit.model.resize import check_method
 __all__ = ["FlexiViTConfig", "GLOBAL_POOLS", "CORE_FIELDS"]
 
 GLOBAL_POOLS = ("token", "avg")
+ACT_LAYERS = ("gelu", "gelu_tanh")
 
 
 @dataclass(frozen=True, init=False)
@@ -37,6 +38,7 @@ class FlexiViTConfig:
     depth: int = 12
     num_heads: int = 12
     mlp_ratio: float = 4.0
+    act_layer: str = "gelu"  # the MLP's GELU: "gelu" (exact, as timm) or "gelu_tanh" (flax's, in big_vision weights)
     qkv_bias: bool = True
     qk_norm: bool = False
     init_values: float | None = None  # layer scale
@@ -95,6 +97,8 @@ class FlexiViTConfig:
         if self.embed_dim % self.num_heads:
             raise ValueError(f"embed_dim {self.embed_dim} is not divisible by num_heads {self.num_heads}")
         check_method(self.kernel_resize)
+        if self.act_layer not in ACT_LAYERS:
+            raise ValueError(f"act_layer must be one of {', '.join(ACT_LAYERS)}, got {self.act_layer!r}")
         check_patch_sizes([PatchScheme(self.patch_size, self.stride)], self.img_size)
 
     @property
@@ -123,6 +127,8 @@ class FlexiViTConfig:
         """The core fields, then each option's fields while it is on (so a plain model's config, and every
         file that stores it, is what it was before the options existed)."""
         values = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "options"}
+        if self.act_layer == "gelu":  # the default, left out so files written before the field stay the same
+            del values["act_layer"]
         for option, option_values in self.active():
             values.update(option.stored(option_values))
         return values

@@ -157,6 +157,7 @@ def timm_vit_kwargs(config: FlexiViTConfig, patch_size: int, img_size: int) -> d
         pre_norm=config.pre_norm,
         final_norm=config.final_norm,
         fc_norm=config.fc_norm,
+        **({"act_layer": config.act_layer} if config.act_layer != "gelu" else {}),  # timm's GELUTanh: the same op
     )
 
 

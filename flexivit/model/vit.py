@@ -11,10 +11,12 @@ timm's model API is there too (``group_matcher``, ``set_grad_checkpointing``, ``
 from __future__ import annotations
 
 from functools import partial
+from pathlib import Path
 from typing import Any, Sequence
 
 import torch
 from einops import rearrange
+from huggingface_hub import PyTorchModelHubMixin
 from timm.layers import trunc_normal_
 from timm.models import checkpoint, checkpoint_seq
 from timm.models._features import feature_take_indices  # timm's own index rule for forward_intermediates
@@ -31,8 +33,13 @@ __all__ = ["FlexiViT", "FlexiViTConfig"]
 Intermediates = list[torch.Tensor] | list[tuple[torch.Tensor, torch.Tensor]]
 
 
-class FlexiViT(nn.Module):
-    """A ViT whose ``forward(x, patch_size, stride)`` accepts any patch scheme that tiles the image."""
+class FlexiViT(nn.Module, PyTorchModelHubMixin, library_name="flexivit", paper_url="https://arxiv.org/abs/2212.08013",
+               pipeline_tag="image-classification", tags=["image-classification", "vision-transformer", "flexivit"]):
+    """A ViT whose ``forward(x, patch_size, stride)`` accepts any patch scheme that tiles the image.
+
+    ``save_pretrained`` / ``from_pretrained`` / ``push_to_hub`` come from huggingface_hub's mixin with the
+    FlexiViT parts in ``flexivit.model.hub``; ``from_big_vision`` reads the official weights (``flexivit.model.big_vision``).
+    """
 
     def __init__(self, config: FlexiViTConfig | None = None, **overrides: Any) -> None:
         super().__init__()
@@ -77,6 +84,7 @@ class FlexiViT(nn.Module):
                 attn_drop=cfg.attn_drop_rate,
                 drop_path=dpr[i],
                 norm_layer=norm_layer,
+                act_layer=nn.GELU if cfg.act_layer == "gelu" else partial(nn.GELU, approximate="tanh"),
             )
             for i in range(cfg.depth)
         ]
@@ -322,6 +330,34 @@ class FlexiViT(nn.Module):
                 f"missing {result.missing_keys}, unexpected {result.unexpected_keys}"
             )
         return model
+
+    # hub.py and big_vision.py build on checkpoint.py, which imports this module: imported when called.
+    @classmethod
+    def from_big_vision(cls, source: Any, **kwargs: Any) -> "FlexiViT":
+        """A FlexiViT holding a big_vision ``.npz`` checkpoint, kernel and grid at their stored size
+        (``flexivit.model.big_vision.load_big_vision``: ``prefix=`` and config overrides)."""
+        from flexivit.model.big_vision import load_big_vision
+
+        return load_big_vision(source, **kwargs)
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path: str | Path, **kwargs: Any) -> "FlexiViT":
+        """From a folder written by ``save_pretrained``, a run directory, a model file or a Hub repo id
+        (``flexivit.model.hub.load_pretrained``)."""
+        from flexivit.model.hub import load_pretrained
+
+        return load_pretrained(pretrained_model_name_or_path, **kwargs)
+
+    def save_pretrained(self, save_directory: str | Path, **kwargs: Any) -> str | None:
+        """Write a Hub folder (``flexivit.model.hub.save_pretrained``: atomic; ``push_to_hub=True`` also pushes it)."""
+        from flexivit.model.hub import save_pretrained
+
+        return save_pretrained(self, save_directory, **kwargs)
+
+    def _save_pretrained(self, save_directory: Path) -> None:
+        from flexivit.model.hub import write_folder  # the mixin's hook
+
+        write_folder(self, save_directory)
 
     def non_plain_parts(self) -> list[str]:
         """What this model has that timm's ``VisionTransformer`` cannot hold (empty for a plain ViT, which

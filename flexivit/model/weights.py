@@ -77,7 +77,12 @@ def _model_file(path: str | Path) -> Path:
 
 
 def read_model_meta(path: str | Path) -> dict[str, Any]:
-    """The metadata stored in a model file (config, class names, preprocessing)."""
+    """The metadata stored in a model file (config, class names, preprocessing); for a big_vision ``.npz``,
+    what ``flexivit.model.big_vision`` reads it as (from the arrays' shapes)."""
+    if Path(path).suffix == ".npz":
+        from flexivit.model.big_vision import big_vision_config, big_vision_meta  # it builds on this module
+
+        return big_vision_meta(big_vision_config(path))
     file = _model_file(path)
     try:
         with safe_open(str(file), framework="pt") as f:
@@ -92,11 +97,17 @@ def read_model_meta(path: str | Path) -> dict[str, Any]:
     return meta
 
 
-def load_model(path: str | Path, map_location: str = "cpu") -> tuple[FlexiViT, dict[str, Any]]:
-    """Load a model file or a run directory's model; returns ``(model in eval mode, metadata)``. An option
-    may give the model the form its file holds (``for_loading``, e.g. tied weights without their shadows)."""
+def load_model(path: str | Path, map_location: str = "cpu", **overrides: Any) -> tuple[FlexiViT, dict[str, Any]]:
+    """Load a model file, a run directory's model or a big_vision ``.npz`` (``flexivit.model.big_vision``);
+    returns ``(model in eval mode, metadata)``. An option may give the model the form its file holds
+    (``for_loading``, e.g. tied weights without their shadows). ``overrides`` set config fields that keep the
+    weights' shapes (e.g. ``drop_path_rate``)."""
+    if Path(path).suffix == ".npz":
+        from flexivit.model.big_vision import load_big_vision_model  # it builds on this module
+
+        return load_big_vision_model(path, map_location, **overrides)
     meta = read_model_meta(path)
-    model = FlexiViT(FlexiViTConfig.from_dict(meta["config"]))
+    model = FlexiViT(FlexiViTConfig.from_dict({**meta["config"], **overrides}))
     for option, values in model.config.active():  # e.g. tied layers in their frozen form
         model = option.for_loading(values, model)
     try:
@@ -105,7 +116,11 @@ def load_model(path: str | Path, map_location: str = "cpu") -> tuple[FlexiViT, d
         raise CheckpointError(f"cannot read the weights in {path}: {err}") from None
     for option, values in model.config.active():
         state = option.unpack_state(values, model, state)
-    model.load_state_dict(state, strict=True)
+    try:
+        model.load_state_dict(state, strict=True)
+    except RuntimeError as err:  # only overrides that change a shape get here
+        raise CheckpointError(f"the weights in {path} do not fit its config with {overrides}: "
+                              f"{str(err).splitlines()[-1].strip()}") from None
     return model.eval(), meta
 
 
