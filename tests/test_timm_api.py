@@ -1,11 +1,17 @@
-"""timm's model API on FlexiViT: layer-wise lr decay, gradient checkpointing, intermediates, no-decay names."""
+"""timm's model API on FlexiViT: layer-wise lr decay, gradient checkpointing, intermediates, no-decay names, and
+timm-native construction (features_only, pretrained_cfg_overlay=dict(file=...), load_checkpoint)."""
 
 import pytest
+import timm
 import torch
-from timm.models import group_parameters
+from safetensors.torch import save_file
+from timm.models import group_parameters, load_checkpoint
 from timm.optim import create_optimizer_v2
 
 from flexivit import FlexiViT, FlexiViTConfig
+from flexivit.model.timm_weights import checkpoint_filter_fn
+from flexivit.model.variants import VARIANTS, FlexiFeatureGetter
+from flexivit.model.weights import CheckpointError, load_model, save_model
 from flexivit.train.config import Config
 from flexivit.train.optim import build_optimizer
 
@@ -137,14 +143,6 @@ def test_forward_intermediates(variant, patch, stride):
 
 # ---- timm-native construction: features_only, pretrained_cfg_overlay=dict(file=...), load_checkpoint ----------
 
-import timm  # noqa: E402
-from safetensors.torch import save_file  # noqa: E402
-from timm.models import load_checkpoint  # noqa: E402
-
-from flexivit.model.timm_weights import checkpoint_filter_fn  # noqa: E402
-from flexivit.model.variants import VARIANTS, FlexiFeatureGetter  # noqa: E402
-from flexivit.model.weights import CheckpointError, load_model, save_model  # noqa: E402
-
 # What a Fashion-MNIST run saves: flexi_vit_micro on 1-channel 28 px images, 5 classes, the recipe's kernel resize.
 TRAINED = dict(VARIANTS["flexi_vit_micro"], in_chans=1, num_classes=5, kernel_resize="area")
 PRE = {"image_size": 28, "channels": 1, "crop_pct": 1.0, "mean": [0.25], "std": [0.75], "interpolation": "bilinear"}
@@ -205,7 +203,8 @@ def test_features_only_defaults_and_patch_size_override():
     maps = features(torch.randn(1, 3, 32, 32))
     assert [m.shape for m in maps] == [(1, 384, 4, 4)] * 3  # as timm's ViTs: the last three blocks, NCHW
     assert "num_classes" not in features.pretrained_cfg  # timm's feature cfg
-    overlaid = timm.create_model("flexi_vit_micro", in_chans=1, pretrained_cfg_overlay=dict(mean=(0.1,), crop_pct=0.9))
+    overlay = dict(mean=(0.1,), crop_pct=0.9)  # the caller's overlay wins over the model's own cfg
+    overlaid = timm.create_model("flexi_vit_micro", in_chans=1, pretrained_cfg_overlay=overlay)
     assert timm.data.resolve_data_config(model=overlaid) == dict(
         input_size=(1, 28, 28), interpolation="bicubic", mean=(0.1,), std=(0.5,), crop_pct=0.9, crop_mode="center")
 
@@ -226,7 +225,8 @@ def test_pretrained_cfg_overlay_loads_a_flexivit_model_file(saved):
     cfg = model.pretrained_cfg
     assert cfg["input_size"] == (1, 28, 28) and cfg["num_classes"] == 5 and cfg["label_names"] == tuple(CLASSES)
     assert timm.data.resolve_data_config(model=model)["mean"] == (0.25,)  # the file's preprocessing
-    by_dir = timm.create_model("flexi_vit_micro", pretrained=True, pretrained_cfg_overlay=dict(file=str(model_file.parent)))
+    by_dir = timm.create_model("flexi_vit_micro", pretrained=True,
+                               pretrained_cfg_overlay=dict(file=str(model_file.parent)))  # a run directory
     torch.testing.assert_close(by_dir.eval()(x), reference(x))
 
 

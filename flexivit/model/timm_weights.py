@@ -28,7 +28,7 @@ from torch import nn
 from flexivit.model.config import FlexiViTConfig
 from flexivit.model.weights import MODEL_FILE, CheckpointError, read_model_meta
 
-__all__ = ["WeightsFile", "read_weights_file", "checkpoint_filter_fn", "FROM_FILE"]
+__all__ = ["FROM_FILE", "WeightsFile", "checkpoint_filter_fn", "read_weights_file"]
 
 # Fields a model loaded from a flexivit file takes from it unless the caller sets them: none changes which
 # tensors the model holds in a way timm cannot adapt (the head is replaced, the input channels adapted).
@@ -120,7 +120,8 @@ def read_weights_file(path: str | Path) -> WeightsFile:
                            class_names=tuple(meta.get("class_names") or ()) or None,
                            num_classes=int(config.get("num_classes", 0)), in_chans=int(config.get("in_chans", 3)))
     head, kernel = shapes.get("head.weight"), shapes.get(_KERNEL)
-    return WeightsFile(path, num_classes=head[0] if head else 0, in_chans=kernel[1] if kernel and len(kernel) == 4 else None)
+    in_chans = kernel[1] if kernel and len(kernel) == 4 else None  # (D, C, p, p)
+    return WeightsFile(path, num_classes=head[0] if head else 0, in_chans=in_chans)
 
 
 def _names(keys: list[str]) -> str:
