@@ -1,11 +1,17 @@
-"""timm's model API on FlexiViT: layer-wise lr decay, gradient checkpointing, intermediates, no-decay names."""
+"""timm's model API on FlexiViT: layer-wise lr decay, gradient checkpointing, intermediates, no-decay names, and
+timm-native construction (features_only, pretrained_cfg_overlay=dict(file=...), load_checkpoint)."""
 
 import pytest
+import timm
 import torch
-from timm.models import group_parameters
+from safetensors.torch import save_file
+from timm.models import group_parameters, load_checkpoint
 from timm.optim import create_optimizer_v2
 
 from flexivit import FlexiViT, FlexiViTConfig
+from flexivit.model.timm_weights import checkpoint_filter_fn
+from flexivit.model.variants import VARIANTS, FlexiFeatureGetter
+from flexivit.model.weights import CheckpointError, load_model, save_model
 from flexivit.train.config import Config
 from flexivit.train.optim import build_optimizer
 
@@ -133,3 +139,171 @@ def test_forward_intermediates(variant, patch, stride):
             assert all(torch.equal(a, b) for a, b in zip(pairs, nlc))  # no prefix tokens: plain maps
     with pytest.raises(ValueError, match="'NCHW' or 'NLC'"):
         model.forward_intermediates(x, output_fmt="NHWC")
+
+
+# ---- timm-native construction: features_only, pretrained_cfg_overlay=dict(file=...), load_checkpoint ----------
+
+# What a Fashion-MNIST run saves: flexi_vit_micro on 1-channel 28 px images, 5 classes, the recipe's kernel resize.
+TRAINED = dict(VARIANTS["flexi_vit_micro"], in_chans=1, num_classes=5, kernel_resize="area")
+PRE = {"image_size": 28, "channels": 1, "crop_pct": 1.0, "mean": [0.25], "std": [0.75], "interpolation": "bilinear"}
+CLASSES = [f"class-{i}" for i in range(5)]
+
+
+def _randomised(**fields) -> FlexiViT:
+    """A trained-looking model: every tensor non-trivial (init zeroes biases and keeps pos_embed tiny)."""
+    model = FlexiViT(FlexiViTConfig(**{**TRAINED, **fields})).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.copy_(torch.randn_like(p) * 0.2)
+    return model
+
+
+def _by_hand(model: FlexiViT, x: torch.Tensor, patch: int) -> list[torch.Tensor]:
+    """Every block's patch tokens as NCHW maps, run block by block (independent of forward_intermediates)."""
+    tokens, (gh, gw) = model._embed(x, model.scheme(patch))
+    maps = []
+    for block in model.blocks:
+        tokens = block(tokens)
+        maps.append(tokens[:, model.num_prefix_tokens:].transpose(1, 2).reshape(len(x), -1, gh, gw))
+    return maps
+
+
+@pytest.fixture(scope="module")
+def saved(tmp_path_factory):
+    """The same model as a flexivit model file and as a plain state_dict safetensors file."""
+    torch.manual_seed(1)
+    model = _randomised()
+    folder = tmp_path_factory.mktemp("weights")
+    model_file = save_model(model, folder / "run", class_names=CLASSES, preprocess=PRE)
+    plain = folder / "state_dict.safetensors"
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(plain))
+    return model, model_file, plain
+
+
+def test_features_only_gives_every_taken_block_at_the_default_and_any_scheme():
+    features = timm.create_model("flexi_vit_micro", features_only=True, in_chans=1, out_indices=(0, 1, 3)).eval()
+    assert isinstance(features, FlexiFeatureGetter)
+    info = features.feature_info
+    assert info.module_name() == ["blocks.0", "blocks.1", "blocks.3"] and info.channels() == [64] * 3
+    assert info.reduction() == [7] * 3  # the default patch size of flexi_vit_micro
+    x = torch.randn(2, 1, 28, 28)
+    with torch.no_grad():
+        for patch, maps in ((None, features(x)), (4, features(x, patch_size=4)), (14, features(x, 14))):
+            want = _by_hand(features.model, x, patch or 7)
+            assert [m.shape[-1] for m in maps] == [28 // (patch or info.reduction()[0])] * 3
+            for got, ref in zip(maps, [want[0], want[1], want[3]]):
+                torch.testing.assert_close(got, ref)
+        overlapping = features(x, patch_size=14, stride=7)
+        assert [m.shape for m in overlapping] == [(2, 64, 3, 3)] * 3
+
+
+def test_features_only_defaults_and_patch_size_override():
+    features = timm.create_model("flexi_vit_small", features_only=True, patch_size=8, img_size=32, depth=4)
+    assert features.feature_info.reduction() == [8] * 3 and features.feature_info.module_name()[0] == "blocks.1"
+    maps = features(torch.randn(1, 3, 32, 32))
+    assert [m.shape for m in maps] == [(1, 384, 4, 4)] * 3  # as timm's ViTs: the last three blocks, NCHW
+    assert "num_classes" not in features.pretrained_cfg  # timm's feature cfg
+    overlay = dict(mean=(0.1,), crop_pct=0.9)  # the caller's overlay wins over the model's own cfg
+    overlaid = timm.create_model("flexi_vit_micro", in_chans=1, pretrained_cfg_overlay=overlay)
+    assert timm.data.resolve_data_config(model=overlaid) == dict(
+        input_size=(1, 28, 28), interpolation="bicubic", mean=(0.1,), std=(0.5,), crop_pct=0.9, crop_mode="center")
+
+
+def _logits(model, x):
+    with torch.no_grad():
+        return {p: model(x, p) for p in (4, 7, 14)}
+
+
+def test_pretrained_cfg_overlay_loads_a_flexivit_model_file(saved):
+    _, model_file, _ = saved
+    reference, _ = load_model(model_file)
+    model = timm.create_model("flexi_vit_micro", pretrained=True, pretrained_cfg_overlay=dict(file=str(model_file)))
+    assert model.config == reference.config  # channels, classes and kernel resize come from the file
+    x = torch.randn(3, 1, 28, 28)
+    for p, want in _logits(reference, x).items():
+        torch.testing.assert_close(_logits(model.eval(), x)[p], want, rtol=0, atol=0)
+    cfg = model.pretrained_cfg
+    assert cfg["input_size"] == (1, 28, 28) and cfg["num_classes"] == 5 and cfg["label_names"] == tuple(CLASSES)
+    assert timm.data.resolve_data_config(model=model)["mean"] == (0.25,)  # the file's preprocessing
+    by_dir = timm.create_model("flexi_vit_micro", pretrained=True,
+                               pretrained_cfg_overlay=dict(file=str(model_file.parent)))  # a run directory
+    torch.testing.assert_close(by_dir.eval()(x), reference(x))
+
+
+def test_pretrained_cfg_overlay_loads_a_plain_state_dict(saved):
+    source, _, plain = saved
+    model = timm.create_model("flexi_vit_micro", pretrained=True, kernel_resize="area",
+                              pretrained_cfg_overlay=dict(file=str(plain))).eval()
+    assert (model.config.in_chans, model.config.num_classes) == (1, 5)  # read off the tensors' shapes
+    x = torch.randn(3, 1, 28, 28)
+    for p, want in _logits(source, x).items():
+        torch.testing.assert_close(_logits(model, x)[p], want, rtol=0, atol=0)
+
+
+def test_pretrained_with_other_classes_and_channels_replaces_the_head_and_adapts_the_kernel(saved):
+    source, model_file, _ = saved
+    model = timm.create_model("flexi_vit_micro", pretrained=True, pretrained_cfg_overlay=dict(file=str(model_file)),
+                              num_classes=3, in_chans=3).eval()
+    assert model(torch.randn(1, 3, 28, 28)).shape == (1, 3)
+    body = {k: v for k, v in source.state_dict().items() if not k.startswith(("head.", "patch_embed.weight"))}
+    for k, v in body.items():
+        assert torch.equal(model.state_dict()[k], v), k
+    gray = torch.randn(2, 1, 28, 28)
+    with torch.no_grad():  # timm splits the 1-channel kernel over 3 channels: a gray image gives the same tokens
+        torch.testing.assert_close(model.forward_features(gray.expand(-1, 3, -1, -1), 4),
+                                   source.forward_features(gray, 4), rtol=1e-5, atol=1e-5)
+    features = timm.create_model("flexi_vit_micro", pretrained=True, features_only=True,
+                                 pretrained_cfg_overlay=dict(file=str(model_file)))
+    with torch.no_grad():
+        torch.testing.assert_close(features(gray, patch_size=4)[-1], _by_hand(source, gray, 4)[-1])
+
+
+def test_timm_load_checkpoint_and_checkpoint_path(saved):
+    source, model_file, plain = saved
+    x = torch.randn(2, 1, 28, 28)
+    for file in (model_file, plain):
+        model = FlexiViT(FlexiViTConfig(**TRAINED)).eval()
+        assert not torch.equal(model(x), source(x))
+        load_checkpoint(model, str(file))
+        torch.testing.assert_close(model(x), source(x), rtol=0, atol=0)
+        again = timm.create_model("flexi_vit_micro", in_chans=1, num_classes=5, kernel_resize="area",
+                                  checkpoint_path=str(file)).eval()
+        torch.testing.assert_close(again(x), source(x), rtol=0, atol=0)
+    with pytest.raises(CheckpointError, match=r"does not fit this FlexiViT: unexpected blocks\.3\.attn"):
+        load_checkpoint(FlexiViT(FlexiViTConfig(**{**TRAINED, "depth": 3})), str(plain), filter_fn=checkpoint_filter_fn)
+
+
+def _one_line(excinfo) -> str:
+    message = str(excinfo.value)
+    assert "\n" not in message
+    return message
+
+
+def test_bad_weight_files_raise_one_line(saved, tmp_path):
+    _, model_file, plain = saved
+
+    def create(file, name="flexi_vit_micro", **kw):
+        return timm.create_model(name, pretrained=True, pretrained_cfg_overlay=dict(file=str(file)), **kw)
+
+    with pytest.raises(CheckpointError, match="does not exist") as err:
+        create(tmp_path / "missing.safetensors")
+    _one_line(err)
+    garbage = tmp_path / "garbage.safetensors"
+    garbage.write_bytes(b"not a safetensors file at all")
+    with pytest.raises(CheckpointError, match="not a readable safetensors file") as err:
+        create(garbage)
+    _one_line(err)
+    with pytest.raises(CheckpointError, match=r"embed_dim=64 \(the model: 96\)") as err:  # a file of another variant
+        create(model_file, embed_dim=96, num_heads=2)
+    assert "create_model" in _one_line(err)
+    with pytest.raises(CheckpointError, match=r"missing blocks\.4\.\S+, .* and \d+ more") as err:
+        create(plain, depth=5)
+    _one_line(err)
+    with pytest.raises(CheckpointError, match=r"shapes differ: patch_embed\.weight \[64, 1, 14, 14\]") as err:
+        create(plain, base_patch_size=7)
+    _one_line(err)
+    vit = tmp_path / "timm_vit.safetensors"
+    save_file(timm.create_model("vit_tiny_patch16_224", img_size=32, depth=1).state_dict(), str(vit))
+    with pytest.raises(CheckpointError, match="FlexiViT.from_timm") as err:
+        create(vit)
+    _one_line(err)

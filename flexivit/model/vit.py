@@ -263,6 +263,12 @@ class FlexiViT(nn.Module, PyTorchModelHubMixin, library_name="flexivit", paper_u
         return self.patch_embed.kernel_rank(patch_size)
 
     # ---- timm-style helpers ----------------------------------------------------------------------
+    @property
+    def feature_info(self) -> list[dict[str, Any]]:
+        """timm's per-block feature metadata (``features_only``): the width and the default scheme's stride."""
+        stride = self.scheme().stride
+        return [dict(module=f"blocks.{i}", num_chs=self.embed_dim, reduction=stride) for i in range(len(self.blocks))]
+
     def get_classifier(self) -> nn.Module:
         return self.head
 
