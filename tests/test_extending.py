@@ -12,7 +12,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from flexivit import PatchScheme
+from flexivit import FlexiViT, PatchScheme
 
 PAGE = Path(__file__).resolve().parent.parent / "docs" / "extending.md"
 BLOCKS = re.findall(r"^```python\n(.*?)^```", PAGE.read_text(), flags=re.S | re.M)
@@ -41,8 +41,8 @@ def run() -> Iterator[Run]:
         sys.modules.pop(f"extending_block_{index + 1}", None)
 
 
-def test_page_has_the_three_examples():
-    assert len(BLOCKS) == 3
+def test_page_has_the_four_examples():
+    assert len(BLOCKS) == 4
 
 
 def test_loss_term_is_added_with_its_weight_and_logged(run: Run):
@@ -128,3 +128,23 @@ def test_evaluator_reduce_sums_shards_like_one_process(run: Run):
                        reduce=lambda t: t + torch.tensor([next(calls), 8.0 * len(shards[1])], dtype=t.dtype))
     whole = agreement(model, batches, schemes, reference=reference)
     assert [r["agreement"] for r in merged] == pytest.approx([r["agreement"] for r in whole])
+
+
+def test_model_option_is_on_at_every_size_and_survives_a_file(run: Run, tmp_path):
+    from flexivit import FlexiViTConfig
+    from flexivit.model.weights import load_model, save_model
+
+    ns = run("class ZeroHeadOption")
+    model, config = ns["model"], ns["config"]
+    for p, logits in ns["logits"].items():
+        assert torch.count_nonzero(logits) == 0, p
+    assert ns["stored"]["zero_head"] is True and config.option("zero_head") == ns["ZeroHeadFields"](True)
+    assert "zero_head" not in FlexiViTConfig(img_size=28, patch_size=7).to_dict()  # off: plain config
+    assert FlexiViTConfig.from_dict(ns["stored"]) == config
+    model.reset_classifier(3)  # the hook zeroes the new head too
+    assert torch.count_nonzero(model.head.weight) == 0 and model.head.out_features == 3
+    save_model(model, tmp_path, class_names=["a", "b", "c"], preprocess={})
+    loaded, _ = load_model(tmp_path)
+    assert loaded.config.zero_head is True
+    plain = FlexiViT(FlexiViTConfig.from_dict({**ns["stored"], "zero_head": False}))
+    assert torch.count_nonzero(plain.head.weight) > 0  # without the option the head is initialised as usual
