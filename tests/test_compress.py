@@ -8,7 +8,7 @@ import torch
 from flexivit import FlexiViT, FlexiViTConfig
 from flexivit.model.weights import load_model, save_model
 from flexivit.ext.compress import check_compress, derive
-from flexivit.train.config import CompressConfig
+from flexivit.ext.bridge import CompressConfig
 from flexivit.ext.lutq import lutq_layers
 
 from test_distill_e2e import _cli, _top1

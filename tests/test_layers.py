@@ -54,15 +54,12 @@ OPTION_WORDS = (
     "proxy_local", "proxy_mix", "proxy_scale", "bgn", "batchnorm", "fixed_norm", "elr", "graph_lr_scale",
     "GraphBlocks", "ProxyHead", "LutqLinear", "BatchGroupNorm", "compress", "evolve", "fewshot", "recalibrate",
 )
-# Where the core still names options: the run config's option sections and the CLI's option commands, until
-# they register themselves too (docs/ARCHITECTURE.md, "Options"). Shrink-only, like PENDING.
+# Where the core still names options: the CLI's option commands, until they register themselves too
+# (docs/ARCHITECTURE.md, "Options"). Shrink-only, like PENDING.
 PENDING_NAMES: dict[str, set[str]] = {
     "flexivit/cli/args.py": {"compress", "LUT-Q", "bridges", "evolve", "recalibrate", "batchnorm", "bgn", "fewshot",
                              "proxies"},
     "flexivit/cli/main.py": {"recalibrate", "fewshot", "evolve", "compress"},
-    "flexivit/train/config.py": {"scale_invariant", "si_norm", "si_head_scale", "norm_groups", "norm_regions",
-                                 "norm_sizes", "pow2_scale", "proxy_local", "proxy_mix", "proxy_scale", "graph_lr_scale",
-                                 "fixed_norm", "elr", "compress", "bridges", "lutq_k", "lutq_scope", "lutq_pow2"},
 }
 
 

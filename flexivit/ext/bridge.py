@@ -26,7 +26,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Iterable, Iterator, Sequence
 
 import torch
@@ -388,13 +388,30 @@ class BridgeFields:
     bridge_sizes: tuple[int, ...] = ()
 
 
+@dataclass
+class CompressConfig:
+    """How `flexivit compress` derives a compact model from a trained one (docs/compress.md)."""
+
+    bridges: list[str] = field(default_factory=list)  # "a:b" replaces blocks a..b-1 by one linear map
+    bridge_per_size: bool = True  # one map per training patch size (the pooled one elsewhere)
+    bridge_init: str = "lstsq"  # "lstsq" (fitted to the base's signals) | "identity" | "random"
+    bridge_ridge: float = 1e-6  # relative ridge of the least-squares fit
+    calib_images: int = 512  # training images the bridges are fitted on
+    lutq_k: int | None = None  # values per tied tensor (LUT-Q); unset: float weights
+    lutq_scope: str = "blocks"  # "blocks" | "blocks+head"
+    lutq_pow2: bool = False  # dictionary of powers of two (multiplier-less)
+    targets: str = "base"  # "base": the base's outputs (quantised by distill.quantize) | "labels": the labels
+
+
 @register
 class BridgeOption(ModelOption):
-    """Least-squares bridges in place of block spans (``model.bridges``; set by ``flexivit compress``)."""
+    """Least-squares bridges in place of block spans (``model.bridges``; set by ``flexivit compress``, whose
+    settings are the run config's ``compress`` section)."""
 
     name = "bridges"
     fields = BridgeFields
     order = 40
+    run_sections = {"compress": CompressConfig}
 
     def normalize(self, values: BridgeFields, config: Any) -> BridgeFields:
         if isinstance(values.bridge_sizes, (str, int)):

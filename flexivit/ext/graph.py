@@ -259,6 +259,15 @@ class GraphFields:
     graph: str | None = None
 
 
+@dataclass(frozen=True)
+class GraphRunFields:
+    # Learning-rate multiplier of the connection logits (optim.graph_lr_scale; the chain has none). Adam moves a
+    # logit by about lr a step: at x1 and lr 3e-3, 150 steps left every weight within 0.03 of its 1/2 start, so
+    # evolve's threshold could not tell the connections apart; at x100 they spread over 0.03-0.98 and the
+    # all-edges graph scored best on validation (x1/30/100/300).
+    graph_lr_scale: float = 100.0
+
+
 @register
 class GraphOption(ModelOption):
     """Blocks wired as a DAG with learned connection weights (``model.graph``; ``flexivit evolve``)."""
@@ -266,6 +275,7 @@ class GraphOption(ModelOption):
     name = "graph"
     fields = GraphFields
     order = 30
+    run_fields = {"optim": GraphRunFields}
 
     def normalize(self, values: GraphFields, config: Any) -> GraphFields:
         if values.graph is None:

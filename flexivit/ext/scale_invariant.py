@@ -362,6 +362,15 @@ class ScaleInvariantFields:
     si_head_scale: float | None = None  # the head's S (a logit scale); None: ||W|| when made scale-invariant
 
 
+@dataclass(frozen=True)
+class FixedNormRunFields:
+    # Fixed-norm training of scale-invariant weights (optim.fixed_norm): after each step they are scaled back to
+    # their norm at the start, without weight decay; optim.elr (the equivalent learning rate) then sets their
+    # rate from their norm and size, and the other parameters keep optim.lr.
+    fixed_norm: bool = False
+    elr: float | None = None
+
+
 @register
 class ScaleInvariantOption(ModelOption):
     """Scale-invariant layers (``model.scale_invariant``) and, in training, fixed-norm updates and the
@@ -370,6 +379,7 @@ class ScaleInvariantOption(ModelOption):
     name = "scale_invariant"
     fields = ScaleInvariantFields
     order = 10
+    run_fields = {"optim": FixedNormRunFields}
     from_recipe = True  # a fine-tune reparametrises the checkpoint as the recipe asks ...
     folds = True  # ... after loading its plain (folded) weights, so every pretrained layer keeps its function
 

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import dataclasses
 import importlib
+import typing
 from importlib.metadata import entry_points
 from typing import TYPE_CHECKING, Any, Callable, ClassVar, Iterable
 
@@ -27,7 +28,7 @@ if TYPE_CHECKING:
     from flexivit.model.patch_embed import PatchScheme
 
 __all__ = ["ModelOption", "register", "registered", "option_for_key", "option_named", "load_options",
-           "ENTRY_POINTS"]
+           "ENTRY_POINTS", "RunField", "run_fields"]
 
 ENTRY_POINTS = "flexivit.options"
 BUILTIN = "flexivit.ext"  # the package whose OPTION_MODULES are the built-in options (imported by name: it sits above)
@@ -44,6 +45,11 @@ class ModelOption:
     name: ClassVar[str]
     fields: ClassVar[type]  # a frozen dataclass; its defaults are the option switched off
     order: ClassVar[int] = 0  # hooks of several options run in ascending order (initialisation depends on it)
+    # The run config: ``fields`` are also ``model.*`` keys (unset: None); ``run_fields`` adds keys to other
+    # sections (section name -> dataclass of them, e.g. ``{"optim": ...}``); ``run_sections`` whole sections
+    # (name -> dataclass, e.g. a command's settings). All are read, set and ``--set`` like the core ones.
+    run_fields: ClassVar[dict[str, type]] = {}
+    run_sections: ClassVar[dict[str, type]] = {}
 
     # ---- config -----------------------------------------------------------------------------------
     def normalize(self, values: Any, config: "FlexiViTConfig") -> Any:
@@ -189,6 +195,32 @@ def option_named(name: str) -> ModelOption:
     if name not in _REGISTRY:
         raise ValueError(f"no model option named {name!r}; registered: {', '.join(sorted(_REGISTRY)) or 'none'}")
     return _REGISTRY[name]
+
+
+@dataclasses.dataclass(frozen=True)
+class RunField:
+    """A run-config key an option adds: its type, its default (for a whole section: the section's class)."""
+
+    type: Any
+    default: Any
+    option: str
+
+
+def run_fields(section: str) -> dict[str, RunField]:
+    """The keys the registered options add to the run config's ``section`` (``""``: whole sections)."""
+    out: dict[str, RunField] = {}
+    for option in registered():
+        if section == "model":
+            hints = typing.get_type_hints(option.fields)
+            for f in dataclasses.fields(option.fields):
+                out[f.name] = RunField(hints[f.name] | None, None, option.name)
+        elif section == "":
+            out.update({name: RunField(cls, cls, option.name) for name, cls in option.run_sections.items()})
+        elif section in option.run_fields:
+            cls = option.run_fields[section]
+            hints = typing.get_type_hints(cls)
+            out.update({f.name: RunField(hints[f.name], f.default, option.name) for f in dataclasses.fields(cls)})
+    return out
 
 
 def field_names() -> Iterable[str]:

@@ -22,6 +22,7 @@ from timm.models import (PretrainedCfg, build_model_with_cfg, generate_default_c
                          resolve_pretrained_cfg)
 from timm.models._features import FeatureGetterNet  # not re-exported by timm.models; build_model_with_cfg's own
 
+from flexivit.model.options import option_for_key
 from flexivit.model.patch_embed import PatchScheme
 from flexivit.model.timm_weights import WeightsFile, checkpoint_filter_fn, read_weights_file
 from flexivit.model.vit import FlexiViT, FlexiViTConfig
@@ -101,7 +102,7 @@ def create_variant(
             "pretrained_cfg_overlay=dict(file=PATH), or start from timm weights with "
             "FlexiViT.from_timm(timm.create_model('flexivit_small', pretrained=True))"
         )
-    fields = {k: kwargs.pop(k) for k in list(kwargs) if k in _CONFIG_FIELDS}
+    fields = {k: kwargs.pop(k) for k in list(kwargs) if k in _CONFIG_FIELDS or option_for_key(k) is not None}
     config = FlexiViTConfig.from_dict({**VARIANTS[name], **(source.model_defaults() if source else {}), **fields})
     # The pretrained_cfg describes the source weights (timm compares the model with it to replace the head or
     # adapt the input channels), or this model where there are none; the caller's overlay has the last word.

@@ -46,7 +46,8 @@ def default_patch(patch: PatchConfig) -> int:
 
 
 def build_model(cfg: Config, *, channels: int, num_classes: int) -> FlexiViT:
-    overrides = {k: v for k, v in dataclasses.asdict(cfg.model).items() if k != "variant" and v is not None}
+    own = {f.name: getattr(cfg.model, f.name) for f in dataclasses.fields(cfg.model) if f.name not in ("variant", "options")}
+    overrides = {k: v for k, v in {**own, **cfg.model.options}.items() if v is not None}
     if cfg.model.variant not in VARIANTS:
         raise ValueError(f"unknown model.variant {cfg.model.variant!r}; known: {sorted(VARIANTS)}")
     if set(overrides) - CORE_FIELDS:  # option fields: each option may fill its own from the run (e.g. sizes)

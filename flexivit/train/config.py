@@ -15,11 +15,13 @@ import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
+
+from flexivit.model.options import run_fields
 
 __all__ = [
     "ConfigError", "Config", "ModelConfig", "DataConfig", "PatchConfig", "StageConfig", "OptimConfig", "TrainConfig",
-    "DistillConfig", "FinetuneConfig", "CompressConfig", "load_recipe", "apply_overrides", "config_from_dict", "list_recipes", "RECIPES_DIR",
+    "DistillConfig", "FinetuneConfig", "load_recipe", "apply_overrides", "config_from_dict", "list_recipes", "RECIPES_DIR",
     "recipe_search_grid",
 ]
 
@@ -30,9 +32,51 @@ class ConfigError(ValueError):
     """A recipe, config file or ``--set`` override that cannot be used; the message names the key."""
 
 
-@dataclass
-class ModelConfig:
+class _WithOptions:
+    """A section whose keys include those the registered model options add (``flexivit.model.options``):
+    read, set, ``--set`` and saved like its own fields, kept in its ``options`` dict."""
+
+    _section: ClassVar[str]
+
+    def __getattr__(self, key: str) -> Any:
+        if key.startswith("_") or key == "options":
+            raise AttributeError(key)
+        spec = run_fields(self._section).get(key)
+        if spec is None:
+            raise AttributeError(f"the {self._section or 'run'} config has no key {key!r}")
+        options = self.__dict__.setdefault("options", {})
+        if key not in options and isinstance(spec.default, type):  # a whole section: made once, then edited
+            options[key] = spec.default()
+        return options.get(key, spec.default)
+
+    def __setattr__(self, key: str, value: Any) -> None:
+        if key in self.__dataclass_fields__ or key.startswith("_"):
+            object.__setattr__(self, key, value)
+        elif key in run_fields(self._section):
+            self.options[key] = value
+        else:
+            raise _unknown_key(f"{self._section + '.' if self._section else ''}{key}",
+                               list(_keys_of(type(self))))
+
+    def option_values(self) -> dict[str, Any]:
+        """Every option key of this section with its value (set or default), as saved."""
+        return {key: (dataclasses.asdict(v) if dataclasses.is_dataclass(v := getattr(self, key)) else v)
+                for key in run_fields(self._section)
+                if self.options.get(key) is not None or self._section != "model"}  # model: what is set
+
+    def __eq__(self, other: object) -> bool:
+        """Equal fields and equal option values, an option key left at its default counting as its default."""
+        if type(other) is not type(self):
+            return NotImplemented
+        own = [f.name for f in dataclasses.fields(self) if f.name != "options"]
+        return all(getattr(self, n) == getattr(other, n) for n in own) and self.option_values() == other.option_values()
+
+
+@dataclass(eq=False)
+class ModelConfig(_WithOptions):
     """Architecture; input channels and classes come from the data."""
+
+    _section: ClassVar[str] = "model"
 
     variant: str = "flexi_vit_micro"  # a registered variant whose defaults the fields below override
     embed_dim: int | None = None
@@ -47,25 +91,9 @@ class ModelConfig:
     kernel_resize: str | None = None  # "bilinear" | "bilinear_aa" | "area" (see flexivit.model.resize)
     posemb_antialias: bool | None = None
     drop_path_rate: float | None = None
-    # Scale-invariant layers (docs/scale_invariant.md): "head" | "linears" | "all"; unset: plain layers.
-    # A fine-tune applies these three to the checkpoint it starts from (the other fields come from it).
-    scale_invariant: str | None = None
-    si_norm: str | None = None  # "matrix" (default) | "row"
-    si_head_scale: float | None = None  # the head's S, a logit scale; unset: the head's norm when converted
-    # A block graph (docs/evolve.md), e.g. "0-1,0-2,1-2,2-3,3-4,4-h"; unset: the chain, today's ViT.
-    graph: str | None = None
-    # Batch-statistics norms (docs/batchnorm.md): "batchnorm" | "bgn"; unset: LayerNorm, today's ViT.
-    norm: str | None = None
-    norm_groups: int | None = None  # bgn: channel groups (default 8; must divide the width)
-    norm_regions: int | None = None  # bgn: regions per side of the token grid (default 2)
-    norm_sizes: list[int] | None = None  # patch sizes with running statistics; unset: patch.sizes
-    pow2_scale: bool | None = None  # power-of-two inference scale (batchnorm or bgn)
-    # Class-proxy head (docs/proxies.md): "proxies" | "linear"; unset: linear, today's ViT. A fine-tune takes
-    # these four from the recipe (the proxies are then initialised from the new task's training images).
-    head: str | None = None
-    proxy_local: int | None = None  # local proxies per class, matched to the patch tokens (default 16; 0: none)
-    proxy_mix: float | None = None  # weight alpha of the global proxies in [0, 1] (default 0.5)
-    proxy_scale: float | None = None  # logit scale (default 16)
+    # Model options' fields (flexivit.model.options: e.g. model.norm=bgn) are keys of this section too, kept
+    # in `options` while set; unset they are None (the option's own default).
+    options: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass
@@ -117,8 +145,9 @@ class PatchConfig:
     eval_sizes: list[int] | None = None  # None: every training size
 
 
-@dataclass
-class OptimConfig:
+@dataclass(eq=False)
+class OptimConfig(_WithOptions):
+    _section: ClassVar[str] = "optim"
     opt: str = "adamw"  # any timm optimizer name
     lr: float = 1e-3  # for the global batch (batch_size x processes x accumulation)
     weight_decay: float = 0.05
@@ -131,16 +160,7 @@ class OptimConfig:
     # and a PI-resize that averages (area, bilinear_aa) sums up to (base/p)^2 of those moves into one
     # weight of a small patch's kernel; a scale below 1 keeps a large base kernel's small-patch steps sane.
     kernel_lr_scale: float = 1.0
-    # Learning-rate multiplier of a block graph's connection logits (`model.graph`, docs/evolve.md; the
-    # chain has none). Adam moves a logit by about lr a step: at x1 and lr 3e-3, 150 steps left every
-    # weight within 0.03 of its 1/2 start, so evolve's threshold could not tell the connections apart; at
-    # x100 they spread over 0.03-0.98 and the all-edges graph scored best on validation (x1/30/100/300).
-    graph_lr_scale: float = 100.0
-    # Fixed-norm training of scale-invariant weights (docs/scale_invariant.md): after each step they are
-    # scaled back to their norm at the start, without weight decay; `elr` (the equivalent learning rate)
-    # then sets their rate from their norm and size, and the other parameters keep `lr`.
-    fixed_norm: bool = False
-    elr: float | None = None
+    options: dict[str, Any] = field(default_factory=dict)  # model options' optimizer keys (see ModelConfig)
 
 
 @dataclass
@@ -152,21 +172,6 @@ class DistillConfig:
     quantize: str = "none"  # "none" | "hard" | "topk:K" | "bits:B"
     init_from_teacher: bool = True  # the student starts from the teacher's weights
     keep_student_base: bool = False  # resize the teacher's kernel/grid into model.base_* (lossy)
-
-
-@dataclass
-class CompressConfig:
-    """How `flexivit compress` derives a compact model from a trained one (docs/compress.md)."""
-
-    bridges: list[str] = field(default_factory=list)  # "a:b" replaces blocks a..b-1 by one linear map
-    bridge_per_size: bool = True  # one map per training patch size (the pooled one elsewhere)
-    bridge_init: str = "lstsq"  # "lstsq" (fitted to the base's signals) | "identity" | "random"
-    bridge_ridge: float = 1e-6  # relative ridge of the least-squares fit
-    calib_images: int = 512  # training images the bridges are fitted on
-    lutq_k: int | None = None  # values per tied tensor (LUT-Q); unset: float weights
-    lutq_scope: str = "blocks"  # "blocks" | "blocks+head"
-    lutq_pow2: bool = False  # dictionary of powers of two (multiplier-less)
-    targets: str = "base"  # "base": the base's outputs (quantised by distill.quantize) | "labels": the labels
 
 
 @dataclass
@@ -197,8 +202,10 @@ class TrainConfig:
     test_eval: bool = True  # score the test split at the end (searches turn it off: they select on val)
 
 
-@dataclass
-class Config:
+@dataclass(eq=False)
+class Config(_WithOptions):
+    _section: ClassVar[str] = ""  # options add whole sections here (e.g. a command's settings)
+
     name: str = "run"
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
@@ -207,10 +214,22 @@ class Config:
     train: TrainConfig = field(default_factory=TrainConfig)
     distill: DistillConfig = field(default_factory=DistillConfig)
     finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
-    compress: CompressConfig = field(default_factory=CompressConfig)
+    options: dict[str, Any] = field(default_factory=dict)  # sections the model options add
 
     def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        """Every section as saved in ``config.json``: the options' keys flat among each section's own."""
+        out = {}
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            if isinstance(value, _WithOptions):
+                out[f.name] = {**{g.name: getattr(value, g.name) for g in dataclasses.fields(value)
+                                  if g.name != "options"}, **value.option_values()}
+                out[f.name] = json.loads(json.dumps(out[f.name], default=list))  # tuples as lists, as asdict+JSON
+            elif dataclasses.is_dataclass(value):
+                out[f.name] = dataclasses.asdict(value)
+            elif f.name != "options":
+                out[f.name] = value
+        return {**out, **self.option_values()}
 
     def save(self, path: str | Path) -> None:
         Path(path).write_text(json.dumps(self.to_dict(), indent=2, sort_keys=True) + "\n")
@@ -218,7 +237,15 @@ class Config:
 
 # ---- typed conversion ------------------------------------------------------------------------------
 def _hints(cls: type) -> dict[str, Any]:
-    return typing.get_type_hints(cls)
+    """A section's keys and their types: its own fields, and for a section the model options extend, theirs."""
+    hints = {k: v for k, v in typing.get_type_hints(cls).items() if k not in ("options", "_section")}
+    if isinstance(cls, type) and issubclass(cls, _WithOptions):
+        hints.update({key: spec.type for key, spec in run_fields(cls._section).items()})
+    return hints
+
+
+def _keys_of(cls: type) -> list[str]:
+    return list(_hints(cls))
 
 
 def _coerce(value: Any, tp: Any, key: str) -> Any:
@@ -294,7 +321,12 @@ def config_from_dict(cls: type, values: dict[str, Any], prefix: str = "") -> Any
     for key in values:
         if key not in hints:
             raise _unknown_key(prefix + key, [prefix + k for k in hints])
-    return cls(**{k: _coerce(v, hints[k], prefix + k) for k, v in values.items()})
+    own = set(typing.get_type_hints(cls)) - {"options", "_section"}
+    obj = cls(**{k: _coerce(v, hints[k], prefix + k) for k, v in values.items() if k in own})
+    for key, value in values.items():  # the options' keys; a model option's unset field is saved as null
+        if key not in own and not (value is None and cls is ModelConfig):
+            setattr(obj, key, _coerce(value, hints[key], prefix + key))
+    return obj
 
 
 def _all_keys(cls: type, prefix: str = "") -> list[str]:
