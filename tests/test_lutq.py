@@ -189,6 +189,26 @@ def test_a_saved_model_reloads_frozen_with_identical_logits_and_a_smaller_file(t
     assert set(load_file(str(dense))) == set(plain.state_dict())  # a plain model's file holds its state dict
 
 
+def test_loading_fits_no_dictionary(tmp_path, monkeypatch):
+    """A model file fills every tensor, so loading builds the frozen form without k-means (which cost 42 s for a
+    flexi_vit_tiny): no dictionary is fitted and the logits are the saved model's."""
+    import flexivit.ext.lutq as lutq_module
+
+    model = _model(k=4)
+    _train(model, 2)
+    file = save_model(model, tmp_path / "lutq", **META)
+    fits = []
+    monkeypatch.setattr(lutq_module, "fit_dictionary", lambda layer, *a, **k: fits.append(layer))
+    loaded, _ = load_model(file)
+    assert fits == [] and all(layer.frozen for layer in lutq_layers(loaded).values())
+    x = _images()
+    with torch.no_grad():
+        for p in SIZES:
+            assert torch.equal(loaded(x, p), model(x, p)), p
+    FlexiViT(TINY.__class__.from_dict({**TINY.to_dict(), "lutq_k": 4}))  # building to train still fits
+    assert fits
+
+
 def test_to_fixed_and_the_export_are_plain_vits_with_the_lut_q_logits(tmp_path):
     model = _model(k=4, lutq_scope="blocks+head")
     _train(model, 3)

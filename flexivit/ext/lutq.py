@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from flexivit.model.config import FlexiViTConfig
-from flexivit.model.options import ModelOption, register
+from flexivit.model.options import ModelOption, is_loading_weights, register
 
 __all__ = [
     "LutqLinear", "LutqHook", "LUTQ_SCOPES", "MAX_K", "PACK_BITS", "PACKED_KEY", "check_k", "index_bits",
@@ -192,12 +192,13 @@ def lutq_layers(model: nn.Module) -> dict[str, LutqLinear]:
     return {name: m for name, m in model.named_modules() if isinstance(m, LutqLinear)}
 
 
-def apply_lutq(model: nn.Module, *, k: int, scope: str = "blocks", pow2: bool = False) -> list[str]:
+def apply_lutq(model: nn.Module, *, k: int, scope: str = "blocks", pow2: bool = False, frozen: bool = False) -> list[str]:
     """Tie the weights of ``model``'s linear layers in ``scope`` in place (training form, dictionaries fitted
     by k-means, parameters shared); returns the converted module names. ``blocks``: every ``nn.Linear`` in
     ``model.blocks`` (attention qkv and projection, both MLP layers); ``blocks+head``: those and ``head``.
     The patch-embedding kernel stays float: it is PI-resized to each patch size, and a resized kernel is a
-    linear map of the base kernel that would not take its values from the dictionary."""
+    linear map of the base kernel that would not take its values from the dictionary. ``frozen`` builds the
+    empty frozen form instead (no shadow weight, no fitting), for a saved state to fill."""
     if scope not in LUTQ_SCOPES:
         raise ValueError(f"unknown LUT-Q scope {scope!r}; choose one of {', '.join(LUTQ_SCOPES)}")
     check_k(k)
@@ -216,7 +217,12 @@ def apply_lutq(model: nn.Module, *, k: int, scope: str = "blocks", pow2: bool = 
         _check_size(k, m.weight.numel(), f"{name}.weight")  # every tensor checked before any is converted
     for name, m in targets.items():
         parent, _, child = name.rpartition(".")
-        setattr(model.get_submodule(parent), child, LutqLinear.from_linear(m, k=k, pow2=pow2, name=f"{name}.weight"))
+        if frozen:
+            new = LutqLinear(in_features=m.in_features, out_features=m.out_features, bias=m.bias is not None, k=k,
+                             pow2=pow2, frozen=True).to(m.weight.device)
+        else:
+            new = LutqLinear.from_linear(m, k=k, pow2=pow2, name=f"{name}.weight")
+        setattr(model.get_submodule(parent), child, new)
     return list(targets)
 
 
@@ -378,7 +384,9 @@ class LutqOption(ModelOption):
                              "not free); set scale_invariant='none' or leave lutq_k unset")
 
     def finish(self, values: LutqFields, model: nn.Module) -> None:
-        apply_lutq(model, k=values.lutq_k, scope=values.lutq_scope, pow2=values.lutq_pow2)
+        # Built for a weight file: the frozen form, which the file fills (k-means on random weights would be
+        # thrown away: it cost 42 s for a flexi_vit_tiny and minutes for a flexi_vit_small).
+        apply_lutq(model, k=values.lutq_k, scope=values.lutq_scope, pow2=values.lutq_pow2, frozen=is_loading_weights())
 
     def head_replaced(self, values: LutqFields, model: nn.Module, old: nn.Module) -> None:
         if values.lutq_scope == "blocks+head" and isinstance(model.head, nn.Linear):

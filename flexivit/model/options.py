@@ -14,11 +14,13 @@ config names a field that is not a core one: ``import flexivit`` loads no option
 
 from __future__ import annotations
 
+import contextvars
 import dataclasses
 import importlib
 import typing
+from contextlib import contextmanager
 from importlib.metadata import entry_points
-from typing import TYPE_CHECKING, Any, Callable, ClassVar, Iterable
+from typing import TYPE_CHECKING, Any, Callable, ClassVar, Iterable, Iterator
 
 import torch
 from torch import nn
@@ -28,7 +30,7 @@ if TYPE_CHECKING:
     from flexivit.model.patch_embed import PatchScheme
 
 __all__ = ["ModelOption", "register", "registered", "option_for_key", "option_named", "load_options",
-           "ENTRY_POINTS", "RunField", "run_fields"]
+           "ENTRY_POINTS", "RunField", "run_fields", "loading_weights", "is_loading_weights"]
 
 ENTRY_POINTS = "flexivit.options"
 BUILTIN = "flexivit.ext"  # the package whose OPTION_MODULES are the built-in options (imported by name: it sits above)
@@ -36,6 +38,22 @@ BUILTIN = "flexivit.ext"  # the package whose OPTION_MODULES are the built-in op
 _REGISTRY: dict[str, "ModelOption"] = {}
 _KEYS: dict[str, "ModelOption"] = {}
 _loaded = False
+_LOADING = contextvars.ContextVar("flexivit_loading_weights", default=False)
+
+
+@contextmanager
+def loading_weights() -> Iterator[None]:
+    """While a model is built to be filled by a weight file: an option may skip work whose result every
+    loaded tensor overwrites (a fitted dictionary, say), so loading costs what a plain model's does."""
+    token = _LOADING.set(True)
+    try:
+        yield
+    finally:
+        _LOADING.reset(token)
+
+
+def is_loading_weights() -> bool:
+    return _LOADING.get()
 
 
 class ModelOption:

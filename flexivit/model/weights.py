@@ -16,6 +16,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file, safe_open
 
 from flexivit.files import _publish, _temp_file, atomic_write_text
+from flexivit.model.options import loading_weights
 from flexivit.model.vit import FlexiViT, FlexiViTConfig
 
 __all__ = [
@@ -107,7 +108,8 @@ def load_model(path: str | Path, map_location: str = "cpu", **overrides: Any) ->
 
         return load_big_vision_model(path, map_location, **overrides)
     meta = read_model_meta(path)
-    model = FlexiViT(FlexiViTConfig.from_dict({**meta["config"], **overrides}))
+    with loading_weights():  # options skip work the file's tensors overwrite
+        model = FlexiViT(FlexiViTConfig.from_dict({**meta["config"], **overrides}))
     for option, values in model.config.active():  # e.g. tied layers in their frozen form
         model = option.for_loading(values, model)
     try:
