@@ -288,3 +288,39 @@ def test_export_goes_through_torch_export(tmp_path):
     x = torch.randn(2, 1, 28, 28)
     with torch.no_grad():
         torch.testing.assert_close(program(x), model.eval()(x, 7))
+
+
+def test_local_similarity_in_class_blocks_equals_all_at_once_and_bounds_its_largest_tensor():
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    from flexivit.ext.proxies import local_similarity
+
+    torch.manual_seed(0)
+    tokens = torch.randn(3, 10, 8, requires_grad=True)  # (B, N, D)
+    proxies = torch.randn(7, 4, 8, requires_grad=True)  # (K, M, D)
+    whole = local_similarity(tokens, proxies)
+    g_whole = torch.autograd.grad(whole.square().sum(), (tokens, proxies))
+
+    class Largest(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.most = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            for o in out if isinstance(out, (tuple, list)) else [out]:
+                if isinstance(o, torch.Tensor):
+                    self.most = max(self.most, o.numel())
+            return out
+
+    budget = 3 * 4 * 10 * 2  # two classes' (B, M, N) similarities per block
+    with Largest() as mode:
+        blocks = local_similarity(tokens, proxies, max_elements=budget)
+        g_blocks = torch.autograd.grad(blocks.square().sum(), (tokens, proxies))
+    torch.testing.assert_close(blocks, whole)
+    for a, b in zip(g_blocks, g_whole):
+        torch.testing.assert_close(a, b)
+    assert mode.most <= budget  # no tensor held all (B, K, M, N) = 840 similarities, backward included
+    with Largest() as mode:
+        local_similarity(tokens, proxies)
+    assert mode.most == 3 * 7 * 4 * 10  # the default budget makes small heads all at once

@@ -36,6 +36,7 @@ from typing import TYPE_CHECKING, Any, Sequence
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from flexivit.model.options import ModelOption, register
 
@@ -51,6 +52,7 @@ HEADS = ("linear", "proxies")
 # Cosines lie in [-1, 1]: at 0.1 a token 0.23 more similar than another weighs 10x more in the soft maximum.
 LOCAL_TEMPERATURE = 0.1
 KMEANS_ITERS = 50  # cap on Lloyd iterations; they stop earlier when no assignment changes
+LOCAL_CHUNK = 2**25  # similarities made at once by local_similarity: 128 MB in float32
 
 
 def check_proxy_fields(*, local: int, mix: float, scale: float) -> None:
@@ -85,11 +87,31 @@ def global_similarity(pooled: torch.Tensor, proxies: torch.Tensor) -> torch.Tens
     return F.normalize(pooled, dim=-1) @ F.normalize(proxies, dim=-1).T
 
 
-def local_similarity(tokens: torch.Tensor, proxies: torch.Tensor) -> torch.Tensor:
+def _local(tokens: torch.Tensor, proxies: torch.Tensor) -> torch.Tensor:
+    """``local_similarity`` of unit tokens ``(B, N, D)`` and unit proxies ``(k, M, D)``, all at once: ``(B, k)``."""
+    sim = torch.einsum("bnd,kmd->bkmn", tokens, proxies)  # (B, k, M, N)
+    return soft_max_over_tokens(sim).mean(dim=-1)  # (B, k)
+
+
+def local_similarity(tokens: torch.Tensor, proxies: torch.Tensor, *, max_elements: int = LOCAL_CHUNK) -> torch.Tensor:
     """Patch tokens ``(B, N, D)`` against local proxies ``(K, M, D)``: the mean over each class's proxies of the
-    soft maximum over tokens of their cosines, ``(B, K)``."""
-    sim = torch.einsum("bnd,kmd->bkmn", F.normalize(tokens, dim=-1), F.normalize(proxies, dim=-1))  # (B, K, M, N)
-    return soft_max_over_tokens(sim).mean(dim=-1)  # (B, K)
+    soft maximum over tokens of their cosines, ``(B, K)``.
+
+    The similarities ``(B, K, M, N)`` are made a block of classes at a time, each block at most
+    ``max_elements`` values, and under autograd each block is recomputed in the backward pass instead of kept
+    (``torch.utils.checkpoint``), so memory stays bounded for many classes and tokens (on the ``imagenet``
+    recipe one all-at-once intermediate took 7.4 GB). Each class's value is computed as it would be all at
+    once."""
+    t, p = F.normalize(tokens, dim=-1), F.normalize(proxies, dim=-1)
+    b, n, _ = t.shape
+    k, m, _ = p.shape
+    step = max(1, max_elements // max(1, b * m * n))  # classes per block
+    if step >= k:
+        return _local(t, p)
+    grad = torch.is_grad_enabled() and (t.requires_grad or p.requires_grad)
+    blocks = [checkpoint(_local, t, p[i : i + step], use_reentrant=False) if grad else _local(t, p[i : i + step])
+              for i in range(0, k, step)]
+    return torch.cat(blocks, dim=1)  # (B, K)
 
 
 class ProxyHead(nn.Module):
