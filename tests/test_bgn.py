@@ -362,3 +362,40 @@ def test_export_refuses_timm_and_works_with_torch_export(tmp_path):
     x = torch.randn(3, 1, 16, 16)
     with torch.no_grad():
         torch.testing.assert_close(program(x), model.eval()(x, 4))
+
+
+def test_two_threads_calling_at_different_sizes_never_mix_grids():
+    """The grid of a call is per thread: thread A sets patch 4, thread B sets patch 7 and runs, then A runs:
+    each gets the logits of its own size (module state would have given A the 7's grid)."""
+    import threading
+
+    torch.manual_seed(0)
+    model = FlexiViT(FlexiViTConfig(img_size=28, patch_size=7, base_patch_size=14, embed_dim=16, depth=1, num_heads=2,
+                                    in_chans=1, num_classes=3, norm="bgn", norm_groups=2, norm_regions=1,
+                                    norm_sizes=(4, 7))).eval()
+    x = torch.randn(2, 1, 28, 28)
+    with torch.no_grad():
+        expected = {p: model(x, p) for p in (4, 7)}
+    a_set, b_done, out, errors = threading.Event(), threading.Event(), {}, []
+
+    def run(patch: int, first: threading.Event | None, then: threading.Event | None) -> None:
+        try:
+            tokens, grid = model._embed(x, model.scheme(patch))  # sets this thread's grid
+            if then is not None:
+                then.set()
+            if first is not None:
+                first.wait(10)
+            with torch.no_grad():
+                out[patch] = model.forward_head(model.norm(model.blocks(tokens)))
+        except Exception as err:  # reported below: a thread's exception would vanish
+            errors.append(err)
+        finally:
+            if patch == 7:
+                b_done.set()
+
+    a = threading.Thread(target=run, args=(4, b_done, a_set))
+    b = threading.Thread(target=lambda: (a_set.wait(10), run(7, None, None)))
+    a.start(), b.start(), a.join(20), b.join(20)
+    assert not errors
+    for p in (4, 7):
+        torch.testing.assert_close(out[p], expected[p])

@@ -19,8 +19,9 @@ sizes without gradients.
 
 The layer needs the patch size and token grid of the call, which ``N`` alone does not give (a non-square
 image, an overlapping scheme): the model calls ``set_token_grid`` on its norms before the blocks run. It is
-state of the forward in progress, set on the same process that runs it, so it works under DDP (whose
-forward calls the model's). Gradient checkpointing is refused (its recomputation would update the running
+state of the forward in progress, kept in a context variable rather than on the module, so each thread (and
+asyncio task) has its own: two calls at different sizes on one model from two threads never mix grids. It
+is set on the process that runs the forward, so it works under DDP (whose forward calls the model's). Gradient checkpointing is refused (its recomputation would update the running
 statistics twice).
 
 Power-of-two scale (``pow2``): the inference scale of channel ``c`` in group slot ``s`` is
@@ -39,7 +40,9 @@ the running statistics every rank holds and saves are rank 0's.
 
 from __future__ import annotations
 
+import contextvars
 import dataclasses
+import weakref
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Iterable, Sequence
 
@@ -115,8 +118,6 @@ class BatchGroupNorm(nn.Module):
         self.sizes: list[int] = []
         for patch in sizes:
             self.add_size(int(patch))
-        self._patch: int | None = None
-        self._grid: tuple[int, int] | None = None
         self._layouts: dict[tuple, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}  # not in state_dict
         self._affines: dict[tuple, tuple[torch.Tensor, ...]] = {}  # eval's per-token affine, not in state_dict
         self._seen: dict[int, int] = {}  # batches averaged per size while momentum is None
@@ -139,8 +140,18 @@ class BatchGroupNorm(nn.Module):
         return patch if patch in self.sizes else min(self.sizes, key=lambda p: (abs(p - patch), p))
 
     def set_grid(self, patch: int, grid: tuple[int, int]) -> None:
-        """The patch size and token grid ``(gh, gw)`` of the next calls."""
-        self._patch, self._grid = int(patch), (int(grid[0]), int(grid[1]))
+        """The patch size and token grid ``(gh, gw)`` of the next calls in this thread (or asyncio task)."""
+        _set_calls({self: (int(patch), (int(grid[0]), int(grid[1])))})
+
+    @property
+    def _patch(self) -> int | None:
+        call = _CALLS.get().get(self)
+        return None if call is None else call[0]
+
+    @property
+    def _grid(self) -> tuple[int, int] | None:
+        call = _CALLS.get().get(self)
+        return None if call is None else call[1]
 
     def exponents(self, patch: int) -> tuple[torch.Tensor, torch.Tensor]:
         """``(sign, k)``, ``(slots, groups, D / groups)`` each: the eval scale ``sign * 2^k`` at ``patch``'s
@@ -248,6 +259,19 @@ class BatchGroupNorm(nn.Module):
                 f"{', pooled' if self.pooled else ''}")
 
 
+# The patch size and token grid of the call in progress, per norm. A context variable, not module state: each
+# thread (and asyncio task) sees its own, so two calls at different sizes on one model (two Predictor threads)
+# never mix grids. Weak keys: a norm that is gone leaves no entry behind.
+_CALLS: contextvars.ContextVar[weakref.WeakKeyDictionary] = contextvars.ContextVar(
+    "flexivit_bgn_calls", default=weakref.WeakKeyDictionary())
+
+
+def _set_calls(calls: dict[nn.Module, tuple[int, tuple[int, int]]]) -> None:
+    merged = weakref.WeakKeyDictionary(_CALLS.get())  # a copy: a context's value is never changed in place
+    merged.update(calls)
+    _CALLS.set(merged)
+
+
 def _make_norm(cfg: FlexiViTConfig, *, pooled: bool) -> BatchGroupNorm:
     bgn = cfg.norm == "bgn"
     return BatchGroupNorm(cfg.embed_dim, groups=cfg.norm_groups if bgn else cfg.embed_dim,
@@ -273,8 +297,8 @@ def batch_norms(model: nn.Module) -> list[BatchGroupNorm]:
 
 def set_token_grid(model: nn.Module, patch: int, grid: tuple[int, int]) -> None:
     """Tell every batch-statistics norm of ``model`` the patch size and token grid of the forward to come."""
-    for norm in batch_norms(model):
-        norm.set_grid(patch, grid)
+    call = (int(patch), (int(grid[0]), int(grid[1])))
+    _set_calls(dict.fromkeys(batch_norms(model), call))
 
 
 def norms_of(model: nn.Module) -> list[BatchGroupNorm]:
