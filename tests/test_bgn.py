@@ -399,3 +399,23 @@ def test_two_threads_calling_at_different_sizes_never_mix_grids():
     assert not errors
     for p in (4, 7):
         torch.testing.assert_close(out[p], expected[p])
+
+
+def test_a_fine_tune_at_one_size_drops_the_other_sizes_stale_statistics_and_eval_says_so():
+    from flexivit.model.patch_embed import PatchScheme
+    from flexivit.train.finetune import from_pretrained
+
+    torch.manual_seed(0)
+    core = dict(img_size=28, patch_size=7, base_patch_size=14, embed_dim=16, depth=1, num_heads=2, in_chans=1)
+    pretrained = FlexiViT(FlexiViTConfig(**core, num_classes=10, norm="bgn", norm_groups=2, norm_regions=1,
+                                         norm_sizes=(4, 7, 14)))
+    fresh = FlexiViT(FlexiViTConfig(**core, num_classes=3))
+    tuned = from_pretrained(pretrained, fresh, sizes=[7])
+    assert tuned.config.norm_sizes == (7,) and all(n.sizes == [7] for n in batch_norms(tuned))
+    assert not any("running_mean_p4" in k or "running_var_p14" in k for k in tuned.state_dict())
+    torch.testing.assert_close(tuned.blocks[0].norm1.stats(7)[1], pretrained.blocks[0].norm1.stats(7)[1])
+    batches = [{"image": torch.randn(4, 1, 28, 28), "label": torch.tensor([0, 1, 2, 0])}]
+    rows = evaluate_schemes(tuned, batches, [PatchScheme(p) for p in (4, 7, 14)], image_hw=(28, 28))
+    assert [r.get("norm_stats_from") for r in rows] == [7, None, 7]  # flagged where another size's are used
+    whole = from_pretrained(pretrained, fresh, sizes=[4, 7, 14])  # a sampled fine-tune keeps every size
+    assert whole.config.norm_sizes == (4, 7, 14)

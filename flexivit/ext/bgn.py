@@ -131,6 +131,13 @@ class BatchGroupNorm(nn.Module):
         self.register_buffer(f"running_var_p{patch}", torch.ones(shape, device=device))
         self.sizes = sorted([*self.sizes, patch])
 
+    def remove_size(self, patch: int) -> None:
+        """Drop ``patch``'s running statistics (eval then borrows the nearest size's)."""
+        delattr(self, f"running_mean_p{patch}")
+        delattr(self, f"running_var_p{patch}")
+        self.sizes = [p for p in self.sizes if p != patch]
+        self._affines.clear()
+
     def stats(self, patch: int) -> tuple[torch.Tensor, torch.Tensor]:
         """The running mean and variance of ``patch``: two ``(slots, groups)`` buffers."""
         return getattr(self, f"running_mean_p{patch}"), getattr(self, f"running_var_p{patch}")
@@ -347,9 +354,7 @@ def recalibrate(model: FlexiViT, batches: Iterable[torch.Tensor], patch_sizes: S
     except BaseException:
         for norm in norms:  # leave the model as it was
             for patch in new:
-                delattr(norm, f"running_mean_p{patch}")
-                delattr(norm, f"running_var_p{patch}")
-            norm.sizes = [p for p in norm.sizes if p not in new]
+                norm.remove_size(patch)
         raise
     finally:
         for norm, momentum in zip(norms, momenta):
@@ -435,6 +440,19 @@ class NormOption(ModelOption):
 
     def on_grid(self, values: NormFields, model: nn.Module, patch: int, grid: tuple[int, int]) -> None:
         set_token_grid(model, patch, grid)
+
+    def finetune_sizes(self, values: NormFields, model: nn.Module, sizes: Sequence[int]) -> None:
+        # Statistics of the sizes a fine-tune does not train were measured on the pretrained network: stale once
+        # its weights move. They go, so evaluation there borrows a fine-tuned size's and says so in its rows
+        # (norm_stats_from); `flexivit recalibrate` estimates them anew.
+        keep = [p for p in values.norm_sizes if p in sizes]
+        drop = [p for p in values.norm_sizes if p not in sizes]
+        if not keep or not drop:  # nothing stale, or a size without statistics that training itself refuses
+            return
+        for norm in batch_norms(model):
+            for patch in drop:
+                norm.remove_size(patch)
+        model.config = FlexiViTConfig.from_dict({**model.config.to_dict(), "norm_sizes": keep})
 
     def refuses_grad_checkpointing(self, values: NormFields) -> str | None:
         return ("gradient checkpointing recomputes each block in the backward pass, which would update the running "

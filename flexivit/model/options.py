@@ -160,6 +160,10 @@ class ModelOption:
     folds: ClassVar[bool] = False  # a fine-tune starts from the weights folded (``fold``), the option off
     needs_support: ClassVar[bool] = False  # prepare_finetune wants examples of the new task's classes
 
+    def finetune_sizes(self, values: Any, model: nn.Module, sizes: list[int]) -> None:
+        """A fine-tune keeps this option from the checkpoint and trains at ``sizes`` only (e.g. drop state
+        measured at the other sizes, now stale)."""
+
     def prepare_finetune(self, values: Any, model: nn.Module, support: Any, *, seed: int) -> None:
         """After a fine-tune's model took the pretrained weights, for an option the recipe turns on
         (``support``: (images, labels, patch sizes) of the new task when ``needs_support``, else None)."""

@@ -37,7 +37,8 @@ def fixed_size(cfg: Config, patch_size: int) -> Config:
 
 
 def from_pretrained(pretrained: FlexiViT, fresh: FlexiViT, *,
-                    support: tuple[torch.Tensor, torch.Tensor, list[int]] | None = None, seed: int = 0) -> FlexiViT:
+                    support: tuple[torch.Tensor, torch.Tensor, list[int]] | None = None, seed: int = 0,
+                    sizes: list[int] | None = None) -> FlexiViT:
     """The pretrained network with ``fresh``'s image size, default patch and a new head for its classes.
 
     Model options follow their registration (``flexivit.model.options``): one that ``folds`` (e.g. a
@@ -45,7 +46,8 @@ def from_pretrained(pretrained: FlexiViT, fresh: FlexiViT, *,
     function; one taken ``from_recipe`` (e.g. the head's kind) comes from ``fresh`` and is
     applied after the weights are loaded (``prepare_finetune``: e.g. a head initialised from
     ``support`` = (images, labels, patch sizes) of the new task, seeded with ``seed``); the others stay as
-    the checkpoint has them."""
+    the checkpoint has them, told the patch ``sizes`` the fine-tune trains (``finetune_sizes``: e.g. state
+    measured at other sizes goes stale)."""
     if pretrained.config.in_chans != fresh.config.in_chans:
         raise ValueError(
             f"the checkpoint takes {pretrained.config.in_chans}-channel images but the data gives "
@@ -61,6 +63,9 @@ def from_pretrained(pretrained: FlexiViT, fresh: FlexiViT, *,
     missing, unexpected = model.load_state_dict(body, strict=False)
     if unexpected or any(not k.startswith("head.") for k in missing):
         raise ValueError(f"the checkpoint's weights do not fit its own config: missing {missing}, unexpected {unexpected}")
+    for option, values in model.config.active():
+        if not option.from_recipe and sizes is not None:
+            option.finetune_sizes(values, model, sizes)
     for option, values in fresh.config.active():
         if option.from_recipe:
             option.prepare_finetune(values, model, support, seed=seed)
@@ -80,6 +85,6 @@ def finetune(checkpoint: str | Path, cfg: Config, *, out_dir: str | Path, resume
     def init(fresh: FlexiViT) -> FlexiViT:
         needs = any(o.from_recipe and o.needs_support for o, _ in fresh.config.active())
         support = (*task_support(cfg), list(cfg.patch.sizes)) if needs else None
-        return from_pretrained(pretrained, fresh, support=support, seed=cfg.train.seed)
+        return from_pretrained(pretrained, fresh, support=support, seed=cfg.train.seed, sizes=list(cfg.patch.sizes))
 
     return train(cfg, out_dir=out_dir, resume=resume, init=init)
