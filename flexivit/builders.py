@@ -15,6 +15,7 @@ from .data import Splits, TransformedDataset, build_transform, load_source, make
 from .model import FlexiViT
 from .patch_embed import PatchScheme
 from .sampler import Curriculum, Distribution, PatchSizeSampler, make_distribution
+from .streams import ShardStream, TrainStream
 from .transforms import eval_transform, preprocess_spec
 from .variants import VARIANTS, create_variant
 
@@ -78,7 +79,7 @@ def build_sampler(cfg: Config) -> PatchSizeSampler:
 
 @dataclass
 class RunData:
-    """The run's datasets: ``train`` augmented; ``val`` (what settings are chosen on) and ``test`` (only
+    """The run's datasets: ``train`` augmented (a ``TrainStream`` for a stream source); ``val`` (what settings are chosen on) and ``test`` (only
     reported) with the evaluation transform, both cut to ``data.eval_limit`` images when it is set."""
 
     splits: Splits
@@ -99,6 +100,8 @@ def load_splits(cfg: Config) -> Splits:
         d.source, val_fraction=d.val_fraction, seed=cfg.train.seed, split_train=d.split_train,
         split_test=d.split_test, image_column=d.image_column, label_column=d.label_column,
     )
+    if d.classes and isinstance(splits.train, ShardStream):
+        raise ValueError("data.classes does not apply to a stream source; write shards of the classes you want")
     return select_classes(splits, d.classes) if d.classes else splits
 
 
@@ -117,10 +120,15 @@ def build_data(cfg: Config) -> RunData:
             ds = ds.select(range(min(d.eval_limit, len(ds))))
         return TransformedDataset(ds, eval_tf, on_corrupt=d.on_corrupt)
 
+    if isinstance(splits.train, ShardStream):  # read shard by shard (flexivit.streams)
+        train = TrainStream(splits.train, train_tf, on_corrupt=d.on_corrupt, seed=cfg.train.seed,
+                            batch_size=d.batch_size, mix_width=d.stream_mix)
+    else:
+        train = TransformedDataset(splits.train, train_tf, on_corrupt=d.on_corrupt, seed=cfg.train.seed)
     return RunData(
         splits=splits,
         channels=channels,
-        train=TransformedDataset(splits.train, train_tf, on_corrupt=d.on_corrupt, seed=cfg.train.seed),
+        train=train,
         val=evaluated(splits.val),
         test=evaluated(splits.test),
     )

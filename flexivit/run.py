@@ -34,6 +34,7 @@ from .rng import seed_all
 from .sampler import PatchSizeSampler
 from .scale_invariant import option_hooks
 from .steps import StepBatches
+from .streams import TrainStream
 
 __all__ = ["Run", "TrainingError", "assemble", "RESUMABLE_CHANGES"]
 
@@ -220,8 +221,9 @@ def assemble(
     image_hw = (d.image_size, d.image_size)
     batches = StepBatches(sampler=sampler, image_hw=image_hw, batch_size=d.batch_size,
                           token_budget=cfg.train.token_budget, grad_accum=cfg.train.grad_accum)
-    loader = make_loader(data.train, batch_size=d.batch_size, shuffle=True, seed=cfg.train.seed,
-                         num_workers=d.num_workers, prefetch_batches=2 * batches.most(), drop_last=True)
+    stream = data.train if isinstance(data.train, TrainStream) else None  # each rank reads its own shards
+    loader = None if stream else make_loader(data.train, batch_size=d.batch_size, shuffle=True, seed=cfg.train.seed,
+                                             num_workers=d.num_workers, prefetch_batches=2 * batches.most(), drop_last=True)
     threads = _share_cores(accelerator, d.num_workers)
     try:
         terms = _loss_terms(cfg, model, accelerator)  # anchors taken before DDP/FSDP wrap the model
@@ -235,7 +237,14 @@ def assemble(
         run_hooks = Hooks([*hooks, *option_hooks(cfg, raw, sharded=fsdp, say=accelerator.print),
                            *lutq_hooks(raw, sharded=fsdp)])  # re-clustering for a LUT-Q model (flexivit.lutq)
         start = _resume(accelerator, out, cfg, model_config, run_hooks) if resume else dict(FRESH)
-        batches.attach(loader=loader, dataset=data.train, skip=accelerator.skip_first_batches, step=start["step"])
+        if stream is not None:
+            ranks = accelerator.num_processes
+            _agree(accelerator, lambda: stream.check_run(out, step=start["step"], ranks=ranks, workers=max(1, d.num_workers)))
+            batches.attach_stream(stream.opener(rank=accelerator.process_index, ranks=ranks, num_workers=d.num_workers,
+                                                device=accelerator.device, prefetch_batches=2 * batches.most()),
+                                  step=start["step"])
+        else:
+            batches.attach(loader=loader, dataset=data.train, skip=accelerator.skip_first_batches, step=start["step"])
         view = ViewSpec(d.image_size, data.channels, tuple(pre["mean"]), tuple(pre["std"]))
         objective = build_objective(cfg, num_classes=data.num_classes, teacher=teacher, view=view, terms=terms)
         eval_schemes = schemes_of(cfg.patch, cfg.patch.eval_sizes) if cfg.patch.eval_sizes else list(sampler.schemes)
