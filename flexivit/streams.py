@@ -32,7 +32,7 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from itertools import islice
 from pathlib import Path
 from typing import Any
@@ -153,6 +153,21 @@ class ShardStream:
         if not modes:
             raise CorruptImageError(f"none of the first {probes} images of {self.shards[0].path} could be decoded")
         return 1 if all(m in GRAY_MODES for m in modes) else 3
+
+    def select(self, indices: Iterable[int]) -> datasets.Dataset:
+        """Records ``indices`` (numbered through the shards in listed order) as an in-memory table, in that
+        order: a small sample for what needs random access, such as a calibration set."""
+        wanted = [int(i) for i in indices]
+        if any(not 0 <= i < len(self) for i in wanted):
+            raise IndexError(f"record indices must be in [0, {len(self)})")
+        keep, rows = set(wanted), {}
+        for k, shard in enumerate(self.shards):
+            mine = [i - self.base[k] for i in keep if self.base[k] <= i < self.base[k] + shard.records]
+            for i, (image, label) in enumerate(islice(self.source.records(shard, 0), max(mine, default=-1) + 1)):
+                if self.base[k] + i in keep:
+                    rows[self.base[k] + i] = {"image": image, "label": self.label_index[label]}
+        features = datasets.Features({"image": datasets.Image(), "label": datasets.ClassLabel(names=self.class_names)})
+        return datasets.Dataset.from_list([rows[i] for i in wanted], features=features)
 
     def record(self, *, ranks: int, workers: int) -> dict[str, Any]:
         """What a resumed run must find unchanged to continue at the same sample."""

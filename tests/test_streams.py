@@ -358,3 +358,15 @@ def test_flexivit_train_on_shards_resumes_bit_identically_and_refuses_changed_sh
     assert [p for p, _ in after] == [p for p, _ in before]
     changed = [p for (p, t), (_, u) in zip(before, after) if t != u]
     assert changed == [Path("config.json")]  # written by every start, before the data is read
+
+
+def test_select_reads_a_sample_of_the_stream_as_a_table(tmp_path):
+    images, labels = _folder(tmp_path / "shards", [5, 7, 4])
+    stream = _load(f"wds:{tmp_path / 'shards'}", tmp_path).train
+    rows = [3, 11, 0, 15]
+    table = stream.select(rows).cast_column("image", datasets.Image(decode=False))
+    assert [np.asarray(Image.open(io.BytesIO(r["bytes"]))).tobytes() for r in table["image"]] == [
+        images[i].tobytes() for i in rows]
+    assert table["label"] == labels[rows].tolist()
+    with pytest.raises(IndexError):
+        stream.select([16])
