@@ -158,6 +158,7 @@ class TarShards:
         self.class_names: list[str] | None = None  # .cls holds indices; the names are the sorted labels
 
     def scan(self, path: str) -> Shard:
+        """``path``'s record count and labels (scanned once per file version in a process)."""
         stat = os.stat(path)
         return _scan_tar(path, stat.st_size, stat.st_mtime_ns)
 
@@ -227,6 +228,7 @@ class HFStreamShards:
         return part
 
     def scan(self, path: str) -> Shard:
+        """``path``'s record count and labels, refusing null labels."""
         size = os.stat(path).st_size
         if path.endswith(".parquet"):  # the footer has the row count; the label column alone is read
             import pyarrow.parquet as pq
@@ -247,6 +249,8 @@ class HFStreamShards:
         return Shard(path=path, records=records, size=size, labels=tuple(sorted(values)))
 
     def records(self, shard: Shard, start: int) -> Iterator[Record]:
+        """The rows of ``shard`` from its ``start``-th on (``IterableDataset.skip``: the ones before are read as
+        Arrow rows, their images never decoded)."""
         done = start
         for row in self._shard(shard.path, [self.image_column, self.label_column]).skip(start):
             yield row[self.image_column], row[self.label_column]

@@ -59,6 +59,7 @@ Batch = dict[str, Any]
 
 
 def open_source(source: str, *, image_column: str, label_column: str, cache_dir: str | None) -> Source:
+    """The shards of ``wds:...`` or ``hf-stream:...`` (the columns name an HF dataset's image and label)."""
     if source.startswith("wds:"):
         return TarShards(source[len("wds:"):])
     return HFStreamShards(source[len("hf-stream:"):], image_column=image_column, label_column=label_column,
@@ -105,13 +106,12 @@ def _rows(kind: str, spec: str, image_column: str, label_column: str, shards: li
             yield {"image": image, "label": label_index[label]}
 
 
-def _materialize(source: Source, shards: list[Shard], names: list[str], label_index: dict[Any, int],
-                 cache_dir: str | None) -> datasets.Dataset:
+def _materialize(source: Source, shards: list[Shard], names: list[str], label_index: dict[Any, int], *,
+                 columns: tuple[str, str], cache_dir: str | None) -> datasets.Dataset:
     """An evaluation split read once into the HF cache (a memory-mapped Arrow table)."""
     features = datasets.Features({"image": datasets.Image(), "label": datasets.ClassLabel(names=names)})
     if not shards:
         return datasets.Dataset.from_dict({"image": [], "label": []}, features=features)
-    columns = (getattr(source, "image_column", "image"), getattr(source, "label_column", "label"))
     stamps = [Path(s.path).stat().st_mtime_ns for s in shards]
     return datasets.Dataset.from_generator(
         _rows, features=features, cache_dir=cache_dir,
@@ -193,9 +193,10 @@ def load_stream(
     names, index = _classes(shards, [s for v in scanned.values() for s in v])
     stream = ShardStream(source=shards, shards=scanned["train"], held={"val": scanned["val"], "test": scanned["test"]},
                          class_names=names, label_index=index)
-    return Splits(train=stream, val=_materialize(shards, scanned["val"], names, index, cache_dir),
-                  test=_materialize(shards, scanned["test"], names, index, cache_dir), class_names=names,
-                  channels=stream.channels())
+    columns = (image_column, label_column)
+    val, test = (_materialize(shards, scanned[k], names, index, columns=columns, cache_dir=cache_dir)
+                 for k in ("val", "test"))
+    return Splits(train=stream, val=val, test=test, class_names=names, channels=stream.channels())
 
 
 # --- order ----------------------------------------------------------------------------------------------
@@ -356,7 +357,8 @@ def _changes(saved: dict[str, Any], now: dict[str, Any]) -> list[str]:
         if added:
             found.append(f"{split} shards added: {', '.join(added[:5])}{' ...' if len(added) > 5 else ''}")
         for name in (n for n in a if n in b and a[n] != b[n]):
-            found.append(f"{split} shard {name}: {a[name][0]} records / {a[name][1]} bytes -> {b[name][0]} / {b[name][1]}")
+            (ra, sa), (rb, sb) = a[name], b[name]
+            found.append(f"{split} shard {name}: {ra} records / {sa} bytes -> {rb} / {sb}")
         if not (removed or added) and list(a) != list(b):
             found.append(f"{split} shards listed in another order")
     return found

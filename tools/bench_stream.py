@@ -54,7 +54,8 @@ def make_shards(folder: Path, images: int, *, smoke: bool, seed: int = 0) -> Non
     extra = 2 * 16
     if smoke:
         rng = np.random.default_rng(seed)
-        pixels, labels = rng.integers(0, 256, (images + extra, 28, 28), dtype=np.uint8), rng.integers(0, 10, images + extra)
+        pixels = rng.integers(0, 256, (images + extra, 28, 28), dtype=np.uint8)
+        labels = rng.integers(0, 10, images + extra)
     else:
         pixels = read_idx(Path(DEFAULT_DIR) / "train-images-idx3-ubyte.gz")[: images + extra]
         labels = read_idx(Path(DEFAULT_DIR) / "train-labels-idx1-ubyte.gz")[: images + extra]
