@@ -160,7 +160,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", type=Path, default=ROOT / "docs" / "results" / "bench_stream")
     parser.add_argument("--images", type=int, default=2048)
-    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--repeats", type=int, default=7)
     parser.add_argument("--shards", type=Path, help="where to write the shards (default: a temporary folder)")
     parser.add_argument("--smoke", action="store_true", help="random images, 128 of them, 1 repeat")
     args = parser.parse_args()
