@@ -79,8 +79,9 @@ def build_sampler(cfg: Config) -> PatchSizeSampler:
 
 @dataclass
 class RunData:
-    """The run's datasets: ``train`` augmented (a ``TrainStream`` for a stream source); ``val`` (what settings are chosen on) and ``test`` (only
-    reported) with the evaluation transform, both cut to ``data.eval_limit`` images when it is set."""
+    """The run's datasets: ``train`` augmented (a ``TrainStream`` for a stream source); ``val`` (what settings
+    are chosen on) and ``test`` (only reported) with the evaluation transform, both cut to ``data.eval_limit``
+    images when it is set."""
 
     splits: Splits
     channels: int

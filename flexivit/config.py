@@ -70,7 +70,7 @@ class ModelConfig:
 
 @dataclass
 class DataConfig:
-    source: str = "fashion-mnist"  # "fashion-mnist", a folder path, "hf:NAME[:CONFIG]", or a stream (docs/streaming.md)
+    source: str = "fashion-mnist"  # "fashion-mnist", a folder, "hf:NAME[:CONFIG]", or a stream (docs/streaming.md)
     image_size: int = 28
     channels: int | None = None  # None: the source's own channel count
     batch_size: int = 128  # per process

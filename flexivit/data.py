@@ -328,9 +328,9 @@ def load_source(
     if source.startswith(("wds:", "hf-stream:")):  # streamed train split (flexivit.streams)
         from .streams import load_stream
 
-        return load_stream(source, val_fraction=val_fraction, seed=seed, split_train=split_train, split_test=split_test,
-                           image_column=image_column, label_column=label_column, cache_dir=cache_dir,
-                           validation=validation)
+        return load_stream(source, val_fraction=val_fraction, seed=seed, split_train=split_train,
+                           split_test=split_test, image_column=image_column, label_column=label_column,
+                           cache_dir=cache_dir, validation=validation)
     if source.startswith("hf:"):
         return _load_hf(
             source[3:], split_train, split_test, image_column, label_column, val_fraction, seed, cache_dir,

@@ -222,8 +222,9 @@ def assemble(
     batches = StepBatches(sampler=sampler, image_hw=image_hw, batch_size=d.batch_size,
                           token_budget=cfg.train.token_budget, grad_accum=cfg.train.grad_accum)
     stream = data.train if isinstance(data.train, TrainStream) else None  # each rank reads its own shards
-    loader = None if stream else make_loader(data.train, batch_size=d.batch_size, shuffle=True, seed=cfg.train.seed,
-                                             num_workers=d.num_workers, prefetch_batches=2 * batches.most(), drop_last=True)
+    loader = None if stream is not None else make_loader(
+        data.train, batch_size=d.batch_size, shuffle=True, seed=cfg.train.seed, num_workers=d.num_workers,
+        prefetch_batches=2 * batches.most(), drop_last=True)
     threads = _share_cores(accelerator, d.num_workers)
     try:
         terms = _loss_terms(cfg, model, accelerator)  # anchors taken before DDP/FSDP wrap the model
@@ -238,8 +239,8 @@ def assemble(
                            *lutq_hooks(raw, sharded=fsdp)])  # re-clustering for a LUT-Q model (flexivit.lutq)
         start = _resume(accelerator, out, cfg, model_config, run_hooks) if resume else dict(FRESH)
         if stream is not None:
-            ranks = accelerator.num_processes
-            _agree(accelerator, lambda: stream.check_run(out, step=start["step"], ranks=ranks, workers=max(1, d.num_workers)))
+            ranks, workers = accelerator.num_processes, max(1, d.num_workers)
+            _agree(accelerator, lambda: stream.check_run(out, step=start["step"], ranks=ranks, workers=workers))
             batches.attach_stream(stream.opener(rank=accelerator.process_index, ranks=ranks, num_workers=d.num_workers,
                                                 device=accelerator.device, prefetch_batches=2 * batches.most()),
                                   step=start["step"])
