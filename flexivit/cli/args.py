@@ -16,7 +16,8 @@ def _recipe_help() -> str:
 
 def _add_run_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("recipe", help="RECIPE[:ARG] — " + _recipe_help())
-    p.add_argument("--data", help="fashion-mnist (default), a local image folder, or hf:NAME[:CONFIG]")
+    p.add_argument("--data", help="fashion-mnist (default), a local image folder, hf:NAME[:CONFIG], or a stream: "
+                   "wds:SHARDS or hf-stream:NAME[:CONFIG] (docs/streaming.md)")
     p.add_argument("--out", type=Path, help="run directory (default: runs/<recipe>)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override a config field, e.g. --set optim.lr=3e-4 (repeatable)")

@@ -10,6 +10,8 @@ count:
   would cost more to build).
 * a folder: one sub-folder per class, read by HF's ``imagefolder`` builder; ``train/``, ``test/`` and
   ``val/`` (or ``validation/``) sub-folders are used as the splits when present.
+* ``"wds:PATTERN"`` / ``"wds:FOLDER"`` (WebDataset tar shards) and ``"hf-stream:NAME[:CONFIG]"`` (a local HF
+  dataset's data files, streamed): the train split is streamed shard by shard (``flexivit.data.streams``).
 * ``"hf:NAME[:CONFIG]"``: ``datasets.load_dataset(NAME, CONFIG)``. Offline this works for a dataset
   already in the HF cache (with ``HF_DATASETS_OFFLINE=1``), for a local folder of data files (e.g. a clone
   of a hub repo: ``data/train-*.parquet``), and for a folder written by ``save_to_disk``, which is read
@@ -323,6 +325,12 @@ def load_source(
     """
     if source in ("fashion-mnist", "fashion_mnist"):
         return _load_fashion_mnist(root, val_fraction, seed, validation)
+    if source.startswith(("wds:", "hf-stream:")):  # streamed train split (flexivit.data.streams)
+        from flexivit.data.streams import load_stream
+
+        return load_stream(source, val_fraction=val_fraction, seed=seed, split_train=split_train,
+                           split_test=split_test, image_column=image_column, label_column=label_column,
+                           cache_dir=cache_dir, validation=validation)
     if source.startswith("hf:"):
         return _load_hf(
             source[3:], split_train, split_test, image_column, label_column, val_fraction, seed, cache_dir,

@@ -33,6 +33,7 @@ from flexivit.model.patch_embed import PatchScheme
 from flexivit.rng import seed_all
 from flexivit.train.sampler import PatchSizeSampler
 from flexivit.train.step_batches import StepBatches
+from flexivit.data.streams import TrainStream
 
 __all__ = ["Run", "TrainingError", "assemble", "RESUMABLE_CHANGES"]
 
@@ -219,8 +220,10 @@ def assemble(
     image_hw = (d.image_size, d.image_size)
     batches = StepBatches(sampler=sampler, image_hw=image_hw, batch_size=d.batch_size,
                           token_budget=cfg.train.token_budget, grad_accum=cfg.train.grad_accum)
-    loader = make_loader(data.train, batch_size=d.batch_size, shuffle=True, seed=cfg.train.seed,
-                         num_workers=d.num_workers, prefetch_batches=2 * batches.most(), drop_last=True)
+    stream = data.train if isinstance(data.train, TrainStream) else None  # each rank reads its own shards
+    loader = None if stream is not None else make_loader(
+        data.train, batch_size=d.batch_size, shuffle=True, seed=cfg.train.seed, num_workers=d.num_workers,
+        prefetch_batches=2 * batches.most(), drop_last=True)
     threads = _share_cores(accelerator, d.num_workers)
     try:
         terms = _loss_terms(cfg, model, accelerator)  # anchors taken before DDP/FSDP wrap the model
@@ -234,7 +237,14 @@ def assemble(
         run_hooks = Hooks([*hooks, *(hook for option in registered()  # e.g. a norm projection, re-clustering
                                      for hook in option.post_step_hooks(cfg, raw, sharded=fsdp, say=accelerator.print))])
         start = _resume(accelerator, out, cfg, model_config, run_hooks) if resume else dict(FRESH)
-        batches.attach(loader=loader, dataset=data.train, skip=accelerator.skip_first_batches, step=start["step"])
+        if stream is not None:
+            ranks, workers = accelerator.num_processes, max(1, d.num_workers)
+            _agree(accelerator, lambda: stream.check_run(out, step=start["step"], ranks=ranks, workers=workers))
+            batches.attach_stream(stream.opener(rank=accelerator.process_index, ranks=ranks, num_workers=d.num_workers,
+                                                device=accelerator.device, prefetch_batches=2 * batches.most()),
+                                  step=start["step"])
+        else:
+            batches.attach(loader=loader, dataset=data.train, skip=accelerator.skip_first_batches, step=start["step"])
         view = ViewSpec(d.image_size, data.channels, tuple(pre["mean"]), tuple(pre["std"]))
         objective = build_objective(cfg, num_classes=data.num_classes, teacher=teacher, view=view, terms=terms)
         eval_schemes = schemes_of(cfg.patch, cfg.patch.eval_sizes) if cfg.patch.eval_sizes else list(sampler.schemes)

@@ -21,6 +21,7 @@ from flexivit.model.options import registered
 from flexivit.model.vit import FlexiViT
 from flexivit.model.patch_embed import PatchScheme
 from flexivit.train.sampler import Curriculum, Distribution, PatchSizeSampler, make_distribution
+from flexivit.data.streams import ShardStream, TrainStream
 from flexivit.data.transforms import eval_transform, preprocess_spec
 from flexivit.model.variants import VARIANTS, create_variant
 from flexivit.rng import mix
@@ -88,8 +89,9 @@ def build_sampler(cfg: Config) -> PatchSizeSampler:
 
 @dataclass
 class RunData:
-    """The run's datasets: ``train`` augmented; ``val`` (what settings are chosen on) and ``test`` (only
-    reported) with the evaluation transform, both cut to ``data.eval_limit`` images when it is set."""
+    """The run's datasets: ``train`` augmented (a ``TrainStream`` for a stream source); ``val`` (what settings
+    are chosen on) and ``test`` (only reported) with the evaluation transform, both cut to ``data.eval_limit``
+    images when it is set."""
 
     splits: Splits
     channels: int
@@ -109,6 +111,8 @@ def load_splits(cfg: Config) -> Splits:
         d.source, val_fraction=d.val_fraction, seed=cfg.train.seed, split_train=d.split_train,
         split_test=d.split_test, image_column=d.image_column, label_column=d.label_column,
     )
+    if d.classes and isinstance(splits.train, ShardStream):
+        raise ValueError("data.classes does not apply to a stream source; write shards of the classes you want")
     return select_classes(splits, d.classes) if d.classes else splits
 
 
@@ -127,10 +131,15 @@ def build_data(cfg: Config) -> RunData:
             ds = ds.select(range(min(d.eval_limit, len(ds))))
         return TransformedDataset(ds, eval_tf, on_corrupt=d.on_corrupt)
 
+    if isinstance(splits.train, ShardStream):  # read shard by shard (flexivit.data.streams)
+        train = TrainStream(splits.train, train_tf, on_corrupt=d.on_corrupt, seed=cfg.train.seed,
+                            batch_size=d.batch_size, mix_width=d.stream_mix)
+    else:
+        train = TransformedDataset(splits.train, train_tf, on_corrupt=d.on_corrupt, seed=cfg.train.seed)
     return RunData(
         splits=splits,
         channels=channels,
-        train=TransformedDataset(splits.train, train_tf, on_corrupt=d.on_corrupt, seed=cfg.train.seed),
+        train=train,
         val=evaluated(splits.val),
         test=evaluated(splits.test),
     )

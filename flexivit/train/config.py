@@ -98,7 +98,7 @@ class ModelConfig(_WithOptions):
 
 @dataclass
 class DataConfig:
-    source: str = "fashion-mnist"  # "fashion-mnist", a folder path, or "hf:NAME[:CONFIG]"
+    source: str = "fashion-mnist"  # "fashion-mnist", a folder, "hf:NAME[:CONFIG]", or a stream (docs/streaming.md)
     image_size: int = 28
     channels: int | None = None  # None: the source's own channel count
     batch_size: int = 128  # per process
@@ -119,6 +119,7 @@ class DataConfig:
     label_smoothing: float = 0.0
     on_corrupt: str = "error"  # "error" (stop, naming the file) or "skip" (drop and count)
     eval_limit: int | None = None  # evaluate on the first N validation and test images only (smoke runs)
+    stream_mix: int = 8  # streams: shards a data worker reads at once, their records interleaved at random
 
 
 @dataclass

@@ -70,6 +70,11 @@ class StepBatches:
             )
         self._stream = _epochs(loader, dataset, skip, per_epoch, self.consumed(step))
 
+    def attach_stream(self, open_at: Callable[[int], Iterator[Batch]], *, step: int) -> None:
+        """Read an endless stream (``flexivit.data.streams``) from the first batch of ``step``: ``open_at(n)`` gives
+        this process's batches from its ``n``-th on."""
+        self._stream = open_at(self.consumed(step))
+
     def joined(self, step: int) -> int:
         """Loader batches in each micro-batch of ``step``."""
         return loader_batches(self.sampler.at(step), self.image_hw, self.batch_size, self.token_budget)
