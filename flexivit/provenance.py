@@ -19,12 +19,13 @@ from typing import Any, Sequence
 
 from flexivit.files import atomic_write_text
 
-__all__ = ["machine", "git_revision", "provenance", "provenance_markdown", "write_result"]
+__all__ = ["cpu_model", "machine", "git_revision", "provenance", "provenance_markdown", "write_result"]
 
 REQUIRED = ("seeds", "split")  # what every result payload states besides its values
 
 
-def _cpu_model() -> str:
+def cpu_model() -> str:
+    """The CPU's model name (``/proc/cpuinfo``), else what ``platform`` knows."""
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
             if line.startswith("model name"):
@@ -39,7 +40,7 @@ def machine() -> dict[str, Any]:
     import torch  # here, not at import time: tools that only format results need no torch
 
     gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
-    return {"cpu": _cpu_model(), "logical_cpus": os.cpu_count(), "torch_threads": torch.get_num_threads(),
+    return {"cpu": cpu_model(), "logical_cpus": os.cpu_count(), "torch_threads": torch.get_num_threads(),
             "gpu": gpu, "python": platform.python_version(), "torch": torch.__version__}
 
 

@@ -12,7 +12,6 @@ CUDA, fp32 on the CPU, or as asked) and, with ``compile``, on the model compiled
 from __future__ import annotations
 
 import os
-import platform
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator, Sequence
 
@@ -25,6 +24,7 @@ from flexivit.data.sources import Splits, TransformedDataset, load_source, make_
 from flexivit.model.compile import compile_model, graph_count
 from flexivit.eval.measure import MeasureSettings, autocast, default_precision, measure_costs, param_count, peak_mem_kind
 from flexivit.model.config import FlexiViTConfig
+from flexivit.provenance import cpu_model
 from flexivit.model.options import ModelOption, registered
 from flexivit.model.vit import FlexiViT
 from flexivit.model.patch_embed import PatchScheme
@@ -259,15 +259,7 @@ def _baseline(spec: str) -> EvalSubject:
 
 
 def _device_name(device: torch.device) -> str:
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
+    return torch.cuda.get_device_name(device) if device.type == "cuda" else cpu_model()
 
 
 def evaluate_checkpoint(
