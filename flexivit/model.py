@@ -26,6 +26,7 @@ from .bgn import install_norms, set_token_grid
 from .bridge import bridge_blocks
 from .graph import GraphBlocks
 from .lutq import LutqLinear, apply_lutq, fold_lutq
+from .packed import forward_packed
 from .patch_embed import FlexiPatchEmbed, PatchScheme
 from .proxies import ProxyHead
 from .resize import pi_resize, resample_posemb
@@ -255,6 +256,11 @@ class FlexiViT(nn.Module):
         self, x: torch.Tensor, patch_size: int | PatchScheme | None = None, stride: int | None = None
     ) -> torch.Tensor:
         return self.forward_head(self.forward_features(x, patch_size, stride))
+
+    def forward_packed(self, images: torch.Tensor | Sequence[torch.Tensor], patch_sizes: Sequence[int],
+                       **kwargs: Any) -> torch.Tensor:
+        """Logits ``(n_images, classes)``, each image at its own patch size, packed in token rows (flexivit.packed)."""
+        return forward_packed(self, images, patch_sizes, **kwargs)
 
     def kernel_rank(self, patch_size: int) -> int:
         """Rank of the patch-embedding kernel at ``patch_size`` as a ``(D, C*p*p)`` matrix: how many
