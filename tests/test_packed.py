@@ -174,3 +174,58 @@ def test_models_packing_cannot_reproduce_are_refused_naming_the_option(overrides
     with pytest.raises(ValueError, match="the packed forward cannot run a model with") as error:
         model.forward_packed(torch.randn(2, 2, 12, 12), [4, 6])
     assert option in str(error.value) and "\n" not in str(error.value)
+
+
+# ---- serving: Predictor and `flexivit predict` with a patch size per image ------------------------------
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    from tiny_run import make_run
+
+    return make_run(tmp_path_factory.getbasetemp())
+
+
+def _files(folder, count: int) -> list[str]:
+    from tiny_run import CLASSES, class_image
+
+    paths = []
+    for i in range(count):
+        path = folder / f"image{i}.png"
+        class_image(i % len(CLASSES), (16 + 8 * (i % 3),) * 2, "L").save(path)
+        paths.append(str(path))
+    return paths
+
+
+def test_predictor_runs_mixed_sizes_in_one_packed_call_with_each_images_own_result(run, tmp_path, monkeypatch):
+    from flexivit import deploy
+    from flexivit.deploy import Predictor
+
+    files, sizes = _files(tmp_path, 6), [2, 8, 4, 4, 2, 16]
+    predictor = Predictor.from_checkpoint(run)
+    calls = []
+    monkeypatch.setattr(deploy, "forward_packed", lambda *a, **k: calls.append(a[2]) or forward_packed(*a, **k))
+    mixed = predictor.predict(files, patch_size=sizes, topk=3)
+    assert calls == [sizes]  # one packed call for the batch
+    for prediction, file, p in zip(mixed, files, sizes):
+        alone = predictor.predict([file], patch_size=p, topk=3)[0]
+        assert prediction.patch_size == p and prediction.image == file
+        assert [i for i, _, _ in prediction.top] == [i for i, _, _ in alone.top]
+        assert [v for _, _, v in prediction.top] == pytest.approx([v for _, _, v in alone.top], abs=1e-5)
+    assert [p.patch_size for p in predictor.predict(files[:2], patch_size=[4, 4])] == [4, 4]  # one size: no packing
+    assert len(calls) == 1
+    with pytest.raises(ValueError, match="got 2 patch sizes for 3 images"):
+        predictor.predict(files[:3], patch_size=[2, 4])
+    with pytest.raises(ValueError, match="image 1: .*valid patch sizes: 1, 2, 4, 8, 16"):
+        predictor.predict(files[:2], patch_size=[2, 5])
+
+
+def test_predict_cli_takes_a_patch_size_per_image(run, tmp_path, capsys):
+    import json
+
+    from flexivit.cli import main
+
+    files = _files(tmp_path, 3)
+    assert main(["predict", str(run), *files, "--patch-sizes", "2,8,4", "--topk", "1", "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["patch_size"] is None and [p["patch_size"] for p in out["predictions"]] == [2, 8, 4]
+    assert main(["predict", str(run), *files, "--patch-sizes", "2,x"]) == 2
+    assert "--patch-sizes takes one integer per image" in capsys.readouterr().err
