@@ -14,10 +14,14 @@
 4. pools each image over its own tokens (class token, or the mean of its patch tokens) and applies
    ``fc_norm`` and the head.
 
-Attention: ``scaled_dot_product_attention`` with an ``(R, 1, L, L)`` mask (same image id; it computes every
-row's ``L x L`` scores and discards those between images), or ``flex_attention`` with a block mask (skips
-the blocks between images; compiled on CUDA, where ``attention="auto"`` picks it; eager and unfused, and
-forward only, on CPU). Stochastic depth drops whole images, as it drops whole samples unpacked.
+Attention (``attention=``), all exact:
+- ``grouped`` (``auto`` off CUDA): the images of each token count gathered into one unmasked
+  ``scaled_dot_product_attention`` call, scattered back: no score between images is computed;
+- ``sdpa``: one call with an additive ``(R, 1, L, L)`` mask (same image id): every row's ``L x L`` scores
+  are computed and those between images discarded; fixed shapes, so it is the one to compile on CPU;
+- ``flex`` (``auto`` on CUDA): ``flex_attention`` with a block mask, which skips the blocks between images;
+  compiled on CUDA; eager, unfused and forward only on CPU.
+Stochastic depth drops whole images, as it drops whole samples unpacked.
 
 Refused, in one line naming the option: batch-statistics norms (they pool tokens across images), the
 class-proxy head (it reads each image's patch tokens), block graphs and bridges (not built here).
@@ -44,7 +48,7 @@ if TYPE_CHECKING:
 __all__ = ["PackedBatch", "ATTENTION", "check_packable", "pack", "packed_trunk", "block_forward", "run_packed",
            "forward_packed"]
 
-ATTENTION = ("auto", "sdpa", "flex")
+ATTENTION = ("auto", "grouped", "sdpa", "flex")
 Attend = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, float], torch.Tensor]
 Images = torch.Tensor | Sequence[torch.Tensor]
 
@@ -213,15 +217,47 @@ def _has_flex() -> bool:
     return True
 
 
+def _segments(image_ids: torch.Tensor) -> list[torch.Tensor]:
+    """Flat token indices ``(b, n)`` of the ``b`` images with ``n`` tokens, one tensor per distinct ``n``."""
+    flat = image_ids.flatten()  # (R * L,)
+    real = (flat >= 0).nonzero().squeeze(1)  # the slots holding a token
+    ids = flat[real]
+    counts = torch.bincount(ids)  # (n_images,) tokens per image
+    starts = torch.full_like(counts, flat.numel()).scatter_reduce(0, ids, real, "amin")  # each image's first slot
+    return [starts[counts == n][:, None] + torch.arange(int(n), device=flat.device) for n in counts.unique()]
+
+
+def _grouped(image_ids: torch.Tensor) -> Attend:
+    """Variable-length attention without a kernel for it: the images of each token count are gathered
+    into one unmasked SDPA call, so no score between images is computed (the mask path computes all
+    ``R * L^2``). Data-dependent shapes, so eager only: a compiled trunk uses ``sdpa`` or ``flex``."""
+    segments = _segments(image_ids)
+
+    def grouped(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, p: float) -> torch.Tensor:
+        q, k, v = (t.flatten(0, 1) for t in (q, k, v))  # (R * L, H, hd)
+        out = q.new_zeros(q.shape)  # padding stays zero (garbage there would reach the weight gradients)
+        for index in segments:  # (b, n)
+            b, n = index.shape
+            flat = index.flatten()
+            parts = (t[flat].view(b, n, *t.shape[1:]).transpose(1, 2) for t in (q, k, v))  # (b, H, n, hd)
+            o = F.scaled_dot_product_attention(*parts, dropout_p=p)  # (b, H, n, hd)
+            out.index_copy_(0, flat, o.transpose(1, 2).reshape(b * n, *q.shape[1:]))
+        return out.view(*image_ids.shape, *q.shape[1:])  # (R, L, H, hd)
+
+    return grouped
+
+
 def _attend_fn(image_ids: torch.Tensor, attention: str, dropout: bool, dtype: torch.dtype) -> Attend:
     """Attention within each image, on ``q, k, v`` of shape ``(R, L, H, hd)``; returns ``(R, L, H, hd)``."""
     if attention not in ATTENTION:
         raise ValueError(f"attention must be one of {', '.join(ATTENTION)}, got {attention!r}")
     if attention == "auto":
-        attention = "flex" if image_ids.is_cuda and not dropout and _has_flex() else "sdpa"
+        attention = "flex" if image_ids.is_cuda and not dropout and _has_flex() else "grouped"
+    if attention == "grouped":
+        return _grouped(image_ids)
     if attention == "flex":
         if dropout:
-            raise ValueError("flex attention has no attention dropout; use attention='sdpa' when "
+            raise ValueError("flex attention has no attention dropout; use attention='grouped' or 'sdpa' when "
                              "training with attn_drop_rate > 0")
         from torch.nn.attention.flex_attention import create_block_mask
 

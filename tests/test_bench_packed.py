@@ -24,7 +24,7 @@ def test_bench_packed_smoke_writes_results(tmp_path):
     (row,) = result["rows"]
     assert sum(row["sizes"].values()) == row["batch"] == 16
     assert row["max_logit_gap_packed_vs_per_size"] < 1e-4  # the three ways classify the same images
-    for method in ("packed", "per_size", "padded"):
+    for method in ("packed", "packed_sdpa", "per_size", "padded"):
         assert len(row["wall_s"][method]) == result["rounds"] and all(t > 0 for t in row["cpu_s"][method])
         assert math.isfinite(row["img_s"][method]) and row["img_s"][method] > 0
     assert row["tokens"]["packed"] == row["rows"] * row["row_tokens"] >= row["tokens"]["per_size"]

@@ -39,8 +39,9 @@ def _alone(model: FlexiViT, images, sizes) -> torch.Tensor:
     return torch.cat([model(x[None], p) for x, p in zip(images, sizes)])
 
 
+@pytest.mark.parametrize("attention", ["grouped", "sdpa"])
 @pytest.mark.parametrize("name", CONFIGS)
-def test_packed_logits_equal_each_image_alone_at_every_size(name):
+def test_packed_logits_equal_each_image_alone_at_every_size(name, attention):
     model = _model(**CONFIGS[name])
     rng = random.Random(name)
     for trial in range(3):
@@ -50,7 +51,7 @@ def test_packed_logits_equal_each_image_alone_at_every_size(name):
         images = torch.randn(n, 2, IMAGE, IMAGE)
         with torch.no_grad():
             batch = pack(model, images, sizes)
-            packed = run_packed(model, batch)
+            packed = run_packed(model, batch, attention=attention)
             alone = _alone(model, images, sizes)
         assert batch.num_rows < n  # several images share rows
         assert packed.shape == (n, 5)
@@ -83,11 +84,13 @@ def test_a_packers_plan_with_longer_rows_and_an_empty_row():
         batch = pack(model, images, plan.patch_sizes, row_tokens=plan.row_tokens, rows=rows)
         assert batch.tokens.shape == (4, 60, 16) and batch.padding > 0
         assert (batch.image_ids[3] == -1).all() and (batch.tokens[3] == 0).all()
-        torch.testing.assert_close(run_packed(model, batch), _alone(model, images, plan.patch_sizes), atol=1e-5,
-                                   rtol=0)
+        alone = _alone(model, images, plan.patch_sizes)
+        for attention in ("grouped", "sdpa"):
+            torch.testing.assert_close(run_packed(model, batch, attention=attention), alone, atol=1e-5, rtol=0)
 
 
-def test_gradients_equal_those_of_the_images_alone():
+@pytest.mark.parametrize("attention", ["grouped", "sdpa"])
+def test_gradients_equal_those_of_the_images_alone(attention):
     model = _model(class_token=True, global_pool="token", qk_norm=True, init_values=0.5)
     images, sizes = torch.randn(7, 2, IMAGE, IMAGE), [1, 2, 2, 3, 4, 6, 12]
     weights = torch.randn(7, 5)
@@ -97,12 +100,13 @@ def test_gradients_equal_those_of_the_images_alone():
         (logits * weights).sum().backward()
         return {n: p.grad.clone() for n, p in model.named_parameters()}
 
-    packed, alone = grads(model.forward_packed(images, sizes)), grads(_alone(model, images, sizes))
+    packed = grads(model.forward_packed(images, sizes, attention=attention))
+    alone = grads(_alone(model, images, sizes))
     assert all(g.abs().sum() > 0 for g in packed.values())  # every parameter gets a gradient
     for name in packed:
         torch.testing.assert_close(packed[name], alone[name], atol=1e-5, rtol=1e-4, msg=name)
     model.set_grad_checkpointing(True)
-    for name, g in grads(model.forward_packed(images, sizes)).items():
+    for name, g in grads(model.forward_packed(images, sizes, attention=attention)).items():
         torch.testing.assert_close(g, packed[name], atol=1e-6, rtol=1e-5, msg=name)
 
 
@@ -150,7 +154,7 @@ def test_a_compiled_trunk_builds_one_graph_for_a_whole_run():
         ([torch.randn(2, 12, 12), torch.randn(3, 12, 12)], [4, 4], {}, "image 1: expected 2 channels, got 3"),
         (torch.randn(2, 2, 12, 12), [4, 0], {}, "image 1: patch size must be a positive integer"),
         (torch.randn(2, 2, 12, 12), [4, 4], {"rows": [[0], [0, 1]], "row_tokens": 18}, "image 0 is placed 2 times"),
-        (torch.randn(2, 2, 12, 12), [4, 4], {"attention": "dense"}, "attention must be one of auto, sdpa, flex"),
+        (torch.randn(2, 2, 12, 12), [4, 4], {"attention": "dense"}, "attention must be one of auto, grouped, sdpa, flex"),
     ],
 )
 def test_bad_input_is_one_line_naming_the_image(images, sizes, kwargs, message):

@@ -2,18 +2,19 @@
 
 A batch of images whose patch sizes are drawn from the quickstart's mix (28 px; p = 2, 4, 7, 14 drawn
 0.4 / 0.25 / 0.25 / 0.1, i.e. 196 / 49 / 16 / 4 tokens) is classified three ways, in one process:
-- **packed**: one ``forward_packed`` call, every image at its own size (``flexivit.packed``);
+- **packed**: one ``forward_packed`` call, every image at its own size (``flexivit.packed``; its CPU
+  attention, ``grouped``), and **packed (sdpa)**, the same with the masked-SDPA attention;
 - **per size**: one ordinary forward per patch size on that size's images (the gather and the
   scatter of the logits back into request order are timed too);
 - **padded to the largest**: one ordinary forward with every image at the smallest patch size in the
   batch, the most tokens per image: what a server does to run one batch when it cannot mix sizes.
-The three are timed in rounds, each round running all three in a rotated order, and every ratio is the
+The four are timed in rounds, each round running all four in a rotated order, and every ratio is the
 median over rounds of the same round's ratio, so drift from other processes on shared cores hits both
 sides alike. Wall time gives images/s; CPU time of this process gives the same ratios with contention
 removed, reported beside them. The packer's padding on the quickstart mix (``flexivit.packing.RowPacker``)
 is tabulated too (no timing).
 
-    OMP_NUM_THREADS=1 python tools/bench_packed.py            # about 5 minutes on 2 shared cores
+    OMP_NUM_THREADS=1 python tools/bench_packed.py            # about 10-15 minutes on 2 shared cores
     python tools/bench_packed.py --smoke --out /tmp/bp        # seconds (tests)
 """
 
@@ -40,12 +41,12 @@ MODELS = {
     "flexi_vit_micro": dict(num_classes=10, in_chans=1, base_patch_size=14, base_grid=7, kernel_resize="area"),
     "flexi_vit_tiny": dict(num_classes=10, in_chans=1, img_size=IMAGE, patch_size=7, base_patch_size=14, base_grid=7),
 }
-METHODS = ("packed", "per_size", "padded")
+METHODS = ("packed", "packed_sdpa", "per_size", "padded")
 Call = Callable[[], torch.Tensor]
 
 
 def calls(model: torch.nn.Module, x: torch.Tensor, sizes: list[int]) -> dict[str, Call]:
-    """The three ways to classify ``x`` (``(B, 1, 28, 28)``) with image ``i`` at ``sizes[i]``."""
+    """The ways to classify ``x`` (``(B, 1, 28, 28)``) with image ``i`` at ``sizes[i]``."""
     groups = {p: torch.tensor([i for i, s in enumerate(sizes) if s == p]) for p in sorted(set(sizes))}
 
     def per_size() -> torch.Tensor:
@@ -55,7 +56,7 @@ def calls(model: torch.nn.Module, x: torch.Tensor, sizes: list[int]) -> dict[str
         return out
 
     return {"packed": lambda: forward_packed(model, x, sizes), "per_size": per_size,
-            "padded": lambda: model(x, min(sizes))}
+            "packed_sdpa": lambda: forward_packed(model, x, sizes, attention="sdpa"), "padded": lambda: model(x, min(sizes))}
 
 
 def race(fns: dict[str, Call], rounds: int) -> dict[str, Any]:
@@ -65,20 +66,22 @@ def race(fns: dict[str, Call], rounds: int) -> dict[str, Any]:
     for fn in fns.values():
         fn()  # warm-up: allocator, kernel caches
     for r in range(rounds):
-        order = METHODS[r % 3:] + METHODS[: r % 3]
+        order = METHODS[r % len(METHODS):] + METHODS[: r % len(METHODS)]
         for k in order:
             w, c = time.perf_counter(), time.process_time()
             fns[k]()
             wall[k].append(time.perf_counter() - w)
             cpu[k].append(time.process_time() - c)
 
-    def ratios(times: dict[str, list[float]], other: str) -> dict[str, float]:
-        values = [o / p for o, p in zip(times[other], times["packed"])]  # > 1: packed is faster
+    def ratios(times: dict[str, list[float]], other: str, packed: str = "packed") -> dict[str, float]:
+        values = [o / p for o, p in zip(times[other], times[packed])]  # > 1: packed is faster
         q = statistics.quantiles(values, n=4, method="inclusive")
         return {"median": statistics.median(values), "q25": q[0], "q75": q[2]}
 
     return {"wall_s": wall, "cpu_s": cpu,
-            **{f"packed_vs_{k}": {"wall": ratios(wall, k), "cpu": ratios(cpu, k)} for k in ("per_size", "padded")}}
+            **{f"packed_vs_{k}": {"wall": ratios(wall, k), "cpu": ratios(cpu, k)} for k in ("per_size", "padded")},
+            "packed_sdpa_vs_per_size": {"wall": ratios(wall, "per_size", "packed_sdpa"),
+                                        "cpu": ratios(cpu, "per_size", "packed_sdpa")}}
 
 
 def bench_one(name: str, batch: int, seed: int, rounds: int) -> dict[str, Any]:
@@ -89,7 +92,8 @@ def bench_one(name: str, batch: int, seed: int, rounds: int) -> dict[str, Any]:
     fns = calls(model, x, sizes)
     with torch.no_grad():
         layout = pack(model, x, sizes)
-        gap = (fns["packed"]() - fns["per_size"]()).abs().max().item()
+        reference = fns["per_size"]()
+        gap = max((fns[k]() - reference).abs().max().item() for k in ("packed", "packed_sdpa"))
         result = race(fns, rounds)
     lengths = [n for _, _, n in layout.slots]
     row = {
@@ -97,14 +101,16 @@ def bench_one(name: str, batch: int, seed: int, rounds: int) -> dict[str, Any]:
         "rows": layout.num_rows, "row_tokens": layout.row_tokens, "padding": layout.padding,
         "tokens": {"packed": layout.num_rows * layout.row_tokens, "per_size": sum(lengths),
                    "padded": batch * (IMAGE // min(sizes)) ** 2},
-        # attention scores computed: the mask path scores a whole row, per size scores each image alone
-        "attention_scores": {"packed": layout.num_rows * layout.row_tokens**2, "per_size": sum(n * n for n in lengths)},
+        # attention scores computed: the mask path (sdpa) scores whole rows; grouped and per size each image alone
+        "attention_scores": {"packed_sdpa": layout.num_rows * layout.row_tokens**2,
+                             "per_size": sum(n * n for n in lengths)},
         "max_logit_gap_packed_vs_per_size": gap,
         **result,
     }
     row["img_s"] = {k: batch / statistics.median(v) for k, v in result["wall_s"].items()}
     print(f"{name} batch {batch} seed {seed}: " + ", ".join(f"{k} {v:.0f} img/s" for k, v in row["img_s"].items())
-          + f"; packed / per size x{row['packed_vs_per_size']['wall']['median']:.2f}, packed / padded "
+          + f"; packed / per size x{row['packed_vs_per_size']['wall']['median']:.2f} (cpu "
+          f"x{row['packed_vs_per_size']['cpu']['median']:.2f}), packed / padded "
           f"x{row['packed_vs_padded']['wall']['median']:.2f}", flush=True)
     return row
 
@@ -136,9 +142,9 @@ def markdown(res: dict[str, Any]) -> str:
         "*Padded* = every image at the batch's smallest patch (the most tokens). Targets (issue 31): packed >= 0.9x "
         "per size, >= 1.5x padded.", "",
         "| model | batch | seed | images at 2/4/7/14 | img/s packed | per size | padded | packed / per size (wall) "
-        "| (cpu) | packed / padded (wall) | (cpu) | rows x tokens, padding | attention scores packed / per size "
-        "| max logit gap |",
-        "|---|---:|---:|---|---:|---:|---:|---|---:|---|---:|---|---:|---:|",
+        "| (cpu) | packed / padded (wall) | (cpu) | packed (sdpa) / per size (wall) | (cpu) | rows x tokens, padding "
+        "| sdpa's attention scores / per size's | max logit gap |",
+        "|---|---:|---:|---|---:|---:|---:|---|---:|---|---:|---|---:|---|---:|---:|",
     ]
     for r in res["rows"]:
         def ratio(key: str, clock: str) -> str:
@@ -146,12 +152,13 @@ def markdown(res: dict[str, Any]) -> str:
             return f"{v['median']:.2f}" + (f" [{v['q25']:.2f}, {v['q75']:.2f}]" if clock == "wall" else "")
 
         counts = "/".join(str(r["sizes"][p]) for p in SIZES)
-        scores = r["attention_scores"]["packed"] / r["attention_scores"]["per_size"]
+        scores = r["attention_scores"]["packed_sdpa"] / r["attention_scores"]["per_size"]
         lines.append(
             f"| {r['model']} | {r['batch']} | {r['seed']} | {counts} | {r['img_s']['packed']:.0f} | "
             f"{r['img_s']['per_size']:.0f} | {r['img_s']['padded']:.0f} | {ratio('packed_vs_per_size', 'wall')} | "
             f"{ratio('packed_vs_per_size', 'cpu')} | {ratio('packed_vs_padded', 'wall')} | "
-            f"{ratio('packed_vs_padded', 'cpu')} | {r['rows']} x {r['row_tokens']}, {100 * r['padding']:.1f} % | "
+            f"{ratio('packed_vs_padded', 'cpu')} | {ratio('packed_sdpa_vs_per_size', 'wall')} | "
+            f"{ratio('packed_sdpa_vs_per_size', 'cpu')} | {r['rows']} x {r['row_tokens']}, {100 * r['padding']:.1f} % | "
             f"{scores:.2f}x | {r['max_logit_gap_packed_vs_per_size']:.1e} |")
     lines += [
         "", f"## Packer padding on the quickstart mix ({res['packing_steps']} steps, seed 0)", "",
@@ -183,7 +190,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     rounds = args.rounds or (3 if args.smoke else 9)
     seeds = [0] if args.smoke else [int(s) for s in args.seeds.split(",")]
     cells = [("flexi_vit_micro", 16)] if args.smoke else [
-        ("flexi_vit_micro", 32), ("flexi_vit_micro", 256), ("flexi_vit_tiny", 32), ("flexi_vit_tiny", 128)]
+        ("flexi_vit_micro", 32), ("flexi_vit_micro", 256), ("flexi_vit_tiny", 32), ("flexi_vit_tiny", 64)]
     start = time.perf_counter()
     rows = [bench_one(name, batch, seed, rounds) for name, batch in cells for seed in seeds]
     steps = 20 if args.smoke else 200
