@@ -15,8 +15,9 @@
    ``fc_norm`` and the head.
 
 Attention (``attention=``), all exact:
-- ``grouped`` (``auto`` off CUDA): the images of each token count gathered into one unmasked
-  ``scaled_dot_product_attention`` call, scattered back: no score between images is computed;
+- ``grouped`` (``auto`` off CUDA): runs of rows holding images of one length (first-fit decreasing
+  makes most rows so) are viewed as one unmasked ``scaled_dot_product_attention`` call each, no gather and
+  no score between images; the remaining mixed rows go through the mask;
 - ``sdpa``: one call with an additive ``(R, 1, L, L)`` mask (same image id): every row's ``L x L`` scores
   are computed and those between images discarded; fixed shapes, so it is the one to compile on CPU;
 - ``flex`` (``auto`` on CUDA): ``flex_attention`` with a block mask, which skips the blocks between images;
@@ -50,6 +51,7 @@ __all__ = ["PackedBatch", "ATTENTION", "check_packable", "pack", "packed_trunk",
 
 ATTENTION = ("auto", "grouped", "sdpa", "flex")
 Attend = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, float], torch.Tensor]
+Run = tuple[int, int, int, int]  # rows [first, end) each holding c images of n tokens from its start: (first, end, n, c)
 Images = torch.Tensor | Sequence[torch.Tensor]
 
 
@@ -63,6 +65,7 @@ class PackedBatch:
     slots: tuple[tuple[int, int, int], ...]
     patch_sizes: tuple[int, ...]
     num_prefix_tokens: int
+    runs: tuple[Run, ...] = ()  # consecutive rows of one image length, for the grouped attention
 
     @property
     def num_images(self) -> int:
@@ -187,7 +190,7 @@ def pack(model: "FlexiViT", images: Images, patch_sizes: Sequence[int], *, row_t
         positions.index_copy_(0, index, torch.arange(n, device=embedded.device).repeat(b))
     shape = (len(rows), row_tokens)
     return PackedBatch(tokens.view(*shape, -1), ids.view(shape), positions.view(shape), tuple(slots),
-                       tuple(s.patch for s in schemes), model.num_prefix_tokens)
+                       tuple(s.patch for s in schemes), model.num_prefix_tokens, _runs(rows, lengths))
 
 
 def _slots(rows: Sequence[Sequence[int]], lengths: Sequence[int]) -> list[tuple[int, int, int]]:
@@ -199,6 +202,22 @@ def _slots(rows: Sequence[Sequence[int]], lengths: Sequence[int]) -> list[tuple[
             slots[i] = (r, start, lengths[i])
             start += lengths[i]
     return slots
+
+
+def _runs(rows: Sequence[Sequence[int]], lengths: Sequence[int]) -> tuple[Run, ...]:
+    """Maximal runs of consecutive rows whose images all have one length ``n``, ``c`` per row. First-fit
+    decreasing puts the longest images first, so its rows come mostly in such runs."""
+    runs: list[Run] = []
+    for r, row in enumerate(rows):
+        sizes = {lengths[i] for i in row}
+        if len(sizes) != 1:
+            continue
+        key = (sizes.pop(), len(row))
+        if runs and runs[-1][1] == r and runs[-1][2:] == key:
+            runs[-1] = (runs[-1][0], r + 1, *key)
+        else:
+            runs.append((r, r + 1, *key))
+    return tuple(runs)
 
 
 @lru_cache(maxsize=None)
@@ -217,57 +236,8 @@ def _has_flex() -> bool:
     return True
 
 
-def _segments(image_ids: torch.Tensor) -> list[torch.Tensor]:
-    """Flat token indices ``(b, n)`` of the ``b`` images with ``n`` tokens, one tensor per distinct ``n``."""
-    flat = image_ids.flatten()  # (R * L,)
-    real = (flat >= 0).nonzero().squeeze(1)  # the slots holding a token
-    ids = flat[real]
-    counts = torch.bincount(ids)  # (n_images,) tokens per image
-    starts = torch.full_like(counts, flat.numel()).scatter_reduce(0, ids, real, "amin")  # each image's first slot
-    return [starts[counts == n][:, None] + torch.arange(int(n), device=flat.device) for n in counts.unique()]
-
-
-def _grouped(image_ids: torch.Tensor) -> Attend:
-    """Variable-length attention without a kernel for it: the images of each token count are gathered
-    into one unmasked SDPA call, so no score between images is computed (the mask path computes all
-    ``R * L^2``). Data-dependent shapes, so eager only: a compiled trunk uses ``sdpa`` or ``flex``."""
-    segments = _segments(image_ids)
-
-    def grouped(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, p: float) -> torch.Tensor:
-        q, k, v = (t.flatten(0, 1) for t in (q, k, v))  # (R * L, H, hd)
-        out = q.new_zeros(q.shape)  # padding stays zero (garbage there would reach the weight gradients)
-        for index in segments:  # (b, n)
-            b, n = index.shape
-            flat = index.flatten()
-            parts = (t[flat].view(b, n, *t.shape[1:]).transpose(1, 2) for t in (q, k, v))  # (b, H, n, hd)
-            o = F.scaled_dot_product_attention(*parts, dropout_p=p)  # (b, H, n, hd)
-            out.index_copy_(0, flat, o.transpose(1, 2).reshape(b * n, *q.shape[1:]))
-        return out.view(*image_ids.shape, *q.shape[1:])  # (R, L, H, hd)
-
-    return grouped
-
-
-def _attend_fn(image_ids: torch.Tensor, attention: str, dropout: bool, dtype: torch.dtype) -> Attend:
-    """Attention within each image, on ``q, k, v`` of shape ``(R, L, H, hd)``; returns ``(R, L, H, hd)``."""
-    if attention not in ATTENTION:
-        raise ValueError(f"attention must be one of {', '.join(ATTENTION)}, got {attention!r}")
-    if attention == "auto":
-        attention = "flex" if image_ids.is_cuda and not dropout and _has_flex() else "grouped"
-    if attention == "grouped":
-        return _grouped(image_ids)
-    if attention == "flex":
-        if dropout:
-            raise ValueError("flex attention has no attention dropout; use attention='grouped' or 'sdpa' when "
-                             "training with attn_drop_rate > 0")
-        from torch.nn.attention.flex_attention import create_block_mask
-
-        def same_image(b, h, q, kv):  # noqa: ANN001 (flex's mask_mod signature)
-            return image_ids[b, q] == image_ids[b, kv]
-
-        r, length = image_ids.shape
-        block_mask = create_block_mask(same_image, B=r, H=None, Q_LEN=length, KV_LEN=length, device=image_ids.device)
-        flex = _flex(image_ids.device.type)
-        return lambda q, k, v, p: flex(*(t.transpose(1, 2) for t in (q, k, v)), block_mask=block_mask).transpose(1, 2)
+def _masked(image_ids: torch.Tensor, dtype: torch.dtype) -> Attend:
+    """One SDPA call over whole rows ``(R, L)`` with a same-image mask: every ``L x L`` score is computed."""
     # Padding tokens (id -1) attend to each other, so no query row is fully masked (no NaN).
     same = image_ids[:, None, :, None] == image_ids[:, None, None, :]  # (R, 1, L, L)
     # Additive, made once: SDPA would convert a boolean mask on every call (every block). Under autocast the
@@ -280,6 +250,57 @@ def _attend_fn(image_ids: torch.Tensor, attention: str, dropout: bool, dtype: to
         return out.transpose(1, 2)  # (R, L, H, hd)
 
     return masked
+
+
+def _grouped(image_ids: torch.Tensor, runs: Sequence[Run], dtype: torch.dtype) -> Attend:
+    """Each run of rows holding ``c`` images of ``n`` tokens as ``c`` unmasked sequences of ``n`` per row:
+    views, no gather, no score between images. The other (mixed) rows go through the mask."""
+    uniform = torch.zeros(image_ids.shape[0], dtype=torch.bool, device=image_ids.device)
+    for first, end, _, _ in runs:
+        uniform[first:end] = True
+    mixed = (~uniform & (image_ids >= 0).any(dim=1)).nonzero().squeeze(1)  # (M,) rows left for the mask
+    rest = _masked(image_ids[mixed], dtype) if mixed.numel() else None
+
+    def grouped(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, p: float) -> torch.Tensor:
+        out = q.new_zeros(q.shape)  # (R, L, H, hd); padding stays zero (garbage would reach the weight gradients)
+        for first, end, n, c in runs:
+            m = end - first
+            parts = (t[first:end, : c * n].reshape(m * c, n, *t.shape[2:]).transpose(1, 2) for t in (q, k, v))
+            o = F.scaled_dot_product_attention(*parts, dropout_p=p)  # (m * c, H, n, hd)
+            out[first:end, : c * n] = o.transpose(1, 2).reshape(m, c * n, *q.shape[2:])
+        if rest is not None:
+            out[mixed] = rest(q[mixed], k[mixed], v[mixed], p)
+        return out
+
+    return grouped
+
+
+def _attend_fn(image_ids: torch.Tensor, attention: str, dropout: bool, dtype: torch.dtype,
+               runs: Sequence[Run] | None) -> Attend:
+    """Attention within each image, on ``q, k, v`` of shape ``(R, L, H, hd)``; returns ``(R, L, H, hd)``."""
+    if attention not in ATTENTION:
+        raise ValueError(f"attention must be one of {', '.join(ATTENTION)}, got {attention!r}")
+    if attention == "auto":
+        attention = ("flex" if image_ids.is_cuda and not dropout and _has_flex()
+                     else "grouped" if runs is not None else "sdpa")
+    if attention == "grouped":
+        if runs is None:
+            raise ValueError("attention='grouped' needs the rows' runs (PackedBatch.runs); pass runs=, or use 'sdpa'")
+        return _grouped(image_ids, runs, dtype)
+    if attention == "sdpa":
+        return _masked(image_ids, dtype)
+    if dropout:
+        raise ValueError("flex attention has no attention dropout; use attention='grouped' or 'sdpa' when training "
+                         "with attn_drop_rate > 0")
+    from torch.nn.attention.flex_attention import create_block_mask
+
+    def same_image(b, h, q, kv):  # noqa: ANN001 (flex's mask_mod signature)
+        return image_ids[b, q] == image_ids[b, kv]
+
+    r, length = image_ids.shape
+    block_mask = create_block_mask(same_image, B=r, H=None, Q_LEN=length, KV_LEN=length, device=image_ids.device)
+    flex = _flex(image_ids.device.type)
+    return lambda q, k, v, p: flex(*(t.transpose(1, 2) for t in (q, k, v)), block_mask=block_mask).transpose(1, 2)
 
 
 def _attention(attn: Attention, x: torch.Tensor, attend: Attend) -> torch.Tensor:
@@ -309,12 +330,14 @@ def block_forward(block: Block, x: torch.Tensor, attend: Attend, image_ids: torc
     return x + _drop_path(block.drop_path2, block.ls2(block.mlp(block.norm2(x))), image_ids)
 
 
-def packed_trunk(model: "FlexiViT", tokens: torch.Tensor, image_ids: torch.Tensor, *,
-                 attention: str = "auto") -> torch.Tensor:
-    """The blocks and the final norm on packed rows: ``(R, L, D)`` → ``(R, L, D)``. Shapes depend on
-    ``(R, L)`` alone, so a compiled trunk builds one graph per row bucket (``flexivit.packing``)."""
+def packed_trunk(model: "FlexiViT", tokens: torch.Tensor, image_ids: torch.Tensor, *, attention: str = "auto",
+                 runs: Sequence[Run] | None = None) -> torch.Tensor:
+    """The blocks and the final norm on packed rows: ``(R, L, D)`` → ``(R, L, D)``. ``auto`` attention is
+    ``flex`` on CUDA, else ``grouped`` given the batch's ``runs``, else ``sdpa``. With ``sdpa`` or ``flex``
+    the shapes depend on ``(R, L)`` alone, so a compiled trunk builds one graph per row bucket
+    (``flexivit.packing``)."""
     dropout = model.training and any(b.attn.attn_drop.p > 0 for b in model.blocks)
-    attend = _attend_fn(image_ids, attention, dropout, tokens.dtype)
+    attend = _attend_fn(image_ids, attention, dropout, tokens.dtype, runs)
     use_ckpt = model.grad_checkpointing and torch.is_grad_enabled()
     for block in model.blocks:
         tokens = (checkpoint(block_forward, block, tokens, attend, image_ids) if use_ckpt
@@ -339,7 +362,7 @@ def _pool(model: "FlexiViT", x: torch.Tensor, batch: PackedBatch) -> torch.Tenso
 def run_packed(model: "FlexiViT", batch: PackedBatch, *, attention: str = "auto") -> torch.Tensor:
     """Logits ``(n_images, num_classes)`` of a packed batch (features ``(n, D)`` for a model without head)."""
     check_packable(model)
-    x = packed_trunk(model, batch.tokens, batch.image_ids, attention=attention)
+    x = packed_trunk(model, batch.tokens, batch.image_ids, attention=attention, runs=batch.runs)
     return model.head(model.head_drop(model.fc_norm(_pool(model, x, batch))))
 
 
