@@ -30,9 +30,10 @@ class-proxy head (it reads each image's patch tokens), block graphs and bridges 
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from functools import lru_cache
-from typing import TYPE_CHECKING, Callable, Sequence
+from functools import cache
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
@@ -51,7 +52,7 @@ __all__ = ["PackedBatch", "ATTENTION", "check_packable", "pack", "packed_trunk",
 
 ATTENTION = ("auto", "grouped", "sdpa", "flex")
 Attend = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, float], torch.Tensor]
-Run = tuple[int, int, int, int]  # rows [first, end) each holding c images of n tokens from its start: (first, end, n, c)
+Run = tuple[int, int, int, int]  # (first, end, n, c): rows [first, end) each hold c images of n tokens from the start
 Images = torch.Tensor | Sequence[torch.Tensor]
 
 
@@ -85,7 +86,7 @@ class PackedBatch:
         return 1.0 - sum(n for _, _, n in self.slots) / (self.num_rows * self.row_tokens)
 
 
-def check_packable(model: "FlexiViT") -> None:
+def check_packable(model: FlexiViT) -> None:
     """Raise ``ValueError`` (one line, naming the option) for a model the packed forward cannot reproduce."""
     cfg = model.config
     refused = [
@@ -116,12 +117,13 @@ def _image_list(images: Images) -> list[torch.Tensor]:
     return out
 
 
-def _scheme_and_length(model: "FlexiViT", image: torch.Tensor, patch: int, index: int) -> tuple[PatchScheme, int]:
+def _scheme_and_length(model: FlexiViT, image: torch.Tensor, patch: int, index: int) -> tuple[PatchScheme, int]:
     """Image ``index``'s scheme and token count; raises one line naming the image."""
     hw = (image.shape[1], image.shape[2])
     try:
         if image.shape[0] != model.config.in_chans:
-            raise ValueError(f"expected {model.config.in_chans} channels, got {image.shape[0]} (shape {tuple(image.shape)})")
+            raise ValueError(f"expected {model.config.in_chans} channels, got {image.shape[0]} "
+                             f"(shape {tuple(image.shape)})")
         scheme = PatchScheme.of(patch)
         if model.config.pad:
             ph, pw = scheme.padding_for(hw)
@@ -149,7 +151,7 @@ def _check_rows(rows: Sequence[Sequence[int]], lengths: Sequence[int], row_token
             raise ValueError(f"image {i} is placed {count} times in rows; place every image exactly once")
 
 
-def pack(model: "FlexiViT", images: Images, patch_sizes: Sequence[int], *, row_tokens: int | None = None,
+def pack(model: FlexiViT, images: Images, patch_sizes: Sequence[int], *, row_tokens: int | None = None,
          rows: Sequence[Sequence[int]] | None = None) -> PackedBatch:
     """Embed image ``i`` at ``patch_sizes[i]`` and lay the tokens into rows of ``row_tokens`` (default: the
     longest image's). ``rows`` (image indices per row, e.g. a ``PackPlan``'s) fixes the layout; empty rows
@@ -220,7 +222,7 @@ def _runs(rows: Sequence[Sequence[int]], lengths: Sequence[int]) -> tuple[Run, .
     return tuple(runs)
 
 
-@lru_cache(maxsize=None)
+@cache
 def _flex(device_type: str) -> Callable[..., torch.Tensor]:
     from torch.nn.attention.flex_attention import flex_attention
 
@@ -230,7 +232,7 @@ def _flex(device_type: str) -> Callable[..., torch.Tensor]:
 
 def _has_flex() -> bool:
     try:
-        from torch.nn.attention.flex_attention import flex_attention  # noqa: F401
+        from torch.nn.attention.flex_attention import flex_attention  # noqa: F401 (only whether it imports)
     except ImportError:
         return False
     return True
@@ -294,7 +296,7 @@ def _attend_fn(image_ids: torch.Tensor, attention: str, dropout: bool, dtype: to
                          "with attn_drop_rate > 0")
     from torch.nn.attention.flex_attention import create_block_mask
 
-    def same_image(b, h, q, kv):  # noqa: ANN001 (flex's mask_mod signature)
+    def same_image(b, h, q, kv):
         return image_ids[b, q] == image_ids[b, kv]
 
     r, length = image_ids.shape
@@ -330,7 +332,7 @@ def block_forward(block: Block, x: torch.Tensor, attend: Attend, image_ids: torc
     return x + _drop_path(block.drop_path2, block.ls2(block.mlp(block.norm2(x))), image_ids)
 
 
-def packed_trunk(model: "FlexiViT", tokens: torch.Tensor, image_ids: torch.Tensor, *, attention: str = "auto",
+def packed_trunk(model: FlexiViT, tokens: torch.Tensor, image_ids: torch.Tensor, *, attention: str = "auto",
                  runs: Sequence[Run] | None = None) -> torch.Tensor:
     """The blocks and the final norm on packed rows: ``(R, L, D)`` → ``(R, L, D)``. ``auto`` attention is
     ``flex`` on CUDA, else ``grouped`` given the batch's ``runs``, else ``sdpa``. With ``sdpa`` or ``flex``
@@ -345,7 +347,7 @@ def packed_trunk(model: "FlexiViT", tokens: torch.Tensor, image_ids: torch.Tenso
     return model.norm(tokens)
 
 
-def _pool(model: "FlexiViT", x: torch.Tensor, batch: PackedBatch) -> torch.Tensor:
+def _pool(model: FlexiViT, x: torch.Tensor, batch: PackedBatch) -> torch.Tensor:
     """One feature per image ``(n, D)``: its class token, or the mean of its own patch tokens."""
     flat = x.flatten(0, 1)  # (R * L, D)
     length = batch.row_tokens
@@ -359,14 +361,14 @@ def _pool(model: "FlexiViT", x: torch.Tensor, batch: PackedBatch) -> torch.Tenso
     return sums / counts[:, None]
 
 
-def run_packed(model: "FlexiViT", batch: PackedBatch, *, attention: str = "auto") -> torch.Tensor:
+def run_packed(model: FlexiViT, batch: PackedBatch, *, attention: str = "auto") -> torch.Tensor:
     """Logits ``(n_images, num_classes)`` of a packed batch (features ``(n, D)`` for a model without head)."""
     check_packable(model)
     x = packed_trunk(model, batch.tokens, batch.image_ids, attention=attention, runs=batch.runs)
     return model.head(model.head_drop(model.fc_norm(_pool(model, x, batch))))
 
 
-def forward_packed(model: "FlexiViT", images: Images, patch_sizes: Sequence[int], *, row_tokens: int | None = None,
+def forward_packed(model: FlexiViT, images: Images, patch_sizes: Sequence[int], *, row_tokens: int | None = None,
                    rows: Sequence[Sequence[int]] | None = None, attention: str = "auto") -> torch.Tensor:
     """Logits ``(n_images, num_classes)``: image ``i`` (a list of ``(C, H, W)`` or a ``(B, C, H, W)``
     batch) at ``patch_sizes[i]``, packed into rows of ``row_tokens`` tokens (see ``pack``), in one call."""

@@ -27,8 +27,8 @@ from __future__ import annotations
 
 import bisect
 import itertools
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Sequence
 
 from .patch_embed import PatchScheme, check_patch_sizes
 from .rng import mix

@@ -25,8 +25,9 @@ import random
 import statistics
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 
@@ -56,7 +57,8 @@ def calls(model: torch.nn.Module, x: torch.Tensor, sizes: list[int]) -> dict[str
         return out
 
     return {"packed": lambda: forward_packed(model, x, sizes), "per_size": per_size,
-            "packed_sdpa": lambda: forward_packed(model, x, sizes, attention="sdpa"), "padded": lambda: model(x, min(sizes))}
+            "packed_sdpa": lambda: forward_packed(model, x, sizes, attention="sdpa"),
+            "padded": lambda: model(x, min(sizes))}
 
 
 def race(fns: dict[str, Call], rounds: int) -> dict[str, Any]:
@@ -146,19 +148,21 @@ def markdown(res: dict[str, Any]) -> str:
         "| sdpa's attention scores / per size's | max logit gap |",
         "|---|---:|---:|---|---:|---:|---:|---|---:|---|---:|---|---:|---|---:|---:|",
     ]
+    def ratio(r: dict[str, Any], key: str, clock: str) -> str:
+        v = r[key][clock]
+        return f"{v['median']:.2f}" + (f" [{v['q25']:.2f}, {v['q75']:.2f}]" if clock == "wall" else "")
+
     for r in res["rows"]:
-        def ratio(key: str, clock: str) -> str:
-            v = r[key][clock]
-            return f"{v['median']:.2f}" + (f" [{v['q25']:.2f}, {v['q75']:.2f}]" if clock == "wall" else "")
 
         counts = "/".join(str(r["sizes"][p]) for p in SIZES)
         scores = r["attention_scores"]["packed_sdpa"] / r["attention_scores"]["per_size"]
         lines.append(
             f"| {r['model']} | {r['batch']} | {r['seed']} | {counts} | {r['img_s']['packed']:.0f} | "
-            f"{r['img_s']['per_size']:.0f} | {r['img_s']['padded']:.0f} | {ratio('packed_vs_per_size', 'wall')} | "
-            f"{ratio('packed_vs_per_size', 'cpu')} | {ratio('packed_vs_padded', 'wall')} | "
-            f"{ratio('packed_vs_padded', 'cpu')} | {ratio('packed_sdpa_vs_per_size', 'wall')} | "
-            f"{ratio('packed_sdpa_vs_per_size', 'cpu')} | {r['rows']} x {r['row_tokens']}, {100 * r['padding']:.1f} % | "
+            f"{r['img_s']['per_size']:.0f} | {r['img_s']['padded']:.0f} | {ratio(r, 'packed_vs_per_size', 'wall')} | "
+            f"{ratio(r, 'packed_vs_per_size', 'cpu')} | {ratio(r, 'packed_vs_padded', 'wall')} | "
+            f"{ratio(r, 'packed_vs_padded', 'cpu')} | {ratio(r, 'packed_sdpa_vs_per_size', 'wall')} | "
+            f"{ratio(r, 'packed_sdpa_vs_per_size', 'cpu')} | "
+            f"{r['rows']} x {r['row_tokens']}, {100 * r['padding']:.1f} % | "
             f"{scores:.2f}x | {r['max_logit_gap_packed_vs_per_size']:.1e} |")
     lines += [
         "", f"## Packer padding on the quickstart mix ({res['packing_steps']} steps, seed 0)", "",
