@@ -22,6 +22,7 @@ CONFIGS = {
     "qknorm-layerscale-factorized-prenorm": dict(class_token=True, global_pool="token", qk_norm=True,
                                                  init_values=0.5, posemb="factorized", pre_norm=True),
     "scale-invariant": dict(class_token=False, global_pool="avg", scale_invariant="all"),
+    "lutq": dict(class_token=True, global_pool="token", lutq_k=4, lutq_scope="blocks+head"),
 }
 
 
