@@ -138,6 +138,8 @@ def _add_predict_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("images", nargs="+", metavar="IMAGE", help="image files (any size, any mode)")
     which = p.add_mutually_exclusive_group()
     which.add_argument("--patch-size", type=int, help="patch size to run at (default: the model's)")
+    which.add_argument("--patch-sizes", help="one patch size per image, comma-separated in IMAGE order (2,7,4): "
+                       "the images run in one packed call (docs/packed.md)")
     which.add_argument("--budget-ms", type=float, help="use the most accurate patch size whose batch-1 latency "
                        "on this machine fits (from the run's eval.json, else measured now)")
     p.add_argument("--topk", type=int, default=5, help="classes to show per image (default 5)")

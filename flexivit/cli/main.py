@@ -4,7 +4,7 @@
     flexivit finetune CHECKPOINT RECIPE[:ARG] [--data SRC] [--patch-size N] [--out DIR] [--set k=v ...]
     flexivit eval CHECKPOINT [--data SRC] [--patch-sizes 4,7,14 | all] [--out DIR] [--baseline CKPT[:PATCH]]
                   [--max-latency-ms X] [--max-gflops X] [--min-accuracy X] [--compile] [--precision P]
-    flexivit predict CHECKPOINT IMAGE... [--patch-size N | --budget-ms X] [--topk 5] [--json]
+    flexivit predict CHECKPOINT IMAGE... [--patch-size N | --patch-sizes N,N,... | --budget-ms X] [--topk 5] [--json]
     flexivit export CHECKPOINT --patch-size N --out DIR [--onnx] [--torch-export]
     flexivit recalibrate CHECKPOINT --patch-sizes 3,5 [--data SRC] [--images N] [--out FILE_OR_DIR]
     flexivit fewshot CHECKPOINT --data SRC [--classes a,b] [--ways N] [--shots 1,5] [--queries Q] [--episodes E]
@@ -169,13 +169,20 @@ def _predict(args: argparse.Namespace) -> None:
 
     predictor = Predictor.from_checkpoint(args.checkpoint, _device(args.device))
     patch, note = args.patch_size, None
+    if args.patch_sizes is not None:
+        try:
+            patch = [int(s) for s in args.patch_sizes.split(",")]
+        except ValueError:
+            raise ValueError(f"--patch-sizes takes one integer per image, comma-separated, such as 2,7,4; got "
+                             f"{args.patch_sizes!r}") from None
     if args.budget_ms is not None:
         choice, source = predictor.choose_for_latency(args.budget_ms)
         patch, note = choice.patch_size, f"{choice.reason} ({source})"
     predictions = predictor.predict(args.images, patch, topk=args.topk)
     if args.json:
-        print(json.dumps({"checkpoint": args.checkpoint, "patch_size": predictions[0].patch_size, "choice": note,
-                          "predictions": [p.to_dict() for p in predictions]}, indent=2))
+        mixed = len({p.patch_size for p in predictions}) > 1  # then each prediction names its own size
+        print(json.dumps({"checkpoint": args.checkpoint, "patch_size": None if mixed else predictions[0].patch_size,
+                          "choice": note, "predictions": [p.to_dict() for p in predictions]}, indent=2))
         return
     if note:
         print(f"patch size {patch} for {args.budget_ms:g} ms: {note}")

@@ -33,6 +33,7 @@ from flexivit.eval.evaluate import default_device
 from flexivit.eval.measure import MeasureSettings, latency_ms
 from flexivit.eval.subjects import EvalSubject, FixedSizeViT, load_subject, resolve_patch_sizes
 from flexivit.data.transforms import eval_transform, open_image
+from flexivit.model.packed import forward_packed
 
 __all__ = ["BudgetError", "Choice", "Prediction", "Predictor", "choose_patch_size", "load_profile",
            "parse_accuracy"]
@@ -178,24 +179,42 @@ class Predictor:
             image = open_image({"bytes": None, "path": str(path)})
         return self.transform(image)
 
+    def check_patch_sizes(self, patch_size: int | Sequence[int] | None, count: int) -> list[int]:
+        """One checked size per image: ``patch_size`` (default: the model's) for all, or a list, one each."""
+        if not isinstance(patch_size, (list, tuple)):
+            return [self.check_patch_size(patch_size if patch_size is not None else self.default_patch_size)] * count
+        if len(patch_size) != count:
+            raise ValueError(f"got {len(patch_size)} patch sizes for {count} images; give one per image")
+        checked: dict[int, int] = {}
+        for i, p in enumerate(patch_size):
+            if p not in checked:
+                try:
+                    checked[p] = self.check_patch_size(p)
+                except ValueError as error:
+                    raise ValueError(f"image {i}: {error}") from None
+        return [checked[p] for p in patch_size]
+
     @torch.no_grad()
-    def predict(self, images: Sequence[str | Path | Image.Image], patch_size: int | None = None,
+    def predict(self, images: Sequence[str | Path | Image.Image], patch_size: int | Sequence[int] | None = None,
                 topk: int = 5, batch_size: int = 64) -> list[Prediction]:
-        """Top-``topk`` classes and probabilities per image at ``patch_size`` (default: the model's)."""
-        patch = self.check_patch_size(patch_size if patch_size is not None else self.default_patch_size)
+        """Top-``topk`` classes and probabilities per image at ``patch_size`` (default: the model's), or at
+        ``patch_size[i]`` for image ``i``: each batch of mixed sizes runs as one packed call (flexivit.model.packed)."""
+        patches = self.check_patch_sizes(patch_size, len(images))
         if topk < 1:
             raise ValueError(f"topk must be >= 1, got {topk}")
         tensors = [self.load(image) for image in images]  # every file is read before any work is done
         out = []
         for start in range(0, len(tensors), batch_size):
             x = torch.stack(tensors[start : start + batch_size]).to(self.device)  # (B, C, H, W)
-            probs = self.model(x, patch).float().softmax(dim=-1)  # (B, classes)
+            sizes = patches[start : start + batch_size]
+            logits = self.model(x, sizes[0]) if len(set(sizes)) == 1 else forward_packed(self.model, x, sizes)
+            probs = logits.float().softmax(dim=-1)  # (B, classes)
             values, indices = probs.topk(min(topk, probs.shape[1]), dim=-1)  # (B, k)
             for j in range(x.shape[0]):
                 image = images[start + j]
                 name = str(image) if not isinstance(image, Image.Image) else f"<image {start + j}>"
                 top = [(int(i), self._name(int(i)), float(v)) for v, i in zip(values[j], indices[j])]
-                out.append(Prediction(name, patch, top))
+                out.append(Prediction(name, sizes[j], top))
         return out
 
     def _name(self, index: int) -> str:

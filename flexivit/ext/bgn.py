@@ -454,6 +454,9 @@ class NormOption(ModelOption):
                 norm.remove_size(patch)
         model.config = FlexiViTConfig.from_dict({**model.config.to_dict(), "norm_sizes": keep})
 
+    def refuses_packing(self, values: NormFields) -> str | None:
+        return f"norm={values.norm!r}: its batch statistics pool tokens across images"
+
     def refuses_grad_checkpointing(self, values: NormFields) -> str | None:
         return ("gradient checkpointing recomputes each block in the backward pass, which would update the running "
                 f"statistics of the {values.norm} norms twice per step; set train.grad_checkpointing=false, or use "

@@ -433,6 +433,9 @@ class BridgeOption(ModelOption):
     def build_blocks(self, values: BridgeFields, config: Any, blocks: list[nn.Module]) -> list[nn.Module]:
         return bridge_blocks(blocks, config)
 
+    def refuses_packing(self, values: BridgeFields) -> str | None:
+        return f"bridges={list(values.bridges)}: bridges are not run packed"
+
     def non_plain(self, values: BridgeFields) -> list[str]:
         return [f"bridges {', '.join(values.bridges)}"]
 

@@ -291,6 +291,9 @@ class GraphOption(ModelOption):
     def build_blocks(self, values: GraphFields, config: Any, blocks: list[nn.Module]) -> nn.Module:
         return GraphBlocks(blocks, graph=BlockGraph.parse(values.graph, config.depth))
 
+    def refuses_packing(self, values: GraphFields) -> str | None:
+        return f"graph={values.graph!r}: block graphs are not run packed"
+
     def non_plain(self, values: GraphFields) -> list[str]:
         return [f"a block graph ({values.graph})"]
 

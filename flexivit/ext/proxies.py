@@ -294,6 +294,9 @@ class ProxyOption(ModelOption):
         return ProxyHead(dim=config.embed_dim, num_classes=num_classes, local=values.proxy_local,
                          mix=values.proxy_mix, scale=values.proxy_scale)
 
+    def refuses_packing(self, values: ProxyFields) -> str | None:
+        return "head='proxies': the proxy head scores each image's own patch tokens"
+
     def non_plain(self, values: ProxyFields) -> list[str]:
         return [f"a class-proxy head ({values.proxy_local} local proxies per class)"]
 

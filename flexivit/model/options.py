@@ -109,6 +109,11 @@ class ModelOption:
     def on_grid(self, values: Any, model: nn.Module, patch: int, grid: tuple[int, int]) -> None:
         """Called by every forward with the call's patch size and token grid, before the blocks."""
 
+    def refuses_packing(self, values: Any) -> str | None:
+        """Why the packed forward (``flexivit.model.packed``: several images, each at its own patch size, in
+        one token row) cannot reproduce this option's computation (``setting: reason``), or None."""
+        return None
+
     def refuses_grad_checkpointing(self, values: Any) -> str | None:
         """Why gradient checkpointing cannot run with this option (one line), or None."""
         return None

@@ -27,6 +27,7 @@ from flexivit.model.config import FlexiViTConfig
 from flexivit.model.patch_embed import FlexiPatchEmbed, PatchScheme
 from flexivit.model.resize import pi_resize, resample_posemb
 from flexivit.model.timm_interop import flexivit_to_timm, timm_to_flexivit
+from flexivit.model.packed import forward_packed
 
 __all__ = ["FlexiViT", "FlexiViTConfig"]
 
@@ -256,6 +257,11 @@ class FlexiViT(nn.Module, PyTorchModelHubMixin, library_name="flexivit", paper_u
         self, x: torch.Tensor, patch_size: int | PatchScheme | None = None, stride: int | None = None
     ) -> torch.Tensor:
         return self.forward_head(self.forward_features(x, patch_size, stride))
+
+    def forward_packed(self, images: torch.Tensor | Sequence[torch.Tensor], patch_sizes: Sequence[int],
+                       **kwargs: Any) -> torch.Tensor:
+        """Logits ``(n_images, classes)``, each image at its own patch size, packed in token rows (flexivit.model.packed)."""
+        return forward_packed(self, images, patch_sizes, **kwargs)
 
     def kernel_rank(self, patch_size: int) -> int:
         """Rank of the patch-embedding kernel at ``patch_size`` as a ``(D, C*p*p)`` matrix: how many

@@ -1,0 +1,166 @@
+"""Packing images of different token counts into fixed-length token rows.
+
+Two layers:
+
+- ``first_fit_decreasing(lengths, capacity)`` lays out a given set of images (the packed forward's
+  default layout, ``flexivit.model.packed``): longest first, each into the first row with room.
+- ``RowPacker`` plans a training step from a stream of images: it draws a patch size for each next image
+  of the stream and places it, first fit, into the step's ``rows`` rows of ``row_tokens`` tokens. Every
+  draw is a function of ``(seed, step, rank, k)`` (``flexivit.rng.mix``), so a plan is a pure function of
+  ``(seed, step, rank)``: every rank packs its own rows without talking to the others, and a resumed run
+  replans the same steps bit-identically without saved state.
+
+The stopping rule: a step ends at the first drawn size that fits in no row (``patience=0``). The images
+taken are then the draws before it, an i.i.d. prefix, so their sizes follow the weights except for that
+one rejected draw per step (Wald's identity: the shortfall is one draw's worth per step, skewed to the
+large sizes that need an empty row). The leftover space of the last partly filled rows is padding, about
+half a row per step, so padding shrinks as ``1 / rows``. ``patience=k`` keeps drawing after a miss, up to
+``k`` misses in a row, and fills gaps with the small sizes that fit: less padding, a larger skew to small
+sizes. ``tests/test_packing.py`` measures both on the quickstart's mix.
+
+Buckets, for ``torch.compile``: a run packs every step into the same ``(rows, row_tokens)``, so the
+transformer blocks always see tokens ``(rows, row_tokens, D)`` and one attention mask shape; only the eager
+stem and pooling see the varying image count. One bucket per run, hence one graph per grad mode.
+"""
+
+from __future__ import annotations
+
+import bisect
+import itertools
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from flexivit.model.patch_embed import PatchScheme, check_patch_sizes
+from flexivit.rng import mix
+
+__all__ = ["check_lengths", "first_fit_decreasing", "tokens_per_image", "PackPlan", "RowPacker"]
+
+
+
+def tokens_per_image(image_hw: int | tuple[int, int], patch: int, *, prefix: int = 0) -> int:
+    """Tokens one image puts in a row: its patch grid plus ``prefix`` (1 with a class token)."""
+    hw = (image_hw, image_hw) if isinstance(image_hw, int) else image_hw
+    gh, gw = PatchScheme(int(patch)).grid_size(hw)
+    return prefix + gh * gw
+
+
+def check_lengths(lengths: Sequence[int], capacity: int) -> None:
+    """Raise ``ValueError`` naming the first image longer than a row of ``capacity`` tokens."""
+    if capacity < 1:
+        raise ValueError(f"a row must hold at least one token, got row_tokens={capacity}")
+    for i, n in enumerate(lengths):
+        if n > capacity:
+            raise ValueError(f"image {i} has {n} tokens, more than a row of {capacity} (row_tokens); raise "
+                             "row_tokens or give that image a larger patch size")
+
+
+def first_fit_decreasing(lengths: Sequence[int], capacity: int) -> list[list[int]]:
+    """Image indices per row: longest first (ties by index), each into the first row with room.
+
+    Deterministic; raises ``ValueError`` naming the first image longer than a row.
+    """
+    check_lengths(lengths, capacity)
+    rows: list[list[int]] = []
+    free: list[int] = []
+    for i in sorted(range(len(lengths)), key=lambda j: (-lengths[j], j)):
+        row = next((r for r, room in enumerate(free) if room >= lengths[i]), None)
+        if row is None:
+            rows.append([])
+            free.append(capacity)
+            row = len(rows) - 1
+        rows[row].append(i)
+        free[row] -= lengths[i]
+    return rows
+
+
+@dataclass(frozen=True)
+class PackPlan:
+    """One step on one rank: the ``k``-th image of the stream runs at ``patch_sizes[k]``, in row
+    ``r`` where ``k in rows[r]``; pass ``patch_sizes``, ``rows`` and ``row_tokens`` to
+    ``flexivit.model.packed.pack``/``forward_packed`` with the images."""
+
+    patch_sizes: tuple[int, ...]
+    lengths: tuple[int, ...]  # tokens of each image
+    rows: tuple[tuple[int, ...], ...]  # image indices per row
+    row_tokens: int
+    rejected: int  # draws that fit nowhere (no image is taken for them)
+
+    @property
+    def num_images(self) -> int:
+        return len(self.patch_sizes)
+
+    @property
+    def padding(self) -> float:
+        """The fraction of the rows' token slots that hold no image."""
+        return 1.0 - sum(self.lengths) / (len(self.rows) * self.row_tokens)
+
+
+class RowPacker:
+    """Plans each step's rows from ``(seed, step, rank)``: patch sizes drawn with ``weights`` (one per size
+    in ``sizes``, uniform by default), placed first fit into ``rows`` rows of ``row_tokens`` tokens (by
+    default the longest image: the smallest patch, plus the class token with ``class_token``)."""
+
+    def __init__(
+        self, *, sizes: Sequence[int], image_size: int | tuple[int, int], rows: int,
+        weights: Sequence[float] | None = None, row_tokens: int | None = None, class_token: bool = False,
+        seed: int = 0, patience: int = 0,
+    ) -> None:
+        sizes = [int(p) for p in sizes]
+        if not sizes or len(set(sizes)) != len(sizes):
+            raise ValueError(f"sizes must be distinct patch sizes, at least one, got {sizes}")
+        check_patch_sizes(sizes, image_size)
+        weights = [1.0] * len(sizes) if weights is None else [float(w) for w in weights]
+        if len(weights) != len(sizes) or any(not w >= 0 for w in weights) or sum(weights) <= 0:
+            raise ValueError(f"give one non-negative weight per size ({len(sizes)}), not all zero; got {weights}")
+        if rows < 1 or patience < 0:
+            raise ValueError(f"rows must be >= 1 and patience >= 0, got rows={rows}, patience={patience}")
+        self.sizes, self.weights = tuple(sizes), tuple(weights)
+        self.lengths = tuple(tokens_per_image(image_size, p, prefix=int(class_token)) for p in sizes)
+        self.row_tokens = max(self.lengths) if row_tokens is None else int(row_tokens)
+        too_long = [p for p, n in zip(sizes, self.lengths) if n > self.row_tokens]
+        if too_long:
+            raise ValueError(f"patch sizes {too_long} give images longer than a row of {self.row_tokens} tokens; "
+                             f"raise row_tokens to {max(self.lengths)} or leave it unset")
+        self.rows, self.seed, self.patience = int(rows), int(seed), int(patience)
+        total = sum(weights)
+        self._cdf = [c / total for c in itertools.accumulate(weights)]
+        self._last = max(i for i, w in enumerate(weights) if w > 0)
+
+    def draw(self, step: int, rank: int, k: int) -> int:
+        """The index into ``sizes`` of draw ``k`` of ``step`` on ``rank``."""
+        u = (mix(self.seed, step, rank, k) >> 10) / float(1 << 53)  # 53 of mix's 63 bits: exact, in [0, 1)
+        i = bisect.bisect_right(self._cdf, u)  # never a zero-weight size: its CDF step is empty
+        return i if i < len(self.sizes) else self._last  # u above a CDF that rounded to just under 1
+
+    def plan(self, step: int, rank: int = 0) -> PackPlan:
+        """The step's images (sizes in stream order) and rows; the same on every call."""
+        if step < 0 or rank < 0:
+            raise ValueError(f"step and rank must be non-negative, got step={step}, rank={rank}")
+        free = [self.row_tokens] * self.rows
+        rows: list[list[int]] = [[] for _ in range(self.rows)]
+        sizes: list[int] = []
+        lengths: list[int] = []
+        smallest = min(n for n, w in zip(self.lengths, self.weights) if w > 0)
+        misses = rejected = 0
+        for k in itertools.count():
+            if max(free) < smallest:
+                break
+            i = self.draw(step, rank, k)
+            n = self.lengths[i]
+            row = next((r for r, room in enumerate(free) if room >= n), None)
+            if row is None:
+                rejected += 1
+                misses += 1
+                if misses > self.patience:
+                    break
+                continue
+            misses = 0
+            rows[row].append(len(sizes))
+            free[row] -= n
+            sizes.append(self.sizes[i])
+            lengths.append(n)
+        return PackPlan(tuple(sizes), tuple(lengths), tuple(map(tuple, rows)), self.row_tokens, rejected)
+
+    def __repr__(self) -> str:
+        return (f"RowPacker(sizes={list(self.sizes)}, weights={list(self.weights)}, rows={self.rows}, "
+                f"row_tokens={self.row_tokens}, seed={self.seed}, patience={self.patience})")
