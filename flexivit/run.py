@@ -21,7 +21,7 @@ from torch.utils.data import DataLoader
 
 from . import checkpoint as ckpt
 from .builders import RunData, build_data, build_model, build_sampler, eval_loader, preprocess_meta, schemes_of
-from .config import Config, config_from_dict
+from .config import Config, check_config, config_from_dict
 from .data import make_loader
 from .distill import Teacher, ViewSpec, load_teacher, student_from_teacher
 from .hooks import Hooks, PostStepHook
@@ -195,7 +195,7 @@ def assemble(
     accelerator: Accelerator | None = None,
     hooks: Sequence[PostStepHook] = (),
 ) -> Run:
-    d = cfg.data
+    d = check_config(cfg).data  # a config built in Python is checked like a recipe
     accelerator = accelerator or Accelerator(
         mixed_precision=cfg.train.mixed_precision, log_with="tensorboard", project_dir=str(out),
         dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True, data_seed=cfg.train.seed),

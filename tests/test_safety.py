@@ -1,0 +1,89 @@
+"""Nothing lost and one line per mistake: the defects of issue 29 (silent loss or overwrite, tracebacks
+instead of a message), each reproduced through the command line or the API a user would call."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from flexivit.cli import main
+from flexivit.config import ConfigError, load_recipe
+
+ROOT = Path(__file__).resolve().parent.parent
+TINY = ["model.embed_dim=32", "model.depth=1", "data.batch_size=8", "train.steps=4", "train.checkpoint_every=2",
+        "train.log_every=2", "train.token_budget=0", "optim.warmup_steps=1"]
+
+
+def _sets(items: list[str]) -> list[str]:
+    return [a for item in items for a in ("--set", item)]
+
+
+def _folder(root: Path, classes: tuple[str, ...] = ("a", "b", "c"), per_class: int = 12, mode: str = "L",
+            seed: int = 0) -> Path:
+    """``per_class`` random 28x28 PNGs in a sub-folder per class."""
+    rng = np.random.default_rng(seed)
+    shape = (28, 28, 3) if mode == "RGB" else (28, 28)
+    for name in classes:
+        (root / name).mkdir(parents=True, exist_ok=True)
+        for i in range(per_class):
+            Image.fromarray(rng.integers(0, 255, shape, dtype=np.uint8)).save(root / name / f"{i}.png")
+    return root
+
+
+def _cli(capsys, *args: str) -> tuple[int, str]:
+    """``flexivit ARGS`` in this process: its exit code and its stderr."""
+    code = main(list(args))
+    return code, capsys.readouterr().err
+
+
+def _train(capsys, data: Path, out: Path, *extra: str, sets: list[str] = ()) -> tuple[int, str]:
+    return _cli(capsys, "train", "fashion_mnist:smoke", "--data", str(data), "--out", str(out),
+                *_sets(TINY + list(sets)), *extra)
+
+
+# ---- settings that cannot work are refused naming the key --------------------------------------------
+@pytest.mark.parametrize("setting,message", [
+    ("data.batch_size=0", "data.batch_size=0: must be a positive integer"),
+    ("data.eval_batch_size=-1", "data.eval_batch_size=-1: must be a positive integer"),
+    ("train.checkpoint_every=0", "train.checkpoint_every=0: must be a positive integer"),
+    ("train.log_every=0", "train.log_every=0: must be a positive integer"),
+    ("train.steps=-3", "train.steps=-3: must be 0 or more"),
+    ("train.token_budget=-5", "train.token_budget=-5: must be 0 (off) or a positive token count"),
+    ("train.grad_accum=0", "train.grad_accum=0: must be a positive integer"),
+    ("train.eval_every=-1", "train.eval_every=-1: must be 0 (at the end only) or a positive integer"),
+    ("optim.lr=-1", "optim.lr=-1.0: must be 0 or more"),
+    ("optim.lr=nan", "optim.lr=nan: must be 0 or more"),
+    ("optim.clip_grad=0", "optim.clip_grad=0.0: must be unset (none) or positive"),
+    ("data.hflip=1.5", "data.hflip=1.5: must be a probability in [0, 1]"),
+    ("data.val_fraction=1", "data.val_fraction=1.0: must be in (0, 1)"),
+    ("data.on_corrupt=ignore", "data.on_corrupt='ignore': must be 'error' or 'skip'"),
+    ("train.mixed_precision=fp8", "train.mixed_precision='fp8': must be 'no', 'bf16' or 'fp16'"),
+])
+def test_a_setting_that_cannot_work_is_refused_naming_it(setting, message):
+    with pytest.raises(ConfigError) as err:
+        load_recipe("fashion_mnist:smoke", [setting])
+    assert str(err.value) == message
+
+
+def test_the_trainer_checks_a_config_built_in_python(tmp_path):
+    from flexivit.train import train
+
+    cfg = load_recipe("fashion_mnist:smoke")
+    cfg.train.log_every = 0
+    with pytest.raises(ConfigError, match="train.log_every=0: must be a positive integer"):
+        train(cfg, out_dir=tmp_path / "run")
+    assert not (tmp_path / "run").exists()  # refused before anything was written
+
+
+def test_bad_settings_stop_the_cli_with_one_line_and_exit_2(tmp_path, capsys):
+    data = _folder(tmp_path / "imgs")
+    for setting in ("data.batch_size=0", "train.checkpoint_every=0", "train.log_every=0"):
+        code, err = _train(capsys, data, tmp_path / "run", sets=[setting])
+        assert code == 2 and err.count("\n") == 1 and setting in err, err
