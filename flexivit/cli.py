@@ -122,7 +122,7 @@ def _budget(args: argparse.Namespace) -> dict | None:
     from .deploy import parse_accuracy
 
     budget = {"max_latency_ms": args.max_latency_ms, "max_gflops": args.max_gflops,
-              "min_accuracy": parse_accuracy(args.min_accuracy) if args.min_accuracy is not None else None}
+              "min_accuracy": parse_accuracy(args.min_accuracy, "--min-accuracy") if args.min_accuracy is not None else None}
     return budget if any(v is not None for v in budget.values()) else None
 
 

@@ -62,11 +62,14 @@ def load_profile(profile: Profile) -> list[dict[str, Any]]:
     return rows
 
 
-def parse_accuracy(text: str | float) -> float:
-    """``0.85`` or ``"85%"`` → 0.85."""
-    value = float(text[:-1]) / 100 if isinstance(text, str) and text.endswith("%") else float(text)
+def parse_accuracy(text: str | float, name: str = "min_accuracy") -> float:
+    """``0.85`` or ``"85%"`` → 0.85; anything else raises a ``ValueError`` naming the setting ``name``."""
+    try:
+        value = float(text[:-1]) / 100 if isinstance(text, str) and text.endswith("%") else float(text)
+    except ValueError:
+        value = math.nan  # not a number: refused below, with the same message
     if not 0.0 <= value <= 1.0:
-        raise ValueError(f"an accuracy is a fraction in [0, 1] (0.85) or a percentage (85%), got {text!r}")
+        raise ValueError(f"{name}: an accuracy is a fraction in [0, 1] (0.85) or a percentage (85%), got {text!r}")
     return value
 
 

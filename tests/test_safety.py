@@ -87,3 +87,20 @@ def test_bad_settings_stop_the_cli_with_one_line_and_exit_2(tmp_path, capsys):
     for setting in ("data.batch_size=0", "train.checkpoint_every=0", "train.log_every=0"):
         code, err = _train(capsys, data, tmp_path / "run", sets=[setting])
         assert code == 2 and err.count("\n") == 1 and setting in err, err
+
+
+# ---- a trained run shared by the tests below ---------------------------------------------------------
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory) -> tuple[Path, Path]:
+    """(image folder, finished run trained on it by the CLI)."""
+    root = tmp_path_factory.mktemp("trained")
+    data = _folder(root / "imgs", per_class=16)
+    code = main(["train", "fashion_mnist:smoke", "--data", str(data), "--out", str(root / "run"), *_sets(TINY)])
+    assert code == 0
+    return data, root / "run"
+
+
+def test_a_malformed_accuracy_floor_names_the_flag(trained, capsys):
+    code, err = _cli(capsys, "eval", str(trained[1]), "--min-accuracy", "abc")
+    assert code == 2 and err.count("\n") == 1
+    assert "--min-accuracy" in err and "'abc'" in err, err
