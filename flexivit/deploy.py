@@ -176,6 +176,8 @@ class Predictor:
         """One image as the model's input ``(C, H, W)``; files of any size and mode, like evaluation."""
         if not isinstance(image, Image.Image):
             path = Path(image)
+            if path.is_dir():
+                raise ValueError(f"{path} is a folder; pass image files (e.g. {path}/*.png)")
             if not path.is_file():
                 raise FileNotFoundError(f"image {path} does not exist")
             image = open_image({"bytes": None, "path": str(path)})

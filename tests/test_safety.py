@@ -104,3 +104,8 @@ def test_a_malformed_accuracy_floor_names_the_flag(trained, capsys):
     code, err = _cli(capsys, "eval", str(trained[1]), "--min-accuracy", "abc")
     assert code == 2 and err.count("\n") == 1
     assert "--min-accuracy" in err and "'abc'" in err, err
+
+
+def test_predict_on_a_folder_says_it_is_a_folder(trained, capsys):
+    code, err = _cli(capsys, "predict", str(trained[1]), str(trained[0]))
+    assert code == 2 and "is a folder" in err and "does not exist" not in err, err
