@@ -109,3 +109,9 @@ def test_a_malformed_accuracy_floor_names_the_flag(trained, capsys):
 def test_predict_on_a_folder_says_it_is_a_folder(trained, capsys):
     code, err = _cli(capsys, "predict", str(trained[1]), str(trained[0]))
     assert code == 2 and "is a folder" in err and "does not exist" not in err, err
+
+
+def test_fewshot_refuses_one_way_episodes(trained, capsys):
+    code, err = _cli(capsys, "fewshot", str(trained[1]), "--data", str(trained[0]), "--ways", "1", "--shots", "1",
+                     "--queries", "1", "--episodes", "2")
+    assert code == 2 and "--ways 1" in err and "2 or more" in err, err
