@@ -156,8 +156,10 @@ def verify_state(folder: Path) -> str | None:
         got = actual.get(name)
         if got is None:
             return f"missing file {name}"
-        if got != want:
+        if got["size"] != want["size"]:
             return f"{name} is damaged (size {got['size']} bytes, expected {want['size']})"
+        if got != want:
+            return f"{name} is damaged (its content changed: sha256 differs from the manifest's, same size)"
     return None
 
 

@@ -115,3 +115,16 @@ def test_fewshot_refuses_one_way_episodes(trained, capsys):
     code, err = _cli(capsys, "fewshot", str(trained[1]), "--data", str(trained[0]), "--ways", "1", "--shots", "1",
                      "--queries", "1", "--episodes", "2")
     assert code == 2 and "--ways 1" in err and "2 or more" in err, err
+
+
+def test_a_checkpoint_file_of_the_right_size_with_other_bytes_is_called_changed(tmp_path):
+    from flexivit.checkpoint import finalize_state_dir, verify_state
+
+    tmp = tmp_path / ".tmp-step_1"
+    tmp.mkdir()
+    (tmp / "model.safetensors").write_bytes(bytes(range(256)) * 4)
+    state = finalize_state_dir(tmp, tmp_path / "step_1", {"step": 1})
+    assert verify_state(state) is None
+    (state / "model.safetensors").write_bytes(bytes(reversed(range(256))) * 4)  # same size, other content
+    problem = verify_state(state)
+    assert "model.safetensors" in problem and "content" in problem and "expected 1024" not in problem, problem
