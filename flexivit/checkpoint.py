@@ -22,7 +22,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file, safe_open
 
-from .files import _publish, _temp_file, atomic_write_text
+from .files import _publish, _temp_file, _umask as umask, atomic_write_text
 from .lutq import freeze, pack_state, unpack_state
 from .model import FlexiViT, FlexiViTConfig
 
@@ -123,7 +123,10 @@ def _fingerprint(folder: Path) -> dict[str, dict[str, Any]]:
 
 
 def finalize_state_dir(tmp: Path, final: Path, trainer_state: dict[str, Any]) -> Path:
-    """Seal a fully written temporary state folder and move it into place atomically."""
+    """Seal a fully written temporary state folder and move it into place atomically. Its files get the
+    permissions a plain ``open`` gives (Accelerate's safetensors writer creates them 0600)."""
+    for file in (p for p in tmp.rglob("*") if p.is_file()):
+        os.chmod(file, 0o666 & ~umask())
     atomic_write_text(tmp / "trainer_state.json", json.dumps(trainer_state, indent=2) + "\n")
     atomic_write_text(tmp / MANIFEST, json.dumps({"files": _fingerprint(tmp)}, indent=2) + "\n")
     if final.exists():

@@ -128,3 +128,12 @@ def test_a_checkpoint_file_of_the_right_size_with_other_bytes_is_called_changed(
     (state / "model.safetensors").write_bytes(bytes(reversed(range(256))) * 4)  # same size, other content
     problem = verify_state(state)
     assert "model.safetensors" in problem and "content" in problem and "expected 1024" not in problem, problem
+
+
+def test_checkpoint_files_respect_the_umask(trained):
+    states = sorted((trained[1] / "state").iterdir())
+    assert states
+    umask = os.umask(0o022)
+    os.umask(umask)
+    for file in (f for s in states for f in s.iterdir()):
+        assert file.stat().st_mode & 0o777 == 0o666 & ~umask, file
