@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import importlib.machinery
 import importlib.util
 import json
 import types
@@ -381,10 +382,16 @@ def list_recipes() -> list[str]:
 
 def _import_recipe(name: str) -> types.ModuleType:
     path = Path(name)
-    if path.suffix == ".py" or path.exists():
+    # A built-in recipe's bare name is the built-in recipe, whatever the working folder holds by that name.
+    builtin = path.suffix != ".py" and path.name == name and name in list_recipes()
+    if not builtin and (path.suffix == ".py" or path.exists()):
+        if path.is_dir():
+            raise ConfigError(f"recipe {path} is a folder, not a recipe file (a .py file with get_config(arg))")
         if not path.is_file():
             raise FileNotFoundError(f"recipe file {path} does not exist")
-        spec = importlib.util.spec_from_file_location(f"flexivit_recipe_{path.stem}", path)
+        # An explicit loader: spec_from_file_location finds none for a file without the .py extension.
+        loader = importlib.machinery.SourceFileLoader(f"flexivit_recipe_{path.stem}", str(path))
+        spec = importlib.util.spec_from_loader(loader.name, loader)
         module = importlib.util.module_from_spec(spec)
         spec.loader.exec_module(module)
         return module

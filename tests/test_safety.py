@@ -137,3 +137,21 @@ def test_checkpoint_files_respect_the_umask(trained):
     os.umask(umask)
     for file in (f for s in states for f in s.iterdir()):
         assert file.stat().st_mode & 0o777 == 0o666 & ~umask, file
+
+
+# ---- recipes, data folders and data workers ----------------------------------------------------------
+@pytest.mark.parametrize("kind", ["folder", "file"])
+def test_a_name_in_the_working_folder_does_not_shadow_a_built_in_recipe(tmp_path, monkeypatch, kind):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "fashion_mnist").mkdir() if kind == "folder" else (tmp_path / "fashion_mnist").write_text("x = 1\n")
+    assert load_recipe("fashion_mnist:smoke").name == "fashion_mnist-smoke"
+
+
+def test_a_recipe_file_without_an_extension_loads_and_a_folder_is_refused(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "mine").write_text("from flexivit.config import Config\n\n"
+                                   "def get_config(arg=None):\n    return Config(name='mine-' + str(arg))\n")
+    assert load_recipe("mine:x").name == "mine-x"
+    (tmp_path / "folder").mkdir()
+    with pytest.raises(ConfigError, match="folder is a folder, not a recipe file"):
+        load_recipe("folder")
