@@ -155,3 +155,12 @@ def test_a_recipe_file_without_an_extension_loads_and_a_folder_is_refused(tmp_pa
     (tmp_path / "folder").mkdir()
     with pytest.raises(ConfigError, match="folder is a folder, not a recipe file"):
         load_recipe("folder")
+
+
+def test_a_one_class_dataset_warns_that_any_model_scores_100(tmp_path, caplog):
+    from flexivit.builders import build_data
+
+    cfg = load_recipe("fashion_mnist:smoke", [f"data.source={_folder(tmp_path / 'one', classes=('a',))}"])
+    with caplog.at_level("WARNING"):
+        build_data(cfg)
+    assert any("one class" in r.getMessage() and "100 %" in r.getMessage() for r in caplog.records), caplog.text
