@@ -164,3 +164,13 @@ def test_a_one_class_dataset_warns_that_any_model_scores_100(tmp_path, caplog):
     with caplog.at_level("WARNING"):
         build_data(cfg)
     assert any("one class" in r.getMessage() and "100 %" in r.getMessage() for r in caplog.records), caplog.text
+
+
+def test_a_hidden_class_folder_is_named_in_a_warning(tmp_path, caplog):
+    from flexivit.data import load_source
+
+    data = _folder(tmp_path / "imgs", classes=("a", "b", ".c"))
+    with caplog.at_level("WARNING"):
+        splits = load_source(str(data))
+    assert splits.class_names == ["a", "b"]  # skipped, as HF's imagefolder does ...
+    assert any(".c" in r.getMessage() and "12 images" in r.getMessage() for r in caplog.records), caplog.text
