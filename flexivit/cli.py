@@ -24,6 +24,7 @@ import sys
 from pathlib import Path
 
 from .cli_args import build_parser
+from .cli_errors import one_line, record_for_launcher
 
 __all__ = ["main"]
 
@@ -247,6 +248,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         COMMANDS[args.command](args)
     except _user_errors(args.command) as err:
-        print(f"flexivit {args.command}: error: {err}", file=sys.stderr)
+        message = f"flexivit {args.command}: error: {one_line(err)}"
+        print(message, file=sys.stderr)
+        record_for_launcher(message)
         return 2
     return 0

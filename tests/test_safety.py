@@ -174,3 +174,30 @@ def test_a_hidden_class_folder_is_named_in_a_warning(tmp_path, caplog):
         splits = load_source(str(data))
     assert splits.class_names == ["a", "b"]  # skipped, as HF's imagefolder does ...
     assert any(".c" in r.getMessage() and "12 images" in r.getMessage() for r in caplog.records), caplog.text
+
+
+def test_a_corrupt_image_met_in_a_data_worker_is_one_line(tmp_path, capsys):
+    data = _folder(tmp_path / "imgs")
+    (data / "a" / "5.png").write_bytes(b"not a png" * 10)
+    code, err = _train(capsys, data, tmp_path / "run", sets=["data.num_workers=1"])
+    errors = [line for line in err.splitlines() if "error:" in line]  # stderr also holds the progress bars
+    assert code == 2 and len(errors) == 1 and "Traceback" not in err, err
+    assert errors[0].startswith("flexivit train: error: row ") and "cannot decode image" in errors[0], err
+    assert errors[0].endswith("5.png' (on_corrupt='skip' drops such images)"), err
+
+
+@pytest.mark.slow
+def test_a_bad_setting_on_two_ranks_is_the_launchers_named_root_cause(tmp_path):
+    """Each rank stops with the one line and exit 2; the launcher's report (its own exit 1 and traceback, which
+    no rank can change) names that line as the root cause instead of a link to torch's documentation."""
+    launch = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+              "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_DATASETS_OFFLINE": "1", "HF_HUB_OFFLINE": "1",
+           "PYTHONPATH": str(ROOT), "ACCELERATE_USE_CPU": "1"}
+    result = subprocess.run([*launch, "-m", "flexivit", "train", "fashion_mnist:smoke", "--out", str(tmp_path / "run"),
+                             "--set", "optim.lrr=3"], capture_output=True, text=True, cwd=ROOT, env=env, timeout=300)
+    line = "flexivit train: error: unknown config key 'optim.lrr'; did you mean optim.lr"
+    assert result.returncode != 0 and line in result.stderr, result.stderr[-3000:]
+    root_cause = result.stderr.split("Root Cause")[-1]
+    assert "exitcode  : 2" in root_cause and f"traceback : {line}" in root_cause, root_cause
+    assert "To enable traceback" not in root_cause
