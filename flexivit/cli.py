@@ -190,7 +190,7 @@ def _export(args: argparse.Namespace) -> None:
     from .export import export_checkpoint
 
     result = export_checkpoint(args.checkpoint, args.patch_size, args.out, onnx=args.onnx,
-                               torch_export=args.torch_export, atol=args.atol)
+                               torch_export=args.torch_export, atol=args.atol, overwrite=args.overwrite)
     diffs = ", ".join(f"{k} {v:.2g}" for k, v in result.max_abs_diff.items())
     print(f"exported patch size {args.patch_size} to {result.out_dir}: {', '.join(result.files)}")
     print(f"checked against the flexible model on a sample batch (max |logit diff|: {diffs})")

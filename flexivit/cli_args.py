@@ -154,6 +154,8 @@ def _add_export_parser(sub: argparse._SubParsersAction) -> None:
                    "only way, with --torch-export, to export a model that is not a plain ViT")
     p.add_argument("--torch-export", action="store_true", help="also write model.pt2 (torch.export.save)")
     p.add_argument("--atol", type=float, default=1e-5, help="logit tolerance of the check (default 1e-5)")
+    p.add_argument("--overwrite", action="store_true", help="replace the model files of an --out that already holds "
+                   "a model or a training run (refused without it)")
 
 
 def _add_recalibrate_parser(sub: argparse._SubParsersAction) -> None:

@@ -201,3 +201,59 @@ def test_a_bad_setting_on_two_ranks_is_the_launchers_named_root_cause(tmp_path):
     root_cause = result.stderr.split("Root Cause")[-1]
     assert "exitcode  : 2" in root_cause and f"traceback : {line}" in root_cause, root_cause
     assert "To enable traceback" not in root_cause
+
+
+# ---- export ------------------------------------------------------------------------------------------
+def test_export_into_a_run_folder_is_refused_unless_overwrite(trained, tmp_path, capsys):
+    run = tmp_path / "run"
+    __import__("shutil").copytree(trained[1], run)
+    before = {f: (run / f).read_bytes() for f in ("model.safetensors", "config.json")}
+    code, err = _cli(capsys, "export", str(run), "--patch-size", "7", "--out", str(run))
+    assert code == 2 and "already holds a training run (model.safetensors, state/, log.jsonl)" in err, err
+    assert "--overwrite" in err
+    assert {f: (run / f).read_bytes() for f in before} == before
+    assert _cli(capsys, "export", str(run), "--patch-size", "7", "--out", str(run), "--overwrite")[0] == 0
+    assert json.loads((run / "config.json").read_text())["patch_size"] == 7  # asked for: replaced
+
+
+def test_export_into_an_export_or_a_file_is_refused(trained, tmp_path, capsys):
+    out = tmp_path / "p7"
+    assert _cli(capsys, "export", str(trained[1]), "--patch-size", "7", "--out", str(out))[0] == 0
+    assert oct(out.stat().st_mode & 0o777) == oct(0o777 & ~_umask())  # the folder renamed into place, not 0700
+    code, err = _cli(capsys, "export", str(trained[1]), "--patch-size", "4", "--out", str(out))
+    assert code == 2 and "already holds a model (model.safetensors)" in err, err
+    (tmp_path / "file").write_text("")
+    for target in (tmp_path / "file", tmp_path / "file" / "sub"):
+        code, err = _cli(capsys, "export", str(trained[1]), "--patch-size", "4", "--out", str(target))
+        assert code == 2 and err.count("\n") == 1 and "is a file" in err, err
+
+
+def _umask() -> int:
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def test_a_crash_while_replacing_an_export_never_pairs_a_new_config_with_old_weights(trained, tmp_path, monkeypatch):
+    from flexivit import export as export_module
+    from flexivit.export import export_checkpoint, is_export_dir, load_export
+
+    out = tmp_path / "export"
+    export_checkpoint(trained[1], 7, out)
+    real, moved = os.replace, []
+
+    def crash_after_one_move(src, dst):
+        if moved:
+            raise OSError("disk full")
+        moved.append(Path(dst).name)
+        real(src, dst)
+
+    monkeypatch.setattr(export_module.os, "replace", crash_after_one_move)
+    with pytest.raises(OSError, match="disk full"):
+        export_checkpoint(trained[1], 4, out, overwrite=True)
+    monkeypatch.undo()
+    assert moved == ["model.safetensors"]
+    assert not is_export_dir(out)  # the new weights are there, without a config to load them by
+    export_checkpoint(trained[1], 4, out, overwrite=True)  # the same command again completes it
+    model, config = load_export(out)
+    assert config["patch_size"] == 4 and model.patch_embed.proj.kernel_size == (4, 4)
