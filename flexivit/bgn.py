@@ -354,11 +354,14 @@ def recalibrate_checkpoint(checkpoint: str | Path, patch_sizes: Sequence[int], *
     from .data import TransformedDataset, make_loader
     from .evaluate import default_device, load_eval_splits
     from .export import default_preprocess
+    from .outdir import check_folder_target
     from .subjects import run_config_of
     from .transforms import eval_transform
 
     model, meta = load_model(checkpoint)
     _norms_of(model)  # fails before the data is read
+    target = Path(out) if out is not None else Path(checkpoint)
+    check_folder_target(target.parent if target.suffix == ".safetensors" else target)
     if images < 2:
         raise ValueError(f"--images must be at least 2 (batch statistics need two images), got {images}")
     run_config = run_config_of(checkpoint)
@@ -372,6 +375,5 @@ def recalibrate_checkpoint(checkpoint: str | Path, patch_sizes: Sequence[int], *
                          batch_size=min(CALIBRATION_BATCH, len(train)), shuffle=False, seed=0, drop_last=True)
     model.to(device or default_device())
     new = recalibrate(model, _Images(loader), patch_sizes)
-    target = Path(out) if out is not None else Path(checkpoint)
     file = save_model(model.to("cpu"), target, class_names=meta.get("class_names") or [], preprocess=preprocess)
     return file, new, len(loader) * loader.batch_size

@@ -25,6 +25,7 @@ from pathlib import Path
 
 from .cli_args import build_parser
 from .cli_errors import one_line, record_for_launcher
+from .outdir import check_folder_target
 
 __all__ = ["main"]
 
@@ -136,6 +137,7 @@ def _eval(args: argparse.Namespace) -> None:
 
     settings = MeasureSettings(batch_size=args.batch_size, warmup=args.warmup, repeats=args.repeats)
     budget = _budget(args)  # parsed before the sweep, so a malformed flag fails fast
+    out = check_folder_target(args.out or run_dir(args.checkpoint))
     report = evaluate_checkpoint(
         args.checkpoint, data=args.data, patch_sizes=args.patch_sizes, baselines=args.baseline,
         settings=settings, device=_device(args.device), eval_batch_size=args.eval_batch_size, limit=args.limit,
@@ -148,7 +150,6 @@ def _eval(args: argparse.Namespace) -> None:
             report["choice"] = {"patch_size": choice.patch_size, "reason": choice.reason, "budget": budget}
         except BudgetError as err:
             failure = err
-    out = args.out or run_dir(args.checkpoint)
     files = write_report(report, out)
     compiled = f", compiled ({report['compiled_graphs']} graphs)" if report["compile"] else ""
     print(f"{report['checkpoint']} on {report['data']} ({report['n']} test images, {report['device_name']}, "
@@ -220,9 +221,10 @@ def _fewshot(args: argparse.Namespace) -> None:
                                episodes=args.episodes, methods=tuple(m.strip() for m in args.methods.split(",")),
                                local=parse_local(args.local), mix=args.mix, seed=args.seed)
     classes = [c.strip() for c in args.classes.split(",")] if args.classes else None
+    out = check_folder_target(args.out or run_dir(args.checkpoint))
     report = run_fewshot(args.checkpoint, data=args.data, settings=settings, classes=classes,
                          patch_sizes=args.patch_sizes, device=_device(args.device))
-    files = write_fewshot(report, args.out or run_dir(args.checkpoint))
+    files = write_fewshot(report, out)
     print(markdown(report), end="")
     print(f"wrote {', '.join(str(f) for f in files.values())}")
 

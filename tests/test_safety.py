@@ -257,3 +257,24 @@ def test_a_crash_while_replacing_an_export_never_pairs_a_new_config_with_old_wei
     export_checkpoint(trained[1], 4, out, overwrite=True)  # the same command again completes it
     model, config = load_export(out)
     assert config["patch_size"] == 4 and model.patch_embed.proj.kernel_size == (4, 4)
+
+
+def test_recalibrate_onto_a_file_is_one_line(tmp_path, capsys):
+    data = _folder(tmp_path / "imgs")
+    assert _train(capsys, data, tmp_path / "bgn", sets=["model.norm=bgn", "model.norm_groups=4"])[0] == 0
+    (tmp_path / "file").write_text("")
+    for target in (tmp_path / "file", tmp_path / "file" / "sub", tmp_path / "file" / "model.safetensors"):
+        code, err = _cli(capsys, "recalibrate", str(tmp_path / "bgn"), "--patch-sizes", "1", "--images", "8",
+                         "--out", str(target))
+        assert code == 2 and "is a file" in err and "Errno" not in err, err
+    assert _cli(capsys, "recalibrate", str(tmp_path / "bgn"), "--patch-sizes", "1", "--images", "8", "--out",
+                str(tmp_path / "new" / "m.safetensors"))[0] == 0
+
+
+@pytest.mark.parametrize("command", ["eval", "fewshot"])
+def test_a_report_onto_a_file_is_refused_before_any_work(trained, tmp_path, capsys, command):
+    (tmp_path / "file").write_text("")
+    extra = ["--data", str(trained[0]), "--ways", "2"] if command == "fewshot" else ["--no-progress"]
+    code, err = _cli(capsys, command, str(trained[1]), "--out", str(tmp_path / "file"), *extra)
+    assert code == 2 and err.strip() == f"flexivit {command}: error: --out {tmp_path / 'file'} is a file; give a " \
+                                       "folder (new or existing)", err
