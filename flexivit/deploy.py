@@ -219,9 +219,10 @@ class Predictor:
         return rows
 
     def profile_for_latency(self) -> tuple[list[dict[str, Any]], str]:
-        """A latency profile for this machine: the run's ``eval.json`` when it was measured on this kind
-        of device, else latencies measured now (with the accuracies of an ``eval.json`` when there is one)."""
-        file = run_dir(self.subject.checkpoint) / "eval.json"
+        """A latency profile for this machine: the run's sweep (``eval_sweep.json``, else ``eval.json``) when it
+        was measured on this kind of device, else latencies measured now (with its accuracies when it has them)."""
+        folder = run_dir(self.subject.checkpoint)  # a sweep beside a training's record is eval_sweep.json
+        file = next((f for f in (folder / "eval_sweep.json", folder / "eval.json") if f.is_file()), folder / "eval.json")
         saved = json.loads(file.read_text()) if file.is_file() else {}
         rows = saved.get("results") or []
         same_device = saved.get("device", "").split(":")[0] == self.device.type

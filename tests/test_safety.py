@@ -278,3 +278,41 @@ def test_a_report_onto_a_file_is_refused_before_any_work(trained, tmp_path, caps
     code, err = _cli(capsys, command, str(trained[1]), "--out", str(tmp_path / "file"), *extra)
     assert code == 2 and err.strip() == f"flexivit {command}: error: --out {tmp_path / 'file'} is a file; give a " \
                                        "folder (new or existing)", err
+
+
+# ---- eval beside a training record -------------------------------------------------------------------
+FAST_EVAL = ["--no-progress", "--batch-size", "4", "--warmup", "0", "--repeats", "1"]
+
+
+def test_eval_of_a_run_keeps_the_training_record_and_writes_the_sweep_beside_it(trained, tmp_path, capsys):
+    from flexivit.deploy import Predictor
+
+    run = tmp_path / "run"
+    __import__("shutil").copytree(trained[1], run)
+    record = (run / "eval.json").read_bytes()
+    assert main(["eval", str(run), *FAST_EVAL]) == 0
+    printed = capsys.readouterr().out
+    assert f"wrote {run / 'eval_sweep.json'}, {run / 'eval_sweep.md'}, {run / 'eval_sweep.png'}" in printed
+    assert "| 14 | 14 | 4 |" in printed  # the table, as before
+    assert (run / "eval.json").read_bytes() == record  # val, images_seen, train_seconds: all still there
+    assert json.loads(record)["images_seen"] > 0
+    sweep = json.loads((run / "eval_sweep.json").read_text())
+    assert [r["patch_size"] for r in sweep["results"]] == [2, 4, 7, 14]
+    assert all(r["latency_ms"] > 0 for r in sweep["results"]) and (run / "eval_sweep.md").is_file()
+    assert (run / "eval_sweep.png").read_bytes()[:4] == b"\x89PNG"
+    rows, source = Predictor.from_checkpoint(run).profile_for_latency()  # predict --budget-ms reads the sweep
+    assert source == f"latencies from {run / 'eval_sweep.json'}" and rows == sweep["results"]
+
+
+def test_eval_into_a_folder_without_a_training_record_writes_eval_json(trained, tmp_path, capsys):
+    assert _cli(capsys, "eval", str(trained[1]), "--out", str(tmp_path / "sweep"), *FAST_EVAL)[0] == 0
+    assert "latency_ms" in json.loads((tmp_path / "sweep" / "eval.json").read_text())["results"][0]
+    assert _cli(capsys, "eval", str(trained[1]), "--out", str(tmp_path / "sweep"), *FAST_EVAL)[0] == 0  # a sweep
+    assert not (tmp_path / "sweep" / "eval_sweep.json").exists()  # replaces a sweep, as before
+
+
+@pytest.mark.parametrize("limit", ["0", "-3"])
+def test_eval_refuses_a_limit_below_one(trained, tmp_path, capsys, limit):
+    code, err = _cli(capsys, "eval", str(trained[1]), "--out", str(tmp_path), "--limit", limit, *FAST_EVAL)
+    assert code == 2 and f"--limit must be a positive number of test images, got {limit}" in err, err
+    assert not list(tmp_path.iterdir())
