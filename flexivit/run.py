@@ -31,6 +31,7 @@ from .objective import LossTerm, Objective, build_objective, l2_sp_term
 from .optim import build_optimizer
 from .patch_embed import PatchScheme
 from .rng import seed_all
+from .runlock import RunLock
 from .sampler import PatchSizeSampler
 from .scale_invariant import option_hooks
 from .steps import StepBatches
@@ -194,6 +195,7 @@ def assemble(
     init: Callable[[FlexiViT], FlexiViT] | None = None,
     accelerator: Accelerator | None = None,
     hooks: Sequence[PostStepHook] = (),
+    lock: RunLock | None = None,
 ) -> Run:
     d = check_config(cfg).data  # a config built in Python is checked like a recipe
     accelerator = accelerator or Accelerator(
@@ -203,6 +205,9 @@ def assemble(
 
     def fresh_out_dir() -> str | None:
         out.mkdir(parents=True, exist_ok=True)
+        refused = lock.acquire(say=accelerator.print) if lock is not None else None
+        if refused:
+            return refused
         if not resume and ckpt.find_states(out / "state"):
             return f"{out} already holds checkpoints; pass --resume to continue it or choose a new --out"
         cfg.save(out / "config.json")

@@ -30,6 +30,7 @@ from .model import FlexiViT
 from .patch_embed import PatchScheme
 from .rng import mix, seed_all
 from .run import Run, TrainingError, assemble
+from .runlock import RunLock
 
 __all__ = ["train", "TrainingError", "RunResult", "StepInfo"]
 
@@ -85,15 +86,19 @@ def train(
     ``init`` maps the freshly built model to the one to train (fine-tuning loads a checkpoint); ``hooks``
     run after every optimizer step, their state saved in checkpoints; ``on_step`` is called on every
     process after each step, e.g. for custom logging or to stop a run.
+
+    One training at a time holds the folder's lock (``flexivit.runlock``).
     """
-    run = assemble(cfg, out=Path(out_dir), resume=resume, init=init, accelerator=accelerator, hooks=hooks)
-    try:
-        if run.accelerator.is_main_process:
-            _trim_log(run.out / "log.jsonl", run.start["step"])
-        run.accelerator.init_trackers("tb", config={"name": cfg.name})
-        return _finish(run, _loop(run, on_step))
-    finally:
-        torch.set_num_threads(run.threads)
+    with RunLock(out_dir) as lock:  # taken on the main process in assemble; released however the run ends
+        run = assemble(cfg, out=Path(out_dir), resume=resume, init=init, accelerator=accelerator, hooks=hooks,
+                       lock=lock)
+        try:
+            if run.accelerator.is_main_process:
+                _trim_log(run.out / "log.jsonl", run.start["step"])
+            run.accelerator.init_trackers("tb", config={"name": cfg.name})
+            return _finish(run, _loop(run, on_step))
+        finally:
+            torch.set_num_threads(run.threads)
 
 
 def _loop(run: Run, on_step: Callable[[StepInfo], None] | None) -> Progress:

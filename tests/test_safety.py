@@ -316,3 +316,38 @@ def test_eval_refuses_a_limit_below_one(trained, tmp_path, capsys, limit):
     code, err = _cli(capsys, "eval", str(trained[1]), "--out", str(tmp_path), "--limit", limit, *FAST_EVAL)
     assert code == 2 and f"--limit must be a positive number of test images, got {limit}" in err, err
     assert not list(tmp_path.iterdir())
+
+
+# ---- one training per folder, and no silent overwrite --------------------------------------------------
+HOLD_LOCK = """
+import sys, time
+from pathlib import Path
+from flexivit.runlock import RunLock
+lock = RunLock(Path(sys.argv[1]))
+assert lock.acquire() is None
+print("held", flush=True)
+time.sleep(600)
+"""
+
+
+def test_a_second_training_into_a_held_folder_is_refused_naming_the_holder(tmp_path, capsys):
+    data, out = _folder(tmp_path / "imgs"), tmp_path / "run"
+    out.mkdir()
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    holder = subprocess.Popen([sys.executable, "-c", HOLD_LOCK, str(out)], stdout=subprocess.PIPE, text=True, env=env)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        code, err = _train(capsys, data, out)
+        assert code == 2 and f"{out} is in use by another training: pid {holder.pid} on " in err, err
+        assert f"({Path(sys.executable).name} -c {out}, since " in err and "wait for it to end" in err, err
+        assert not (out / "log.jsonl").exists() and not (out / "config.json").exists()  # nothing of it touched
+    finally:
+        holder.kill()  # killed: the kernel drops its lock, its record stays behind
+        holder.wait()
+    code = main(["train", "fashion_mnist:smoke", "--data", str(data), "--out", str(out), *_sets(TINY)])
+    printed = capsys.readouterr().out
+    assert code == 0 and f"taking over the lock on {out} from pid {holder.pid}" in printed, printed
+    assert (out / ".flexivit-lock").read_text() == ""  # released at the end: nothing to take over next time
+    assert main(["train", "fashion_mnist:smoke", "--data", str(data), "--out", str(out), "--resume",
+                 *_sets(TINY + ["train.steps=6"])]) == 0
+    assert "taking over" not in capsys.readouterr().out
