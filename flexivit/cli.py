@@ -49,7 +49,7 @@ def _train(args: argparse.Namespace) -> None:
     from .train import train
 
     cfg, out = _resolve(args)
-    train(cfg, out_dir=out, resume=args.resume)
+    train(cfg, out_dir=out, resume=args.resume, overwrite=args.overwrite)
 
 
 def _finetune(args: argparse.Namespace) -> None:
@@ -58,14 +58,14 @@ def _finetune(args: argparse.Namespace) -> None:
     cfg, out = _resolve(args)
     if args.patch_size is not None:
         cfg = fixed_size(cfg, args.patch_size)
-    finetune(args.checkpoint, cfg, out_dir=out, resume=args.resume)
+    finetune(args.checkpoint, cfg, out_dir=out, resume=args.resume, overwrite=args.overwrite)
 
 
 def _compress(args: argparse.Namespace) -> None:
     from .compress import compress
 
     cfg, out = _resolve(args)
-    compress(args.base, cfg, out_dir=out, resume=args.resume)
+    compress(args.base, cfg, out_dir=out, resume=args.resume, overwrite=args.overwrite)
 
 
 def _search(args: argparse.Namespace) -> None:

@@ -31,6 +31,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("train", help="train a recipe", epilog=_recipe_help())
     _add_run_args(p)
     p.add_argument("--resume", action="store_true", help="continue from the newest good checkpoint in --out")
+    p.add_argument("--overwrite", action="store_true", help="start over in an --out that holds a model or "
+                   "checkpoints: they, the log and the report are removed first (refused without it)")
     p = sub.add_parser("finetune", help="fine-tune a trained FlexiViT on a recipe's task (stays flexible)",
                        epilog=_recipe_help())
     p.add_argument("checkpoint", help="a run directory or a model .safetensors file")
@@ -38,11 +40,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--patch-size", type=int, help="fine-tune at this one size (default: sample the recipe's sizes, "
                    "which keeps every size usable)")
     p.add_argument("--resume", action="store_true", help="continue from the newest good checkpoint in --out")
+    p.add_argument("--overwrite", action="store_true", help="start over in an --out that holds a model or "
+                   "checkpoints: they, the log and the report are removed first (refused without it)")
     p = sub.add_parser("compress", help="a compact model derived from a trained FlexiViT (LUT-Q, least-squares "
                        "bridges, trained on its quantised outputs)", epilog=_recipe_help())
     p.add_argument("base", help="the trained FlexiViT: a run directory or a model .safetensors file")
     _add_run_args(p)
     p.add_argument("--resume", action="store_true", help="continue from the newest good checkpoint in --out")
+    p.add_argument("--overwrite", action="store_true", help="start over in an --out that holds a model or "
+                   "checkpoints: they, the log and the report are removed first (refused without it)")
     _add_search_parser(sub)
     _add_evolve_parser(sub)
     _add_eval_parser(sub)

@@ -74,7 +74,8 @@ def from_pretrained(pretrained: FlexiViT, fresh: FlexiViT, *,
     return model
 
 
-def finetune(checkpoint: str | Path, cfg: Config, *, out_dir: str | Path, resume: bool = False) -> RunResult:
+def finetune(checkpoint: str | Path, cfg: Config, *, out_dir: str | Path, resume: bool = False,
+             overwrite: bool = False) -> RunResult:
     """Train ``cfg`` starting from the FlexiViT in ``checkpoint`` (a run directory or model file).
 
     The architecture comes from the checkpoint (of the recipe's ``model`` section only the scale-invariant
@@ -83,5 +84,5 @@ def finetune(checkpoint: str | Path, cfg: Config, *, out_dir: str | Path, resume
     """
     pretrained, _ = load_model(checkpoint)
     support = (*task_support(cfg), list(cfg.patch.sizes)) if cfg.model.head == "proxies" else None
-    return train(cfg, out_dir=out_dir, resume=resume,
+    return train(cfg, out_dir=out_dir, resume=resume, overwrite=overwrite,
                  init=lambda fresh: from_pretrained(pretrained, fresh, support=support, seed=cfg.train.seed))

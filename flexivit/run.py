@@ -29,6 +29,7 @@ from .lutq import lutq_hooks
 from .model import FlexiViT
 from .objective import LossTerm, Objective, build_objective, l2_sp_term
 from .optim import build_optimizer
+from .outdir import check_folder_target, clear_run, train_out_problem
 from .patch_embed import PatchScheme
 from .rng import seed_all
 from .runlock import RunLock
@@ -196,6 +197,7 @@ def assemble(
     accelerator: Accelerator | None = None,
     hooks: Sequence[PostStepHook] = (),
     lock: RunLock | None = None,
+    overwrite: bool = False,
 ) -> Run:
     d = check_config(cfg).data  # a config built in Python is checked like a recipe
     accelerator = accelerator or Accelerator(
@@ -205,14 +207,16 @@ def assemble(
 
     def fresh_out_dir() -> str | None:
         out.mkdir(parents=True, exist_ok=True)
-        refused = lock.acquire(say=accelerator.print) if lock is not None else None
-        if refused:
-            return refused
-        if not resume and ckpt.find_states(out / "state"):
-            return f"{out} already holds checkpoints; pass --resume to continue it or choose a new --out"
+        problem = (lock.acquire(say=accelerator.print) if lock is not None else None) or train_out_problem(
+            out, resume=resume, overwrite=overwrite, has_states=bool(ckpt.find_states(out / "state")))
+        if problem:
+            return problem
+        if overwrite and (removed := clear_run(out)):
+            accelerator.print(f"--overwrite: removed the previous run's {', '.join(removed)} from {out}")
         cfg.save(out / "config.json")
         return None
 
+    check_folder_target(out)
     _agree(accelerator, fresh_out_dir)
     seed_all(cfg.train.seed)  # identical initial weights on every rank
 

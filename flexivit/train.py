@@ -80,6 +80,7 @@ def train(
     accelerator: Accelerator | None = None,
     on_step: Callable[[StepInfo], None] | None = None,
     hooks: Sequence[PostStepHook] = (),
+    overwrite: bool = False,
 ) -> RunResult:
     """Train ``cfg`` into ``out_dir``.
 
@@ -87,11 +88,13 @@ def train(
     run after every optimizer step, their state saved in checkpoints; ``on_step`` is called on every
     process after each step, e.g. for custom logging or to stop a run.
 
-    One training at a time holds the folder's lock (``flexivit.runlock``).
+    A folder that holds a model or another run's checkpoints is refused unless ``resume`` (continue it) or
+    ``overwrite`` (start over: its checkpoints, model, log and report are removed first); one training at a
+    time holds the folder's lock (``flexivit.runlock``).
     """
     with RunLock(out_dir) as lock:  # taken on the main process in assemble; released however the run ends
         run = assemble(cfg, out=Path(out_dir), resume=resume, init=init, accelerator=accelerator, hooks=hooks,
-                       lock=lock)
+                       lock=lock, overwrite=overwrite)
         try:
             if run.accelerator.is_main_process:
                 _trim_log(run.out / "log.jsonl", run.start["step"])

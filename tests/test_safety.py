@@ -351,3 +351,32 @@ def test_a_second_training_into_a_held_folder_is_refused_naming_the_holder(tmp_p
     assert main(["train", "fashion_mnist:smoke", "--data", str(data), "--out", str(out), "--resume",
                  *_sets(TINY + ["train.steps=6"])]) == 0
     assert "taking over" not in capsys.readouterr().out
+
+
+def test_training_into_a_folder_with_a_model_and_no_checkpoints_is_refused_unless_overwrite(trained, tmp_path, capsys):
+    data, out = trained[0], tmp_path / "run"
+    __import__("shutil").copytree(trained[1], out)
+    __import__("shutil").rmtree(out / "state")
+    model = (out / "model.safetensors").read_bytes()
+    for extra in ([], ["--resume"]):
+        code, err = _train(capsys, data, out, *extra)
+        assert code == 2 and "already holds a model (model.safetensors) and no checkpoint" in err, err
+        assert "--overwrite" in err and (out / "model.safetensors").read_bytes() == model
+    code, err = _train(capsys, data, out, "--resume", "--overwrite")
+    assert code == 2 and "pass one of them" in err
+    (out / "eval_sweep.json").write_text("{}")  # a sweep of the old model: it goes with it
+    code = main(["train", "fashion_mnist:smoke", "--data", str(data), "--out", str(out), "--overwrite",
+                 *_sets(TINY + ["train.steps=2"])])
+    assert code == 0 and "--overwrite: removed the previous run's log.jsonl, model.safetensors" in capsys.readouterr().out
+    assert not (out / "eval_sweep.json").exists()
+    assert [json.loads(l)["step"] for l in (out / "log.jsonl").read_text().splitlines()] == [2, 2, 2]  # train, val, test
+    assert sorted(p.name for p in (out / "state").iterdir()) == ["step_2"]
+
+
+def test_overwrite_starts_a_run_with_checkpoints_over(trained, tmp_path, capsys):
+    data, out = trained[0], tmp_path / "run"
+    __import__("shutil").copytree(trained[1], out)
+    code, err = _train(capsys, data, out)
+    assert code == 2 and "already holds checkpoints; pass --resume to continue it, --overwrite to start it over" in err
+    assert _train(capsys, data, out, "--overwrite", sets=["train.steps=2", "train.keep_checkpoints=5"])[0] == 0
+    assert sorted(p.name for p in (out / "state").iterdir()) == ["step_2"]  # step_4 of the old run is gone
