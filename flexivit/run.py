@@ -23,6 +23,7 @@ from . import checkpoint as ckpt
 from .builders import RunData, build_data, build_model, build_sampler, eval_loader, preprocess_meta, schemes_of
 from .config import Config, check_config, config_from_dict
 from .data import make_loader
+from .data_identity import data_changes, data_fingerprint
 from .distill import Teacher, ViewSpec, load_teacher, student_from_teacher
 from .hooks import Hooks, PostStepHook
 from .lutq import lutq_hooks
@@ -71,6 +72,7 @@ class Run:
     preprocess: dict[str, Any]
     start: dict[str, Any]  # where training starts: step, images_seen, train_seconds (from a checkpoint or 0)
     threads: int  # torch's thread count before the run, restored at its end
+    data_fingerprint: dict[str, Any]  # the data and split membership it trains on (flexivit.data_identity)
 
     @property
     def raw_model(self) -> FlexiViT:
@@ -124,7 +126,8 @@ def config_changes(saved: dict[str, Any], now: dict[str, Any]) -> dict[str, tupl
 FRESH = {"step": 0, "images_seen": 0, "train_seconds": 0.0}
 
 
-def _resume(accelerator: Accelerator, out: Path, cfg: Config, model_config: dict, hooks: Hooks) -> dict[str, Any]:
+def _resume(accelerator: Accelerator, out: Path, cfg: Config, model_config: dict, hooks: Hooks,
+            fingerprint: dict[str, Any]) -> dict[str, Any]:
     """Load the newest good checkpoint; returns where it left off (``FRESH`` if there is none)."""
     chosen: list[Any] = [None]
     if accelerator.is_main_process:  # verifying hashes every file: once, then shared
@@ -152,6 +155,15 @@ def _resume(accelerator: Accelerator, out: Path, cfg: Config, model_config: dict
             f"checkpoint {state} was made with another config ({listed}); a resumed run may change only "
             f"{', '.join(sorted(RESUMABLE_CHANGES))}. Resume with the settings that made it, or train into a new --out"
         )
+    changes = data_changes(saved["data"], fingerprint) if "data" in saved else []
+    if changes:
+        raise TrainingError(
+            f"checkpoint {state} was made on other data: {'; '.join(changes)}. A resumed run must read the same images "
+            "in the same splits (its validation and test splits would be drawn again); restore the data as it was, "
+            "or train into a new --out"
+        )
+    if "data" not in saved:
+        accelerator.print(f"{state} predates data fingerprints: the data could not be checked against it")
     accelerator.load_state(str(state))
     hooks.load(state)
     accelerator.print(f"resumed from {state} (step {saved['step']})")
@@ -221,6 +233,7 @@ def assemble(
     seed_all(cfg.train.seed)  # identical initial weights on every rank
 
     data = build_data(cfg)
+    fingerprint = data_fingerprint(data.splits, d.source)
     teacher = load_teacher(cfg.distill.teacher, patch_size=cfg.distill.teacher_patch_size) if cfg.distill.teacher else None
     model = _model(cfg, data, teacher, init)
     pre = preprocess_meta(cfg, data.channels)
@@ -243,7 +256,7 @@ def assemble(
         raw = accelerator.unwrap_model(model)
         run_hooks = Hooks([*hooks, *option_hooks(cfg, raw, sharded=fsdp, say=accelerator.print),
                            *lutq_hooks(raw, sharded=fsdp)])  # re-clustering for a LUT-Q model (flexivit.lutq)
-        start = _resume(accelerator, out, cfg, model_config, run_hooks) if resume else dict(FRESH)
+        start = _resume(accelerator, out, cfg, model_config, run_hooks, fingerprint) if resume else dict(FRESH)
         batches.attach(loader=loader, dataset=data.train, skip=accelerator.skip_first_batches, step=start["step"])
         view = ViewSpec(d.image_size, data.channels, tuple(pre["mean"]), tuple(pre["std"]))
         objective = build_objective(cfg, num_classes=data.num_classes, teacher=teacher, view=view, terms=terms)
@@ -251,7 +264,7 @@ def assemble(
         return Run(cfg=cfg, out=out, accelerator=accelerator, data=data, model=model, teacher=teacher, sampler=sampler,
                    batches=batches, optimizer=optimizer, scheduler=scheduler, objective=objective, hooks=run_hooks,
                    eval_loaders=_eval_loaders(cfg, data, accelerator), eval_schemes=eval_schemes, preprocess=pre,
-                   start=start, threads=threads)
+                   start=start, threads=threads, data_fingerprint=fingerprint)
     except BaseException:  # a setup error (a refused resume, say) leaves the caller's threads as they were
         torch.set_num_threads(threads)
         raise

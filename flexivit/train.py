@@ -225,7 +225,8 @@ def _save_state(run: Run, done: Progress) -> None:
     acc.wait_for_everyone()
     if acc.is_main_process:
         run.hooks.save(tmp)
-        trainer_state = {**done.to_dict(), "model_config": run.raw_model.config.to_dict(), "config": run.cfg.to_dict()}
+        trainer_state = {**done.to_dict(), "model_config": run.raw_model.config.to_dict(), "config": run.cfg.to_dict(),
+                         "data": run.data_fingerprint}
         ckpt.finalize_state_dir(tmp, root / f"step_{step}", trainer_state)
         ckpt.prune_states(root, run.cfg.train.keep_checkpoints)
     acc.wait_for_everyone()

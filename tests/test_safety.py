@@ -380,3 +380,36 @@ def test_overwrite_starts_a_run_with_checkpoints_over(trained, tmp_path, capsys)
     assert code == 2 and "already holds checkpoints; pass --resume to continue it, --overwrite to start it over" in err
     assert _train(capsys, data, out, "--overwrite", sets=["train.steps=2", "train.keep_checkpoints=5"])[0] == 0
     assert sorted(p.name for p in (out / "state").iterdir()) == ["step_2"]  # step_4 of the old run is gone
+
+
+# ---- a resume on other data ----------------------------------------------------------------------------
+@pytest.mark.parametrize("change,message", [
+    ("delete", "the train split had 26 images and now has 24 ("),  # and the redrawn test split: other images
+    ("add", "the train split had 26 images and now has 27 ("),
+    ("rename", "the train split holds other images than before (the same count, 26, but not the same files)"),
+])
+def test_a_resume_on_changed_data_is_refused_naming_the_change(tmp_path, capsys, change, message):
+    data, out = _folder(tmp_path / "imgs", per_class=11), tmp_path / "run"
+    assert _train(capsys, data, out)[0] == 0
+    state = json.loads((out / "state" / "step_4" / "trainer_state.json").read_text())
+    assert state["data"]["splits"]["test"]["images"] == 4
+    if change == "delete":  # the folder's splits are drawn from it: two images fewer redraw them
+        (data / "a" / "0.png").unlink()
+        (data / "b" / "0.png").unlink()
+    elif change == "add":
+        (data / "a" / "new.png").write_bytes((data / "b" / "0.png").read_bytes())
+    else:  # the same counts, another file
+        (data / "c" / "0.png").rename(data / "c" / "renamed.png")
+    code, err = _train(capsys, data, out, "--resume", sets=["train.steps=6"])
+    assert code == 2 and "checkpoint" in err and "was made on other data: " in err and message in err, err
+    assert "restore the data as it was, or train into a new --out" in err
+    if change == "delete":
+        assert "the test split holds other images than before (the same count, 4" in err, err
+    assert sorted(p.name for p in (out / "state").iterdir()) == ["step_2", "step_4"]  # nothing trained
+
+
+def test_a_resume_on_the_same_data_reloaded_is_accepted(tmp_path, capsys):
+    data, out = _folder(tmp_path / "imgs", per_class=11), tmp_path / "run"
+    assert _train(capsys, data, out)[0] == 0
+    (data / "a" / "0.png").touch()  # a new modification time is not a change of data
+    assert _train(capsys, data, out, "--resume", sets=["train.steps=6"])[0] == 0
