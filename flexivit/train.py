@@ -25,6 +25,7 @@ from . import checkpoint as ckpt
 from .config import Config
 from .evaluate import BatchCache, evaluate_schemes, format_table
 from .hooks import PostStepHook
+from .jsonl import read_jsonl
 from .metrics import MetricWindow
 from .model import FlexiViT
 from .patch_embed import PatchScheme
@@ -233,10 +234,11 @@ def _save_state(run: Run, done: Progress) -> None:
 
 
 def _trim_log(path: Path, step: int) -> None:
-    """Drop log lines written after the checkpoint a run resumes from (they will be written again)."""
+    """Drop log lines written after the checkpoint a run resumes from (they will be written again), and a line
+    cut short by a crash (``flexivit.jsonl``)."""
     if path.exists():
-        lines = [l for l in path.read_text().splitlines() if l and json.loads(l).get("step", 0) <= step]
-        ckpt.atomic_write_text(path, "".join(l + "\n" for l in lines))
+        records = [r for r in read_jsonl(path) if r.get("step", 0) <= step]
+        ckpt.atomic_write_text(path, "".join(json.dumps(r) + "\n" for r in records))
 
 
 def _log(accelerator: Accelerator, out: Path, record: dict[str, Any]) -> None:

@@ -413,3 +413,42 @@ def test_a_resume_on_the_same_data_reloaded_is_accepted(tmp_path, capsys):
     assert _train(capsys, data, out)[0] == 0
     (data / "a" / "0.png").touch()  # a new modification time is not a change of data
     assert _train(capsys, data, out, "--resume", sets=["train.steps=6"])[0] == 0
+
+
+# ---- a line cut short by a crash -------------------------------------------------------------------------
+def test_a_torn_last_log_line_is_dropped_with_a_message_and_the_run_resumes(tmp_path, capsys):
+    data, out = _folder(tmp_path / "imgs"), tmp_path / "run"
+    assert _train(capsys, data, out, sets=["train.steps=2"])[0] == 0
+    with open(out / "log.jsonl", "a") as f:
+        f.write('{"step": 3, "lo')  # killed while appending
+    code = main(["train", "fashion_mnist:smoke", "--data", str(data), "--out", str(out), "--resume", *_sets(TINY)])
+    printed = capsys.readouterr().out
+    assert code == 0 and f"{out / 'log.jsonl'}: dropped its last line, which is not a whole JSON record" in printed
+    steps = [json.loads(line)["step"] for line in (out / "log.jsonl").read_text().splitlines()]
+    assert steps == [2, 2, 2, 4, 4, 4]  # training, validation and test lines at the end of each run
+
+
+def test_read_jsonl_keeps_every_whole_record(tmp_path):
+    from flexivit.jsonl import read_jsonl
+
+    path, said = tmp_path / "x.jsonl", []
+    path.write_text('{"a": 1}\n{"a": 2\n{"a": 3}\n{"a": ')
+    assert read_jsonl(path, said.append) == [{"a": 1}, {"a": 3}]
+    assert [s.split(": dropped ")[1].split(",")[0] for s in said] == ["line 2", "its last line"]
+    assert path.read_text() == '{"a": 1}\n{"a": 3}\n'  # repaired: the next append starts a line of its own
+    assert read_jsonl(path, said.append) == [{"a": 1}, {"a": 3}] and len(said) == 2
+    assert read_jsonl(tmp_path / "missing.jsonl") == []
+
+
+@pytest.mark.slow
+def test_a_torn_last_search_line_is_dropped_and_its_trial_done_again(tmp_path, capsys):
+    data, out = _folder(tmp_path / "imgs"), tmp_path / "search"
+    args = ["search", "fashion_mnist:smoke", "--data", str(data), "--out", str(out), "--grid", "optim.lr=1e-3",
+            "--steps", "2", *_sets(TINY)]
+    assert main(args) == 0
+    record = (out / "search.jsonl").read_text()
+    (out / "search.jsonl").write_text(record[: len(record) // 2])  # killed while appending its one record
+    assert main(args) == 0
+    printed = capsys.readouterr().out
+    assert f"{out / 'search.jsonl'}: dropped its last line" in printed and "0 already finished" in printed, printed
+    assert json.loads((out / "search.jsonl").read_text())["trial"] == json.loads(record)["trial"]
