@@ -19,6 +19,7 @@ from typing import Any, Callable, Sequence
 
 import torch
 from accelerate import Accelerator
+from accelerate.utils import gather_object
 from tqdm.auto import tqdm
 
 from . import checkpoint as ckpt
@@ -216,21 +217,40 @@ def _finish(run: Run, done: Progress) -> RunResult:
 
 
 def _save_state(run: Run, done: Progress) -> None:
+    """Write ``state/step_N`` in three parts, each agreed on by every rank before the next (the agreement is
+    the barrier between them): a write that fails on any rank (a folder made unwritable, a full disk) stops
+    every rank with one message naming the folder, and the checkpoints already there are kept."""
     acc, root, step = run.accelerator, run.out / "state", done.step
     tmp = root / f".tmp-step_{step}"
-    if acc.is_main_process:
-        shutil.rmtree(tmp, ignore_errors=True)
-        root.mkdir(parents=True, exist_ok=True)
-    acc.wait_for_everyone()
-    acc.save_state(str(tmp))
-    acc.wait_for_everyone()
-    if acc.is_main_process:
-        run.hooks.save(tmp)
-        trainer_state = {**done.to_dict(), "model_config": run.raw_model.config.to_dict(), "config": run.cfg.to_dict(),
-                         "data": run.data_fingerprint}
-        ckpt.finalize_state_dir(tmp, root / f"step_{step}", trainer_state)
-        ckpt.prune_states(root, run.cfg.train.keep_checkpoints)
-    acc.wait_for_everyone()
+
+    def prepare() -> None:
+        if acc.is_main_process:
+            shutil.rmtree(tmp, ignore_errors=True)
+            root.mkdir(parents=True, exist_ok=True)
+
+    def seal() -> None:
+        if acc.is_main_process:
+            run.hooks.save(tmp)
+            trainer_state = {**done.to_dict(), "model_config": run.raw_model.config.to_dict(),
+                             "config": run.cfg.to_dict(), "data": run.data_fingerprint}
+            ckpt.finalize_state_dir(tmp, root / f"step_{step}", trainer_state)
+            ckpt.prune_states(root, run.cfg.train.keep_checkpoints)
+
+    for part in (prepare, lambda: acc.save_state(str(tmp)), seal):
+        try:
+            part()
+            problem = None
+        except OSError as err:
+            problem = f"{type(err).__name__}: {err}"
+        problems = gather_object([problem]) if acc.num_processes > 1 else [problem]
+        first = next((p for p in problems if p), None)
+        if first is not None:
+            if acc.is_main_process:
+                shutil.rmtree(tmp, ignore_errors=True)
+            good = ckpt.latest_good_state(root, warn=lambda *_: None)
+            raise TrainingError(f"cannot write the step-{step} checkpoint into {root} ({first}); the last good checkpoint "
+                                f"is {good or 'none (none was written yet)'}: make {root} writable (or free space), then "
+                                "--resume")
 
 
 def _trim_log(path: Path, step: int) -> None:

@@ -452,3 +452,26 @@ def test_a_torn_last_search_line_is_dropped_and_its_trial_done_again(tmp_path, c
     printed = capsys.readouterr().out
     assert f"{out / 'search.jsonl'}: dropped its last line" in printed and "0 already finished" in printed, printed
     assert json.loads((out / "search.jsonl").read_text())["trial"] == json.loads(record)["trial"]
+
+
+# ---- a checkpoint folder that stops accepting writes -------------------------------------------------------
+def test_an_unwritable_checkpoint_folder_stops_naming_it_and_keeps_the_last_good_checkpoint(tmp_path, capsys,
+                                                                                          monkeypatch):
+    from accelerate import Accelerator
+
+    from flexivit.checkpoint import verify_state
+
+    data, out = _folder(tmp_path / "imgs"), tmp_path / "run"
+    real = Accelerator.save_state
+
+    def refused_at_step_4(self, output_dir=None, **kw):
+        if output_dir.endswith("step_4"):  # as if state/ had been made read-only after the first checkpoint
+            raise PermissionError(13, "Permission denied", f"{output_dir}/model.safetensors")
+        return real(self, output_dir, **kw)
+
+    monkeypatch.setattr(Accelerator, "save_state", refused_at_step_4)
+    code, err = _train(capsys, data, out)
+    state = out / "state"
+    assert code == 2 and f"cannot write the step-4 checkpoint into {state} (PermissionError: " in err, err
+    assert f"the last good checkpoint is {state / 'step_2'}: make {state} writable" in err and "Traceback" not in err
+    assert sorted(p.name for p in state.iterdir()) == ["step_2"] and verify_state(state / "step_2") is None
