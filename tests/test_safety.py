@@ -330,6 +330,25 @@ time.sleep(600)
 """
 
 
+def test_a_held_lock_refuses_and_a_left_record_is_taken_over_in_process(tmp_path, capsys):
+    from flexivit.runlock import LOCK_FILE, RunLock
+
+    data, out = _folder(tmp_path / "imgs"), tmp_path / "run"
+    out.mkdir()
+    with RunLock(out) as lock:  # flock conflicts between two open files of one process too
+        assert lock.acquire() is None and lock.held
+        code, err = _train(capsys, data, out)
+        assert code == 2 and f"{out} is in use by another training: pid {os.getpid()} on " in err, err
+    assert (out / LOCK_FILE).read_text() == ""
+    (out / LOCK_FILE).write_text(json.dumps({"pid": 99999999, "host": "elsewhere", "command": "flexivit train x",
+                                             "since": "2026-01-01 00:00:00"}))  # left by a killed run
+    assert main(["train", "fashion_mnist:smoke", "--data", str(data), "--out", str(out), *_sets(TINY)]) == 0
+    printed = capsys.readouterr().out
+    assert f"taking over the lock on {out} from pid 99999999 on elsewhere (flexivit train x, since 2026-01-01 " \
+           "00:00:00), which ended without releasing it" in printed, printed
+
+
+@pytest.mark.slow
 def test_a_second_training_into_a_held_folder_is_refused_naming_the_holder(tmp_path, capsys):
     data, out = _folder(tmp_path / "imgs"), tmp_path / "run"
     out.mkdir()
