@@ -237,20 +237,26 @@ def _save_state(run: Run, done: Progress) -> None:
             ckpt.prune_states(root, run.cfg.train.keep_checkpoints)
 
     for part in (prepare, lambda: acc.save_state(str(tmp)), seal):
-        try:
-            part()
-            problem = None
-        except OSError as err:
-            problem = f"{type(err).__name__}: {err}"
-        problems = gather_object([problem]) if acc.num_processes > 1 else [problem]
-        first = next((p for p in problems if p), None)
-        if first is not None:
+        problem = _on_every_rank(acc, part)
+        if problem is not None:
             if acc.is_main_process:
                 shutil.rmtree(tmp, ignore_errors=True)
             good = ckpt.latest_good_state(root, warn=lambda *_: None)
-            raise TrainingError(f"cannot write the step-{step} checkpoint into {root} ({first}); the last good checkpoint "
-                                f"is {good or 'none (none was written yet)'}: make {root} writable (or free space), then "
-                                "--resume")
+            raise TrainingError(f"cannot write the step-{step} checkpoint into {root} ({problem}); the last good "
+                                f"checkpoint is {good or 'none (none was written yet)'}: make {root} writable (or free "
+                                "space), then --resume")
+
+
+def _on_every_rank(acc: Accelerator, part: Callable[[], None]) -> str | None:
+    """Run this rank's ``part`` of a write, then agree with the other ranks (a collective, so also a barrier):
+    the first failing rank's ``OSError`` as text, or ``None`` when every rank succeeded."""
+    try:
+        part()
+        problem = None
+    except OSError as err:
+        problem = f"{type(err).__name__}: {err}"
+    problems = gather_object([problem]) if acc.num_processes > 1 else [problem]
+    return next((p for p in problems if p is not None), None)
 
 
 def _trim_log(path: Path, step: int) -> None:

@@ -494,3 +494,21 @@ def test_an_unwritable_checkpoint_folder_stops_naming_it_and_keeps_the_last_good
     assert code == 2 and f"cannot write the step-4 checkpoint into {state} (PermissionError: " in err, err
     assert f"the last good checkpoint is {state / 'step_2'}: make {state} writable" in err and "Traceback" not in err
     assert sorted(p.name for p in state.iterdir()) == ["step_2"] and verify_state(state / "step_2") is None
+
+
+@pytest.mark.slow
+def test_a_checkpoint_that_cannot_be_written_stops_both_ranks_without_a_hang(tmp_path):
+    out = tmp_path / "run"
+    (out / "state").mkdir(parents=True)
+    (out / "state" / ".tmp-step_4").write_text("")  # a file where the step-4 checkpoint's folder must go
+    launch = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+              "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_DATASETS_OFFLINE": "1", "HF_HUB_OFFLINE": "1",
+           "PYTHONPATH": str(ROOT), "ACCELERATE_USE_CPU": "1"}
+    result = subprocess.run([*launch, "-m", "flexivit", "train", "fashion_mnist:smoke", "--out", str(out),
+                             "--data", str(_folder(tmp_path / "imgs")), *_sets(TINY)],
+                            capture_output=True, text=True, cwd=ROOT, env=env, timeout=300)
+    line = f"flexivit train: error: cannot write the step-4 checkpoint into {out / 'state'} (FileExistsError: "
+    assert result.returncode != 0 and result.stderr.count(line) >= 2, result.stderr[-3000:]  # each rank, + report
+    assert f"the last good checkpoint is {out / 'state' / 'step_2'}" in result.stderr
+    assert sorted(p.name for p in (out / "state").iterdir() if p.is_dir()) == ["step_2"]
