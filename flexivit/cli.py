@@ -123,8 +123,9 @@ def _device(name: str | None):
 def _budget(args: argparse.Namespace) -> dict | None:
     from .deploy import parse_accuracy
 
+    floor = args.min_accuracy
     budget = {"max_latency_ms": args.max_latency_ms, "max_gflops": args.max_gflops,
-              "min_accuracy": parse_accuracy(args.min_accuracy, "--min-accuracy") if args.min_accuracy is not None else None}
+              "min_accuracy": parse_accuracy(floor, "--min-accuracy") if floor is not None else None}
     return budget if any(v is not None for v in budget.values()) else None
 
 

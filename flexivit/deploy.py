@@ -222,7 +222,8 @@ class Predictor:
         """A latency profile for this machine: the run's sweep (``eval_sweep.json``, else ``eval.json``) when it
         was measured on this kind of device, else latencies measured now (with its accuracies when it has them)."""
         folder = run_dir(self.subject.checkpoint)  # a sweep beside a training's record is eval_sweep.json
-        file = next((f for f in (folder / "eval_sweep.json", folder / "eval.json") if f.is_file()), folder / "eval.json")
+        file = next((f for f in (folder / "eval_sweep.json", folder / "eval.json") if f.is_file()),
+                    folder / "eval.json")
         saved = json.loads(file.read_text()) if file.is_file() else {}
         rows = saved.get("results") or []
         same_device = saved.get("device", "").split(":")[0] == self.device.type

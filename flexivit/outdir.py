@@ -63,8 +63,8 @@ def train_out_problem(out: Path, *, resume: bool, overwrite: bool, has_states: b
                "choose a new --out"
     models = [name for name in MODEL_FILES if (out / name).exists()]
     if models and not has_states:
-        return f"{out} already holds a model ({', '.join(models)}) and no checkpoint to {'resume' if resume else 'continue'}; " \
-               "pass --overwrite to train a new one over it, or choose a new --out"
+        return f"{out} already holds a model ({', '.join(models)}) and no checkpoint to " \
+               f"{'resume' if resume else 'continue'}; pass --overwrite to train a new one over it, or choose a new --out"
     return None
 
 

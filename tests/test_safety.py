@@ -386,9 +386,11 @@ def test_training_into_a_folder_with_a_model_and_no_checkpoints_is_refused_unles
     (out / "eval_sweep.json").write_text("{}")  # a sweep of the old model: it goes with it
     code = main(["train", "fashion_mnist:smoke", "--data", str(data), "--out", str(out), "--overwrite",
                  *_sets(TINY + ["train.steps=2"])])
-    assert code == 0 and "--overwrite: removed the previous run's log.jsonl, model.safetensors" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert code == 0 and "--overwrite: removed the previous run's log.jsonl, model.safetensors" in printed, printed
     assert not (out / "eval_sweep.json").exists()
-    assert [json.loads(l)["step"] for l in (out / "log.jsonl").read_text().splitlines()] == [2, 2, 2]  # train, val, test
+    steps = [json.loads(line)["step"] for line in (out / "log.jsonl").read_text().splitlines()]
+    assert steps == [2, 2, 2]  # training, validation and test lines of the new run only
     assert sorted(p.name for p in (out / "state").iterdir()) == ["step_2"]
 
 
