@@ -2,7 +2,7 @@
 
 Layers, bottom to top (a module may import its own layer and any layer below it):
 
-    base         flexivit.rng, flexivit.files, flexivit.provenance
+    base         flexivit.rng, flexivit.files, flexivit.provenance, flexivit.outdir, flexivit.jsonl
     core         flexivit.model, flexivit.data (data never imports model; a model file carries its preprocessing,
                  so model may read data's transforms), and the flexivit package itself
     options      flexivit.ext (the option families' layer files)
@@ -32,7 +32,7 @@ import pytest
 PACKAGE = Path(__file__).resolve().parent.parent / "flexivit"
 DRIVERS = ("flexivit.ext.compress", "flexivit.ext.evolve", "flexivit.ext.fewshot", "flexivit.ext.recalibrate")
 LAYERS: list[tuple[str, tuple[str, ...]]] = [
-    ("base", ("flexivit.rng", "flexivit.files", "flexivit.provenance")),
+    ("base", ("flexivit.rng", "flexivit.files", "flexivit.provenance", "flexivit.outdir", "flexivit.jsonl")),
     ("core", ("flexivit.model", "flexivit.data", "flexivit")),
     ("options", ("flexivit.ext",)),
     ("eval", ("flexivit.eval",)),

@@ -34,7 +34,7 @@ from PIL import Image
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from flexivit import shards as shard_mod  # noqa: E402
+from flexivit.data import shards as shard_mod  # noqa: E402
 from flexivit.data.sources import load_source  # noqa: E402
 from flexivit.provenance import write_result  # noqa: E402
 from flexivit.data.streams import TrainStream  # noqa: E402

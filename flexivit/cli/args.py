@@ -32,6 +32,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("train", help="train a recipe", epilog=_recipe_help())
     _add_run_args(p)
     p.add_argument("--resume", action="store_true", help="continue from the newest good checkpoint in --out")
+    p.add_argument("--overwrite", action="store_true", help="start over in an --out that holds a model or "
+                   "checkpoints: they, the log and the report are removed first (refused without it)")
     p = sub.add_parser("finetune", help="fine-tune a trained FlexiViT on a recipe's task (stays flexible)",
                        epilog=_recipe_help())
     p.add_argument("checkpoint", help="a run directory or a model .safetensors file")
@@ -39,11 +41,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--patch-size", type=int, help="fine-tune at this one size (default: sample the recipe's sizes, "
                    "which keeps every size usable)")
     p.add_argument("--resume", action="store_true", help="continue from the newest good checkpoint in --out")
+    p.add_argument("--overwrite", action="store_true", help="start over in an --out that holds a model or "
+                   "checkpoints: they, the log and the report are removed first (refused without it)")
     p = sub.add_parser("compress", help="a compact model derived from a trained FlexiViT (LUT-Q, least-squares "
                        "bridges, trained on its quantised outputs)", epilog=_recipe_help())
     p.add_argument("base", help="the trained FlexiViT: a run directory or a model .safetensors file")
     _add_run_args(p)
     p.add_argument("--resume", action="store_true", help="continue from the newest good checkpoint in --out")
+    p.add_argument("--overwrite", action="store_true", help="start over in an --out that holds a model or "
+                   "checkpoints: they, the log and the report are removed first (refused without it)")
     _add_search_parser(sub)
     _add_evolve_parser(sub)
     _add_eval_parser(sub)
@@ -157,6 +163,8 @@ def _add_export_parser(sub: argparse._SubParsersAction) -> None:
                    "only way, with --torch-export, to export a model that is not a plain ViT")
     p.add_argument("--torch-export", action="store_true", help="also write model.pt2 (torch.export.save)")
     p.add_argument("--atol", type=float, default=1e-5, help="logit tolerance of the check (default 1e-5)")
+    p.add_argument("--overwrite", action="store_true", help="replace the model files of an --out that already holds "
+                   "a model or a training run (refused without it)")
 
 
 def _add_recalibrate_parser(sub: argparse._SubParsersAction) -> None:

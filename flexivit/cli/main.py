@@ -24,6 +24,8 @@ import sys
 from pathlib import Path
 
 from flexivit.cli.args import build_parser
+from flexivit.cli.errors import one_line, record_for_launcher
+from flexivit.outdir import check_folder_target
 
 __all__ = ["main"]
 
@@ -47,7 +49,7 @@ def _train(args: argparse.Namespace) -> None:
     from flexivit.train.loop import train
 
     cfg, out = _resolve(args)
-    train(cfg, out_dir=out, resume=args.resume)
+    train(cfg, out_dir=out, resume=args.resume, overwrite=args.overwrite)
 
 
 def _finetune(args: argparse.Namespace) -> None:
@@ -56,14 +58,14 @@ def _finetune(args: argparse.Namespace) -> None:
     cfg, out = _resolve(args)
     if args.patch_size is not None:
         cfg = fixed_size(cfg, args.patch_size)
-    finetune(args.checkpoint, cfg, out_dir=out, resume=args.resume)
+    finetune(args.checkpoint, cfg, out_dir=out, resume=args.resume, overwrite=args.overwrite)
 
 
 def _compress(args: argparse.Namespace) -> None:
     from flexivit.ext.compress import compress
 
     cfg, out = _resolve(args)
-    compress(args.base, cfg, out_dir=out, resume=args.resume)
+    compress(args.base, cfg, out_dir=out, resume=args.resume, overwrite=args.overwrite)
 
 
 def _search(args: argparse.Namespace) -> None:
@@ -121,8 +123,9 @@ def _device(name: str | None):
 def _budget(args: argparse.Namespace) -> dict | None:
     from flexivit.eval.deploy import parse_accuracy
 
+    floor = args.min_accuracy
     budget = {"max_latency_ms": args.max_latency_ms, "max_gflops": args.max_gflops,
-              "min_accuracy": parse_accuracy(args.min_accuracy) if args.min_accuracy is not None else None}
+              "min_accuracy": parse_accuracy(floor, "--min-accuracy") if floor is not None else None}
     return budget if any(v is not None for v in budget.values()) else None
 
 
@@ -135,6 +138,7 @@ def _eval(args: argparse.Namespace) -> None:
 
     settings = MeasureSettings(batch_size=args.batch_size, warmup=args.warmup, repeats=args.repeats)
     budget = _budget(args)  # parsed before the sweep, so a malformed flag fails fast
+    out = check_folder_target(args.out or run_dir(args.checkpoint))
     report = evaluate_checkpoint(
         args.checkpoint, data=args.data, patch_sizes=args.patch_sizes, baselines=args.baseline,
         settings=settings, device=_device(args.device), eval_batch_size=args.eval_batch_size, limit=args.limit,
@@ -147,7 +151,6 @@ def _eval(args: argparse.Namespace) -> None:
             report["choice"] = {"patch_size": choice.patch_size, "reason": choice.reason, "budget": budget}
         except BudgetError as err:
             failure = err
-    out = args.out or run_dir(args.checkpoint)
     files = write_report(report, out)
     compiled = f", compiled ({report['compiled_graphs']} graphs)" if report["compile"] else ""
     print(f"{report['checkpoint']} on {report['data']} ({report['n']} test images, {report['device_name']}, "
@@ -196,7 +199,7 @@ def _export(args: argparse.Namespace) -> None:
     from flexivit.eval.export import export_checkpoint
 
     result = export_checkpoint(args.checkpoint, args.patch_size, args.out, onnx=args.onnx,
-                               torch_export=args.torch_export, atol=args.atol)
+                               torch_export=args.torch_export, atol=args.atol, overwrite=args.overwrite)
     diffs = ", ".join(f"{k} {v:.2g}" for k, v in result.max_abs_diff.items())
     print(f"exported patch size {args.patch_size} to {result.out_dir}: {', '.join(result.files)}")
     print(f"checked against the flexible model on a sample batch (max |logit diff|: {diffs})")
@@ -226,9 +229,10 @@ def _fewshot(args: argparse.Namespace) -> None:
                                episodes=args.episodes, methods=tuple(m.strip() for m in args.methods.split(",")),
                                local=parse_local(args.local), mix=args.mix, seed=args.seed)
     classes = [c.strip() for c in args.classes.split(",")] if args.classes else None
+    out = check_folder_target(args.out or run_dir(args.checkpoint))
     report = run_fewshot(args.checkpoint, data=args.data, settings=settings, classes=classes,
                          patch_sizes=args.patch_sizes, device=_device(args.device))
-    files = write_fewshot(report, args.out or run_dir(args.checkpoint))
+    files = write_fewshot(report, out)
     print(markdown(report), end="")
     print(f"wrote {', '.join(str(f) for f in files.values())}")
 
@@ -254,6 +258,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         COMMANDS[args.command](args)
     except _user_errors(args.command) as err:
-        print(f"flexivit {args.command}: error: {err}", file=sys.stderr)
+        message = f"flexivit {args.command}: error: {one_line(err)}"
+        print(message, file=sys.stderr)
+        record_for_launcher(message)
         return 2
     return 0

@@ -205,7 +205,13 @@ def _finish(
 
 
 def _check_class_folders(split_root: Path, dataset_root: Path) -> None:
-    """Raise unless ``split_root`` holds images in class sub-folders and none loose at its top."""
+    """Raise unless ``split_root`` holds images in class sub-folders and none loose at its top; warn about
+    hidden class folders (a name starting with '.'), which HF's imagefolder skips."""
+    for hidden in sorted(d for d in split_root.iterdir() if d.is_dir() and d.name.startswith(".")):
+        count = sum(p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS for p in hidden.rglob("*"))
+        if count:
+            log.warning("%s: ignoring the hidden folder %s (%d images): a name starting with '.' is not read as "
+                        "a class; rename it to use it", dataset_root, hidden.name, count)
     loose = [p for p in split_root.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS]
     if loose:
         raise ValueError(

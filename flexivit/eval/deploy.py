@@ -63,11 +63,14 @@ def load_profile(profile: Profile) -> list[dict[str, Any]]:
     return rows
 
 
-def parse_accuracy(text: str | float) -> float:
-    """``0.85`` or ``"85%"`` → 0.85."""
-    value = float(text[:-1]) / 100 if isinstance(text, str) and text.endswith("%") else float(text)
+def parse_accuracy(text: str | float, name: str = "min_accuracy") -> float:
+    """``0.85`` or ``"85%"`` → 0.85; anything else raises a ``ValueError`` naming the setting ``name``."""
+    try:
+        value = float(text[:-1]) / 100 if isinstance(text, str) and text.endswith("%") else float(text)
+    except ValueError:
+        value = math.nan  # not a number: refused below, with the same message
     if not 0.0 <= value <= 1.0:
-        raise ValueError(f"an accuracy is a fraction in [0, 1] (0.85) or a percentage (85%), got {text!r}")
+        raise ValueError(f"{name}: an accuracy is a fraction in [0, 1] (0.85) or a percentage (85%), got {text!r}")
     return value
 
 
@@ -174,6 +177,8 @@ class Predictor:
         """One image as the model's input ``(C, H, W)``; files of any size and mode, like evaluation."""
         if not isinstance(image, Image.Image):
             path = Path(image)
+            if path.is_dir():
+                raise ValueError(f"{path} is a folder; pass image files (e.g. {path}/*.png)")
             if not path.is_file():
                 raise FileNotFoundError(f"image {path} does not exist")
             image = open_image({"bytes": None, "path": str(path)})
@@ -233,9 +238,11 @@ class Predictor:
         return rows
 
     def profile_for_latency(self) -> tuple[list[dict[str, Any]], str]:
-        """A latency profile for this machine: the run's ``eval.json`` when it was measured on this kind
-        of device, else latencies measured now (with the accuracies of an ``eval.json`` when there is one)."""
-        file = run_dir(self.subject.checkpoint) / "eval.json"
+        """A latency profile for this machine: the run's sweep (``eval_sweep.json``, else ``eval.json``) when it
+        was measured on this kind of device, else latencies measured now (with its accuracies when it has them)."""
+        folder = run_dir(self.subject.checkpoint)  # a sweep beside a training's record is eval_sweep.json
+        file = next((f for f in (folder / "eval_sweep.json", folder / "eval.json") if f.is_file()),
+                    folder / "eval.json")
         saved = json.loads(file.read_text()) if file.is_file() else {}
         rows = saved.get("results") or []
         same_device = saved.get("device", "").split(":")[0] == self.device.type

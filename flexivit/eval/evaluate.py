@@ -273,6 +273,10 @@ def evaluate_checkpoint(
     ``precision`` and ``compile`` as in ``sweep`` (for every model swept); the report records both, the
     graphs compiled during the sweeps, the device and the thread settings.
     """
+    if limit is not None and limit < 1:
+        raise ValueError(f"--limit must be a positive number of test images, got {limit}")
+    if eval_batch_size < 1:
+        raise ValueError(f"--eval-batch-size must be a positive integer, got {eval_batch_size}")
     device = device or default_device()
     precision = precision or default_precision(device)
     subject = load_subject(checkpoint)

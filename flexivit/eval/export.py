@@ -44,7 +44,9 @@ from timm.models.vision_transformer import VisionTransformer
 from torch import nn
 
 from flexivit.model.weights import load_model
+from flexivit.files import _umask
 from flexivit.model.vit import FlexiViT
+from flexivit.outdir import OutDirError, check_folder_target, describe_held, held
 from flexivit.model.patch_embed import check_patch_sizes
 from flexivit.model.timm_interop import timm_vit_kwargs
 from flexivit.data.transforms import preprocess_spec
@@ -198,27 +200,38 @@ def _write_onnx(fixed: nn.Module, x: torch.Tensor, path: Path) -> Callable[[torc
 
 
 def _move_into(tmp: Path, out_dir: Path, names: list[str]) -> dict[str, Path]:
-    """Move the checked files into ``out_dir``; remove export files there that this export did not make."""
-    out_dir.mkdir(parents=True, exist_ok=True)
-    for stale in {CONFIG_FILE, WEIGHTS_FILE, ONNX_FILE, PROGRAM_FILE} - set(names):
-        (out_dir / stale).unlink(missing_ok=True)
-    umask = os.umask(0)
-    os.umask(umask)
-    files = {}
+    """Publish the checked files of ``tmp`` in ``out_dir``. A new folder is ``tmp`` renamed into place: it appears
+    whole or not at all. Into an existing folder its old config.json goes first and the new one comes last, so a
+    crash in between leaves a folder without config.json (not loadable: ``is_export_dir`` is false), never a new
+    config beside old weights; export files there that this export did not make are removed."""
+    umask = _umask()
     for name in names:
         os.chmod(tmp / name, 0o666 & ~umask)  # some writers create 0600 files; exports are for sharing
+    if not out_dir.exists():
+        os.chmod(tmp, 0o777 & ~umask)  # mkdtemp made it 0700
+        os.replace(tmp, out_dir)
+        return {name: out_dir / name for name in names}
+    (out_dir / CONFIG_FILE).unlink(missing_ok=True)
+    for stale in {WEIGHTS_FILE, ONNX_FILE, PROGRAM_FILE} - set(names):
+        (out_dir / stale).unlink(missing_ok=True)
+    for name in sorted(names, key=lambda n: n == CONFIG_FILE):  # config.json last
         os.replace(tmp / name, out_dir / name)
-        files[name] = out_dir / name
-    return files
+    return {name: out_dir / name for name in names}
 
 
 @torch.no_grad()
 def export_model(
     model: FlexiViT, meta: dict[str, Any], patch_size: int, out_dir: str | Path, *, onnx: bool = False,
     torch_export: bool = False, atol: float = 1e-5, rtol: float = 1e-5, source: str | None = None,
+    overwrite: bool = False,
 ) -> ExportResult:
     """Write ``model`` at ``patch_size`` as a timm ViT into ``out_dir`` after checking its logits; a model that
-    is not a plain ViT as ONNX / ``torch.export`` only (one of the two must be asked for)."""
+    is not a plain ViT as ONNX / ``torch.export`` only (one of the two must be asked for). A ``out_dir`` that
+    already holds a model or a training run is refused unless ``overwrite``."""
+    found = held(check_folder_target(out_dir))
+    if found and not overwrite:
+        raise OutDirError(f"--out {out_dir} already holds {describe_held(found)}; pass --overwrite to replace its "
+                          "model files with the export, or choose another --out")
     patch = check_patch_sizes([int(patch_size)], model.config.img_size)[0].patch
     plain = model.is_plain_vit()
     if not plain and not (onnx or torch_export):

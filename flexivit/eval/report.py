@@ -15,7 +15,8 @@ from typing import Any, Sequence
 from flexivit.model.weights import atomic_write_text
 from flexivit.eval.evaluate import format_table
 
-__all__ = ["COSTS", "Series", "pareto_front", "plot_series", "save_plot", "markdown_report", "write_report"]
+__all__ = ["COSTS", "Series", "pareto_front", "plot_series", "save_plot", "markdown_report", "sweep_stem",
+           "write_report"]
 
 COSTS = {"gflops": "GFLOPs per image", "latency_ms": "latency, batch 1 (ms)"}
 Point = tuple[float, float, int]  # (cost, top-1 in %, patch size)
@@ -144,12 +145,27 @@ def markdown_report(report: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def sweep_stem(out_dir: str | Path) -> str:
+    """``eval``, or ``eval_sweep`` where ``out_dir/eval.json`` is a training's record (it holds ``images_seen``,
+    which the study tools read) or is not a report at all: a sweep never replaces either."""
+    file = Path(out_dir) / "eval.json"
+    if not file.exists():
+        return "eval"
+    try:
+        saved = json.loads(file.read_text())
+    except (OSError, ValueError):
+        return "eval_sweep"
+    return "eval_sweep" if not isinstance(saved, dict) or "images_seen" in saved else "eval"
+
+
 def write_report(report: dict[str, Any], out_dir: str | Path) -> dict[str, Path]:
-    """Write ``eval.json`` (the report plus its Pareto fronts), ``eval.md`` and ``eval.png``."""
+    """Write ``eval.json`` (the report plus its Pareto fronts), ``eval.md`` and ``eval.png``; named
+    ``eval_sweep.*`` instead beside a training's ``eval.json`` (``sweep_stem``)."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     report = {**report, "pareto": {cost: pareto_front(report["results"], cost) for cost in COSTS}}
-    files = {"json": out / "eval.json", "md": out / "eval.md", "png": out / "eval.png"}
+    stem = sweep_stem(out)
+    files = {"json": out / f"{stem}.json", "md": out / f"{stem}.md", "png": out / f"{stem}.png"}
     atomic_write_text(files["json"], json.dumps(report, indent=2) + "\n")
     atomic_write_text(files["md"], markdown_report(report))
     save_plot(report, files["png"])

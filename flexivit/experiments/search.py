@@ -26,6 +26,7 @@ from typing import Any, Sequence
 
 from flexivit.model.weights import atomic_write_text, read_model_meta
 from flexivit.train.config import ConfigError, apply_overrides, load_recipe, recipe_search_grid
+from flexivit.jsonl import read_jsonl
 
 __all__ = ["Trial", "SearchError", "parse_grid", "plan", "run_search", "train_run", "check_data", "score_of", "METRICS"]
 
@@ -94,10 +95,8 @@ def score_of(val: dict[str, float], metric: str) -> float:
     return min(val.values()) if metric == "worst" else statistics.mean(val.values())
 
 
-def _read_done(path: Path) -> dict[str, dict[str, Any]]:
-    if not path.is_file():
-        return {}
-    return {r["trial"]: r for r in map(json.loads, path.read_text().splitlines()) if r}
+def _read_done(path: Path, say=print) -> dict[str, dict[str, Any]]:
+    return {r["trial"]: r for r in read_jsonl(path, say) if r}
 
 
 def train_run(run: Path, sets: Sequence[str], *, recipe: str, init: str | None = None,
@@ -211,7 +210,7 @@ def run_search(*, recipe: str, grid_specs: Sequence[str], seeds: Sequence[int], 
     trials = plan(grid, seeds)
     (out / "trials").mkdir(parents=True, exist_ok=True)
     log_path = out / "search.jsonl"
-    done = _read_done(log_path)
+    done = _read_done(log_path, say)
     todo = [t for t in trials if t.name not in done]
     say(f"search: {len(trials)} trials, {len(trials) - len(todo)} already finished (skipped), {len(todo)} to run")
     failed = []

@@ -114,7 +114,8 @@ def _describe(model: FlexiViT, file: Path, sizes: list[int]) -> dict[str, Any]:
             "blocks": len(model.blocks)}
 
 
-def compress(base: str | Path, cfg: Config, *, out_dir: str | Path, resume: bool = False) -> RunResult:
+def compress(base: str | Path, cfg: Config, *, out_dir: str | Path, resume: bool = False,
+             overwrite: bool = False) -> RunResult:
     """Derive from ``base`` (a run directory or model file) as ``cfg.compress`` says, train on its quantised
     outputs for ``cfg.train.steps`` steps (0: none) and write ``compress.json`` beside the run."""
     try:
@@ -146,7 +147,7 @@ def compress(base: str | Path, cfg: Config, *, out_dir: str | Path, resume: bool
         residuals.update(fits)
         return derived
 
-    result = train(cfg, out_dir=out_dir, resume=resume, init=init)
+    result = train(cfg, out_dir=out_dir, resume=resume, init=init, overwrite=overwrite)
     derived, _ = load_model(out_dir)
     report = {"base": str(base), "settings": {**dataclasses.asdict(cfg.compress), "quantize": cfg.distill.quantize,
                                               "teacher_patch_size": cfg.distill.teacher_patch_size},

@@ -71,7 +71,10 @@ class FewShotSettings:
     def __post_init__(self) -> None:
         if not isinstance(self.local, tuple):  # one M, as callers gave it before --local took a list
             object.__setattr__(self, "local", tuple(self.local) if isinstance(self.local, list) else (self.local,))
-        for name in ("ways", "queries", "episodes"):
+        if self.ways < 2:
+            raise ValueError(f"--ways {self.ways}: an episode needs 2 or more classes (with one, every query is "
+                             "trivially right); pass --ways 2 or more")
+        for name in ("queries", "episodes"):
             if getattr(self, name) < 1:
                 raise ValueError(f"--{name} must be 1 or more, got {getattr(self, name)}")
         if not self.shots or min(self.shots) < 1:

@@ -297,6 +297,10 @@ class GraphOption(ModelOption):
     def non_plain(self, values: GraphFields) -> list[str]:
         return [f"a block graph ({values.graph})"]
 
+    def check_run(self, run: Any) -> None:
+        if not run.optim.graph_lr_scale >= 0:
+            raise ValueError(f"optim.graph_lr_scale={run.optim.graph_lr_scale!r}: must be 0 or more")
+
     def lr_scales(self, run: Any, model: nn.Module) -> dict[str, float]:
         names = {name for name, _ in model.named_parameters()}
         return {GRAPH_LOGITS: run.optim.graph_lr_scale} if GRAPH_LOGITS in names else {}

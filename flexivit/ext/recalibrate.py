@@ -15,6 +15,7 @@ from flexivit.eval.export import default_preprocess
 from flexivit.eval.subjects import run_config_of
 from flexivit.ext.bgn import CALIBRATION_BATCH, norms_of, recalibrate
 from flexivit.model.weights import load_model, save_model
+from flexivit.outdir import check_folder_target
 
 __all__ = ["recalibrate_checkpoint"]
 
@@ -37,6 +38,8 @@ def recalibrate_checkpoint(checkpoint: str | Path, patch_sizes: Sequence[int], *
     out); saves to ``out`` (default: over ``checkpoint``'s model file). Returns (file, new sizes, images used)."""
     model, meta = load_model(checkpoint)
     norms_of(model)  # fails before the data is read
+    target = Path(out) if out is not None else Path(checkpoint)
+    check_folder_target(target.parent if target.suffix == ".safetensors" else target)
     if images < 2:
         raise ValueError(f"--images must be at least 2 (batch statistics need two images), got {images}")
     run_config = run_config_of(checkpoint)
@@ -50,6 +53,5 @@ def recalibrate_checkpoint(checkpoint: str | Path, patch_sizes: Sequence[int], *
                          batch_size=min(CALIBRATION_BATCH, len(train)), shuffle=False, seed=0, drop_last=True)
     model.to(device or default_device())
     new = recalibrate(model, _Images(loader), patch_sizes)
-    target = Path(out) if out is not None else Path(checkpoint)
     file = save_model(model.to("cpu"), target, class_names=meta.get("class_names") or [], preprocess=preprocess)
     return file, new, len(loader) * loader.batch_size

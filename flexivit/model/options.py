@@ -148,6 +148,10 @@ class ModelOption:
     eval_columns: ClassVar[tuple[tuple[str, str], ...]] = ()  # (column title, row key) for eval_notes' keys
 
     # ---- training (consulted for every registered option: run-config switches need no model field) -------
+    def check_run(self, run: Any) -> None:
+        """Raise ``ValueError`` naming the key (``optim.x=-1: must be ...``) for a run-config value of this
+        option's that cannot work."""
+
     def lr_scales(self, run: Any, model: nn.Module) -> dict[str, float]:
         """Learning-rate multipliers by parameter name."""
         return {}

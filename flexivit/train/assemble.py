@@ -19,21 +19,24 @@ from accelerate.utils import DistributedType, broadcast_object_list
 from torch import nn
 from torch.utils.data import DataLoader
 
+from flexivit.data.identity import data_changes, data_fingerprint
+from flexivit.data.sources import make_loader
+from flexivit.data.streams import TrainStream
+from flexivit.model.options import registered
+from flexivit.model.patch_embed import PatchScheme
+from flexivit.model.vit import FlexiViT
+from flexivit.outdir import check_folder_target, clear_run, train_out_problem
+from flexivit.rng import seed_all
 from flexivit.train import state as ckpt
 from flexivit.train.builders import RunData, build_data, build_model, build_sampler, eval_loader, preprocess_meta, schemes_of
-from flexivit.train.config import Config, config_from_dict
-from flexivit.data.sources import make_loader
+from flexivit.train.config import Config, check_config, config_from_dict
 from flexivit.train.distill import Teacher, ViewSpec, load_teacher, student_from_teacher
 from flexivit.train.hooks import Hooks, PostStepHook
-from flexivit.model.options import registered
-from flexivit.model.vit import FlexiViT
 from flexivit.train.objective import LossTerm, Objective, build_objective, l2_sp_term
 from flexivit.train.optim import build_optimizer
-from flexivit.model.patch_embed import PatchScheme
-from flexivit.rng import seed_all
+from flexivit.train.runlock import RunLock
 from flexivit.train.sampler import PatchSizeSampler
 from flexivit.train.step_batches import StepBatches
-from flexivit.data.streams import TrainStream
 
 __all__ = ["Run", "TrainingError", "assemble", "RESUMABLE_CHANGES"]
 
@@ -69,6 +72,7 @@ class Run:
     preprocess: dict[str, Any]
     start: dict[str, Any]  # where training starts: step, images_seen, train_seconds (from a checkpoint or 0)
     threads: int  # torch's thread count before the run, restored at its end
+    data_fingerprint: dict[str, Any]  # the data and split membership it trains on (flexivit.data.identity)
 
     @property
     def raw_model(self) -> FlexiViT:
@@ -122,7 +126,8 @@ def config_changes(saved: dict[str, Any], now: dict[str, Any]) -> dict[str, tupl
 FRESH = {"step": 0, "images_seen": 0, "train_seconds": 0.0}
 
 
-def _resume(accelerator: Accelerator, out: Path, cfg: Config, model_config: dict, hooks: Hooks) -> dict[str, Any]:
+def _resume(accelerator: Accelerator, out: Path, cfg: Config, model_config: dict, hooks: Hooks,
+            fingerprint: dict[str, Any]) -> dict[str, Any]:
     """Load the newest good checkpoint; returns where it left off (``FRESH`` if there is none)."""
     chosen: list[Any] = [None]
     if accelerator.is_main_process:  # verifying hashes every file: once, then shared
@@ -150,6 +155,15 @@ def _resume(accelerator: Accelerator, out: Path, cfg: Config, model_config: dict
             f"checkpoint {state} was made with another config ({listed}); a resumed run may change only "
             f"{', '.join(sorted(RESUMABLE_CHANGES))}. Resume with the settings that made it, or train into a new --out"
         )
+    changes = data_changes(saved["data"], fingerprint) if "data" in saved else []
+    if changes:
+        raise TrainingError(
+            f"checkpoint {state} was made on other data: {'; '.join(changes)}. A resumed run must read the same images "
+            "in the same splits (its validation and test splits would be drawn again); restore the data as it was, "
+            "or train into a new --out"
+        )
+    if "data" not in saved:
+        accelerator.print(f"{state} predates data fingerprints: the data could not be checked against it")
     accelerator.load_state(str(state))
     hooks.load(state)
     accelerator.print(f"resumed from {state} (step {saved['step']})")
@@ -194,8 +208,10 @@ def assemble(
     init: Callable[[FlexiViT], FlexiViT] | None = None,
     accelerator: Accelerator | None = None,
     hooks: Sequence[PostStepHook] = (),
+    lock: RunLock | None = None,
+    overwrite: bool = False,
 ) -> Run:
-    d = cfg.data
+    d = check_config(cfg).data  # a config built in Python is checked like a recipe
     accelerator = accelerator or Accelerator(
         mixed_precision=cfg.train.mixed_precision, log_with="tensorboard", project_dir=str(out),
         dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True, data_seed=cfg.train.seed),
@@ -203,15 +219,21 @@ def assemble(
 
     def fresh_out_dir() -> str | None:
         out.mkdir(parents=True, exist_ok=True)
-        if not resume and ckpt.find_states(out / "state"):
-            return f"{out} already holds checkpoints; pass --resume to continue it or choose a new --out"
+        problem = (lock.acquire(say=accelerator.print) if lock is not None else None) or train_out_problem(
+            out, resume=resume, overwrite=overwrite, has_states=bool(ckpt.find_states(out / "state")))
+        if problem:
+            return problem
+        if overwrite and (removed := clear_run(out)):
+            accelerator.print(f"--overwrite: removed the previous run's {', '.join(removed)} from {out}")
         cfg.save(out / "config.json")
         return None
 
+    check_folder_target(out)
     _agree(accelerator, fresh_out_dir)
     seed_all(cfg.train.seed)  # identical initial weights on every rank
 
     data = build_data(cfg)
+    fingerprint = data_fingerprint(data.splits, d.source)
     teacher = load_teacher(cfg.distill.teacher, patch_size=cfg.distill.teacher_patch_size) if cfg.distill.teacher else None
     model = _model(cfg, data, teacher, init)
     pre = preprocess_meta(cfg, data.channels)
@@ -236,7 +258,7 @@ def assemble(
         raw = accelerator.unwrap_model(model)
         run_hooks = Hooks([*hooks, *(hook for option in registered()  # e.g. a norm projection, re-clustering
                                      for hook in option.post_step_hooks(cfg, raw, sharded=fsdp, say=accelerator.print))])
-        start = _resume(accelerator, out, cfg, model_config, run_hooks) if resume else dict(FRESH)
+        start = _resume(accelerator, out, cfg, model_config, run_hooks, fingerprint) if resume else dict(FRESH)
         if stream is not None:
             ranks, workers = accelerator.num_processes, max(1, d.num_workers)
             _agree(accelerator, lambda: stream.check_run(out, step=start["step"], ranks=ranks, workers=workers))
@@ -251,7 +273,7 @@ def assemble(
         return Run(cfg=cfg, out=out, accelerator=accelerator, data=data, model=model, teacher=teacher, sampler=sampler,
                    batches=batches, optimizer=optimizer, scheduler=scheduler, objective=objective, hooks=run_hooks,
                    eval_loaders=_eval_loaders(cfg, data, accelerator), eval_schemes=eval_schemes, preprocess=pre,
-                   start=start, threads=threads)
+                   start=start, threads=threads, data_fingerprint=fingerprint)
     except BaseException:  # a setup error (a refused resume, say) leaves the caller's threads as they were
         torch.set_num_threads(threads)
         raise

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import logging
 import statistics
 from dataclasses import dataclass
 from typing import Any
@@ -119,6 +120,10 @@ def load_splits(cfg: Config) -> Splits:
 def build_data(cfg: Config) -> RunData:
     d = cfg.data
     splits = load_splits(cfg)
+    if len(splits.class_names) < 2:
+        logging.getLogger(__name__).warning(
+            "%s has one class (%r): every label is the same, so any model scores 100 %%; give it a sub-folder (or "
+            "label) per class", d.source, splits.class_names[0])
     channels = d.channels or splits.channels
     train_tf = build_transform(
         image_size=d.image_size, channels=channels, train=True, scale=tuple(d.scale), hflip=d.hflip,

@@ -9,20 +9,21 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import importlib.machinery
 import importlib.util
 import json
 import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any, Callable, ClassVar
 
-from flexivit.model.options import run_fields
+from flexivit.model.options import registered, run_fields
 
 __all__ = [
     "ConfigError", "Config", "ModelConfig", "DataConfig", "PatchConfig", "StageConfig", "OptimConfig", "TrainConfig",
     "DistillConfig", "FinetuneConfig", "load_recipe", "apply_overrides", "config_from_dict", "list_recipes", "RECIPES_DIR",
-    "recipe_search_grid",
+    "recipe_search_grid", "check_config",
 ]
 
 RECIPES_DIR = Path(__file__).resolve().parent.parent / "recipes"  # flexivit/recipes, shipped in the package
@@ -236,6 +237,57 @@ class Config(_WithOptions):
         Path(path).write_text(json.dumps(self.to_dict(), indent=2, sort_keys=True) + "\n")
 
 
+# ---- values that cannot work ---------------------------------------------------------------------
+_POSITIVE = (lambda v: v >= 1, "a positive integer")
+_NOT_NEGATIVE = (lambda v: v >= 0, "0 or more")  # NaN fails every comparison, so it is refused too
+# Checked after a recipe and its overrides are applied (and by the trainer), so a value that would fail
+# deep inside a run (a modulo by zero, torch's "Invalid learning rate") stops first, naming its key.
+_RULES: dict[str, tuple[Callable[[Any], bool], str]] = {
+    "data.batch_size": _POSITIVE,
+    "data.eval_batch_size": _POSITIVE,
+    "data.image_size": _POSITIVE,
+    "data.num_workers": _NOT_NEGATIVE,
+    "data.val_fraction": (lambda v: 0 < v < 1, "in (0, 1)"),
+    "data.hflip": (lambda v: 0 <= v <= 1, "a probability in [0, 1]"),
+    "data.mixup": _NOT_NEGATIVE,
+    "data.cutmix": _NOT_NEGATIVE,
+    "data.label_smoothing": (lambda v: 0 <= v < 1, "in [0, 1)"),
+    "data.on_corrupt": (lambda v: v in ("error", "skip"), "'error' or 'skip'"),
+    "data.eval_limit": (lambda v: v is None or v >= 1, "unset (none) or a positive integer"),
+    "train.steps": _NOT_NEGATIVE,  # 0: no training step (compress's training-free mode)
+    "train.grad_accum": _POSITIVE,
+    "train.token_budget": (lambda v: v >= 0, "0 (off) or a positive token count"),
+    "train.log_every": _POSITIVE,
+    "train.checkpoint_every": _POSITIVE,
+    "train.eval_every": (lambda v: v >= 0, "0 (at the end only) or a positive integer"),
+    "train.mixed_precision": (lambda v: v in ("no", "bf16", "fp16"), "'no', 'bf16' or 'fp16'"),
+    "optim.lr": _NOT_NEGATIVE,
+    "optim.weight_decay": _NOT_NEGATIVE,
+    "optim.warmup_steps": _NOT_NEGATIVE,
+    "optim.min_lr": _NOT_NEGATIVE,
+    "optim.clip_grad": (lambda v: v is None or v > 0, "unset (none) or positive"),
+    "optim.kernel_lr_scale": _NOT_NEGATIVE,
+    "distill.temperature": (lambda v: v > 0, "positive"),
+    "distill.label_weight": _NOT_NEGATIVE,
+}
+
+
+def check_config(config: Config) -> Config:
+    """Raise ``ConfigError`` naming the first field whose value cannot work (``train.log_every=0: must be a
+    positive integer``); returns ``config``."""
+    for key, (ok, requirement) in _RULES.items():
+        section, name = key.split(".")
+        value = getattr(getattr(config, section), name)
+        if not ok(value):
+            raise ConfigError(f"{key}={value!r}: must be {requirement}")
+    for option in registered():  # the keys options add (flexivit.model.options)
+        try:
+            option.check_run(config)
+        except ValueError as err:
+            raise ConfigError(str(err)) from None
+    return config
+
+
 # ---- typed conversion ------------------------------------------------------------------------------
 def _hints(cls: type) -> dict[str, Any]:
     """A section's keys and their types: its own fields, and for a section the model options extend, theirs."""
@@ -367,10 +419,16 @@ def list_recipes() -> list[str]:
 
 def _import_recipe(name: str) -> types.ModuleType:
     path = Path(name)
-    if path.suffix == ".py" or path.exists():
+    # A built-in recipe's bare name is the built-in recipe, whatever the working folder holds by that name.
+    builtin = path.suffix != ".py" and path.name == name and name in list_recipes()
+    if not builtin and (path.suffix == ".py" or path.exists()):
+        if path.is_dir():
+            raise ConfigError(f"recipe {path} is a folder, not a recipe file (a .py file with get_config(arg))")
         if not path.is_file():
             raise FileNotFoundError(f"recipe file {path} does not exist")
-        spec = importlib.util.spec_from_file_location(f"flexivit_recipe_{path.stem}", path)
+        # An explicit loader: spec_from_file_location finds none for a file without the .py extension.
+        loader = importlib.machinery.SourceFileLoader(f"flexivit_recipe_{path.stem}", str(path))
+        spec = importlib.util.spec_from_loader(loader.name, loader)
         module = importlib.util.module_from_spec(spec)
         spec.loader.exec_module(module)
         return module
@@ -390,7 +448,7 @@ def load_recipe(spec: str, overrides: list[str] | None = None) -> Config:
     config = module.get_config(arg or None)
     if not isinstance(config, Config):
         raise ConfigError(f"recipe {name!r}: get_config must return flexivit.train.config.Config, got {type(config).__name__}")
-    return apply_overrides(config, overrides or [])
+    return check_config(apply_overrides(config, overrides or []))
 
 
 def recipe_search_grid(spec: str) -> list[str]:

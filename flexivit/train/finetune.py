@@ -72,7 +72,8 @@ def from_pretrained(pretrained: FlexiViT, fresh: FlexiViT, *,
     return model
 
 
-def finetune(checkpoint: str | Path, cfg: Config, *, out_dir: str | Path, resume: bool = False) -> RunResult:
+def finetune(checkpoint: str | Path, cfg: Config, *, out_dir: str | Path, resume: bool = False,
+             overwrite: bool = False) -> RunResult:
     """Train ``cfg`` starting from the FlexiViT in ``checkpoint`` (a run directory or model file).
 
     The architecture comes from the checkpoint (of the recipe's ``model`` section only the options a
@@ -87,4 +88,4 @@ def finetune(checkpoint: str | Path, cfg: Config, *, out_dir: str | Path, resume
         support = (*task_support(cfg), list(cfg.patch.sizes)) if needs else None
         return from_pretrained(pretrained, fresh, support=support, seed=cfg.train.seed, sizes=list(cfg.patch.sizes))
 
-    return train(cfg, out_dir=out_dir, resume=resume, init=init)
+    return train(cfg, out_dir=out_dir, resume=resume, overwrite=overwrite, init=init)

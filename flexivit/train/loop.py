@@ -19,19 +19,22 @@ from typing import Any, Callable, Sequence
 
 import torch
 from accelerate import Accelerator
+from accelerate.utils import gather_object
 from tqdm.auto import tqdm
 
-from flexivit.files import atomic_write_text
-from flexivit.model.weights import save_model
-from flexivit.train.state import finalize_state_dir, latest_good_state, prune_states
-from flexivit.train.config import Config
 from flexivit.eval.evaluate import BatchCache, evaluate_schemes, format_table
-from flexivit.train.hooks import PostStepHook
-from flexivit.train.metrics import MetricWindow
-from flexivit.model.vit import FlexiViT
+from flexivit.files import atomic_write_text
+from flexivit.jsonl import read_jsonl
 from flexivit.model.patch_embed import PatchScheme
+from flexivit.model.vit import FlexiViT
+from flexivit.model.weights import save_model
 from flexivit.rng import mix, seed_all
 from flexivit.train.assemble import Run, TrainingError, assemble
+from flexivit.train.config import Config
+from flexivit.train.hooks import PostStepHook
+from flexivit.train.metrics import MetricWindow
+from flexivit.train.runlock import RunLock
+from flexivit.train.state import finalize_state_dir, latest_good_state, prune_states
 
 __all__ = ["train", "TrainingError", "RunResult", "StepInfo"]
 
@@ -81,21 +84,28 @@ def train(
     accelerator: Accelerator | None = None,
     on_step: Callable[[StepInfo], None] | None = None,
     hooks: Sequence[PostStepHook] = (),
+    overwrite: bool = False,
 ) -> RunResult:
     """Train ``cfg`` into ``out_dir``.
 
     ``init`` maps the freshly built model to the one to train (fine-tuning loads a checkpoint); ``hooks``
     run after every optimizer step, their state saved in checkpoints; ``on_step`` is called on every
     process after each step, e.g. for custom logging or to stop a run.
+
+    A folder that holds a model or another run's checkpoints is refused unless ``resume`` (continue it) or
+    ``overwrite`` (start over: its checkpoints, model, log and report are removed first); one training at a
+    time holds the folder's lock (``flexivit.train.runlock``).
     """
-    run = assemble(cfg, out=Path(out_dir), resume=resume, init=init, accelerator=accelerator, hooks=hooks)
-    try:
-        if run.accelerator.is_main_process:
-            _trim_log(run.out / "log.jsonl", run.start["step"])
-        run.accelerator.init_trackers("tb", config={"name": cfg.name})
-        return _finish(run, _loop(run, on_step))
-    finally:
-        torch.set_num_threads(run.threads)
+    with RunLock(out_dir) as lock:  # taken on the main process in assemble; released however the run ends
+        run = assemble(cfg, out=Path(out_dir), resume=resume, init=init, accelerator=accelerator, hooks=hooks,
+                       lock=lock, overwrite=overwrite)
+        try:
+            if run.accelerator.is_main_process:
+                _trim_log(run.out / "log.jsonl", run.start["step"])
+            run.accelerator.init_trackers("tb", config={"name": cfg.name})
+            return _finish(run, _loop(run, on_step))
+        finally:
+            torch.set_num_threads(run.threads)
 
 
 def _loop(run: Run, on_step: Callable[[StepInfo], None] | None) -> Progress:
@@ -209,27 +219,54 @@ def _finish(run: Run, done: Progress) -> RunResult:
 
 
 def _save_state(run: Run, done: Progress) -> None:
+    """Write ``state/step_N`` in three parts, each agreed on by every rank before the next (the agreement is
+    the barrier between them): a write that fails on any rank (a folder made unwritable, a full disk) stops
+    every rank with one message naming the folder, and the checkpoints already there are kept."""
     acc, root, step = run.accelerator, run.out / "state", done.step
     tmp = root / f".tmp-step_{step}"
-    if acc.is_main_process:
-        shutil.rmtree(tmp, ignore_errors=True)
-        root.mkdir(parents=True, exist_ok=True)
-    acc.wait_for_everyone()
-    acc.save_state(str(tmp))
-    acc.wait_for_everyone()
-    if acc.is_main_process:
-        run.hooks.save(tmp)
-        trainer_state = {**done.to_dict(), "model_config": run.raw_model.config.to_dict(), "config": run.cfg.to_dict()}
-        finalize_state_dir(tmp, root / f"step_{step}", trainer_state)
-        prune_states(root, run.cfg.train.keep_checkpoints)
-    acc.wait_for_everyone()
+
+    def prepare() -> None:
+        if acc.is_main_process:
+            shutil.rmtree(tmp, ignore_errors=True)
+            root.mkdir(parents=True, exist_ok=True)
+
+    def seal() -> None:
+        if acc.is_main_process:
+            run.hooks.save(tmp)
+            trainer_state = {**done.to_dict(), "model_config": run.raw_model.config.to_dict(),
+                             "config": run.cfg.to_dict(), "data": run.data_fingerprint}
+            finalize_state_dir(tmp, root / f"step_{step}", trainer_state)
+            prune_states(root, run.cfg.train.keep_checkpoints)
+
+    for part in (prepare, lambda: acc.save_state(str(tmp)), seal):
+        problem = _on_every_rank(acc, part)
+        if problem is not None:
+            if acc.is_main_process:
+                shutil.rmtree(tmp, ignore_errors=True)
+            good = latest_good_state(root, warn=lambda *_: None)
+            raise TrainingError(f"cannot write the step-{step} checkpoint into {root} ({problem}); the last good "
+                                f"checkpoint is {good or 'none (none was written yet)'}: make {root} writable (or free "
+                                "space), then --resume")
+
+
+def _on_every_rank(acc: Accelerator, part: Callable[[], None]) -> str | None:
+    """Run this rank's ``part`` of a write, then agree with the other ranks (a collective, so also a barrier):
+    the first failing rank's ``OSError`` as text, or ``None`` when every rank succeeded."""
+    try:
+        part()
+        problem = None
+    except OSError as err:
+        problem = f"{type(err).__name__}: {err}"
+    problems = gather_object([problem]) if acc.num_processes > 1 else [problem]
+    return next((p for p in problems if p is not None), None)
 
 
 def _trim_log(path: Path, step: int) -> None:
-    """Drop log lines written after the checkpoint a run resumes from (they will be written again)."""
+    """Drop log lines written after the checkpoint a run resumes from (they will be written again), and a line
+    cut short by a crash (``flexivit.jsonl``)."""
     if path.exists():
-        lines = [l for l in path.read_text().splitlines() if l and json.loads(l).get("step", 0) <= step]
-        atomic_write_text(path, "".join(l + "\n" for l in lines))
+        records = [r for r in read_jsonl(path) if r.get("step", 0) <= step]
+        atomic_write_text(path, "".join(json.dumps(r) + "\n" for r in records))
 
 
 def _log(accelerator: Accelerator, out: Path, record: dict[str, Any]) -> None:

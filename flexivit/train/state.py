@@ -12,7 +12,7 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-from flexivit.files import atomic_write_text
+from flexivit.files import _umask as umask, atomic_write_text
 from flexivit.model.weights import CheckpointError
 
 __all__ = ["finalize_state_dir", "find_states", "latest_good_state", "verify_state", "prune_states",
@@ -30,7 +30,10 @@ def _fingerprint(folder: Path) -> dict[str, dict[str, Any]]:
 
 
 def finalize_state_dir(tmp: Path, final: Path, trainer_state: dict[str, Any]) -> Path:
-    """Seal a fully written temporary state folder and move it into place atomically."""
+    """Seal a fully written temporary state folder and move it into place atomically. Its files get the
+    permissions a plain ``open`` gives (Accelerate's safetensors writer creates them 0600)."""
+    for file in (p for p in tmp.rglob("*") if p.is_file()):
+        os.chmod(file, 0o666 & ~umask())
     atomic_write_text(tmp / "trainer_state.json", json.dumps(trainer_state, indent=2) + "\n")
     atomic_write_text(tmp / MANIFEST, json.dumps({"files": _fingerprint(tmp)}, indent=2) + "\n")
     if final.exists():
@@ -63,8 +66,10 @@ def verify_state(folder: Path) -> str | None:
         got = actual.get(name)
         if got is None:
             return f"missing file {name}"
-        if got != want:
+        if got["size"] != want["size"]:
             return f"{name} is damaged (size {got['size']} bytes, expected {want['size']})"
+        if got != want:
+            return f"{name} is damaged (its content changed: sha256 differs from the manifest's, same size)"
     return None
 
 
