@@ -263,7 +263,8 @@ class Study:
         code, wall, cpu = _call(command, log, self._env())
         missing = [f for f in spec.done if not (run / f).exists()]
         if code:
-            error = f"{spec.name} failed (exit {code}); see {log}; fix the cause and rerun the same command to resume it"
+            error = (f"{spec.name} failed (exit {code}); see {log}; fix the cause and rerun the same command to "
+                     "resume it")
         elif missing:
             error = f"{spec.name} exited 0 but left no {', '.join(missing)} in {run}; see {log}"
         else:
