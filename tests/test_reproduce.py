@@ -170,7 +170,7 @@ def test_smoke_reproduction_writes_all_three_files_and_resumes(tmp_path):
     assert json.loads((results / "flexibility.json").read_text())["curves"] == report["curves"]
 
     other = _run("--smoke", "--steps", "31", "--out", str(out), "--results", str(results))
-    assert other.returncode == 2 and "made with other settings (train.steps: 30 there, 31 now" in other.stderr
+    assert other.returncode == 2 and "fixed-p4-seed0 was made with other settings (train.steps: " in other.stderr
 
     # An interim report while a run still trains: the finished ones are reported, the unfinished one is named.
     (out / "flexi-equal-flops-seed0" / "eval.json").rename(out / "flexi-equal-flops-seed0" / "eval.json.bak")

@@ -23,8 +23,8 @@ def _run(path, report: dict, config: dict | None = None):
 
 
 def test_a_run_that_scored_test_reports_both_splits(tmp_path):
-    run = _run(tmp_path / "r", {"split": "test", "results": _rows({2: 0.6, 7: 0.8}, n=300), "val": _rows({2: 0.5, 7: 0.9}),
-                                "images_seen": 1234, "train_seconds": 90.5, "step": 40},
+    run = _run(tmp_path / "r", {"split": "test", "results": _rows({2: 0.6, 7: 0.8}, n=300),
+                                "val": _rows({2: 0.5, 7: 0.9}), "images_seen": 1234, "train_seconds": 90.5, "step": 40},
                {"train": {"steps": 40}})
     r = read_results(run)
     assert r.split == "test" and r.top1("test") == {"2": 0.6, "7": 0.8} and r.top1("val") == {"2": 0.5, "7": 0.9}
@@ -79,7 +79,8 @@ def test_the_logs_of_searches_and_of_training(tmp_path):
     assert read_jsonl(tmp_path / "search.jsonl") == [{"trial": "a"}, {"trial": "b"}]
     assert read_jsonl(tmp_path / "absent.jsonl") == []
     lines = [{"step": 2, "loss": 1.0}, {"step": 5, "split": "val", "eval": _rows({4: 0.3})},
-             {"step": 10, "split": "val", "eval": _rows({4: 0.6})}, {"step": 10, "split": "test", "eval": _rows({4: 0.2})}]
+             {"step": 10, "split": "val", "eval": _rows({4: 0.6})},
+             {"step": 10, "split": "test", "eval": _rows({4: 0.2})}]
     (tmp_path / "log.jsonl").write_text("".join(json.dumps(line) + "\n" for line in lines))
     assert eval_by_step(tmp_path) == {"5": {"4": 0.3}, "10": {"4": 0.6}}
     assert eval_by_step(tmp_path, "test") == {"10": {"4": 0.2}}

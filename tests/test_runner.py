@@ -25,7 +25,8 @@ def calls(tmp_path, monkeypatch):
 
 
 def _study(tmp_path, lines=None, jobs=1):
-    return Study(tmp_path / "study", jobs=jobs, program=FAKE, say=(lines.append if lines is not None else lambda _: None))
+    say = lines.append if lines is not None else lambda _: None
+    return Study(tmp_path / "study", jobs=jobs, program=FAKE, say=say)
 
 
 def _spec(name="a", steps=3, **kw):

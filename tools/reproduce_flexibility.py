@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import sys
 from pathlib import Path
@@ -326,6 +327,8 @@ def main(argv: list[str] | None = None) -> int:
     results.mkdir(parents=True, exist_ok=True)
 
     by_dir = {run.dir_name: run for run in runs}
+    if args.jobs > 1:  # concurrent runs share the cores: one torch thread each unless the caller chose otherwise
+        os.environ.setdefault("OMP_NUM_THREADS", "1")
     if not args.finished_only:
         try:  # a distilled run starts once its teacher has finished
             study.run_all([run.spec() for run in runs])

@@ -278,10 +278,7 @@ class Study:
     def _env(self) -> dict[str, str]:
         root = str(Path(flexivit.__file__).resolve().parent.parent)
         path = os.pathsep.join(p for p in (root, os.environ.get("PYTHONPATH")) if p)
-        env = {**os.environ, "PYTHONPATH": path, "PYTHONUNBUFFERED": "1"}
-        if self.jobs > 1:  # concurrent runs share the cores: one torch thread each unless the caller chose
-            env.setdefault("OMP_NUM_THREADS", "1")
-        return env
+        return {**os.environ, "PYTHONPATH": path, "PYTHONUNBUFFERED": "1"}
 
     def _log(self, outcome: Outcome, command: list[str] | None) -> None:
         line = {"time": datetime.now().isoformat(timespec="seconds"), "run": outcome.name, "status": outcome.status,
