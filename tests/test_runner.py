@@ -106,6 +106,13 @@ def test_exit_zero_without_the_files_of_a_finished_run_is_a_failure(tmp_path, ca
     assert outcome.status == "failed" and "exited 0 but left no model.safetensors, eval.json" in outcome.error
 
 
+def test_a_program_that_cannot_start_is_a_failed_run(tmp_path):
+    study = Study(tmp_path, program=(str(tmp_path / "no-such-python"),), say=lambda _: None)
+    (outcome,) = study.run_all([_spec()], strict=False)
+    assert outcome.status == "failed" and outcome.exit_code == -1
+    assert "could not start" in outcome.log.read_text() and f"see {outcome.log}" in outcome.error
+
+
 def test_commands_without_a_recipe_are_checked_on_their_arguments(tmp_path, calls):
     study = _study(tmp_path)
     spec = RunSpec(name="fewshot", command="fewshot", inputs=("backbone",), args=("--episodes", "3"),

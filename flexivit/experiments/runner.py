@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
 import sys
 import threading
 import time
@@ -44,6 +45,8 @@ from typing import Any, Callable, Sequence
 import flexivit
 from flexivit.experiments.results import read_jsonl
 from flexivit.files import atomic_write_text
+from flexivit.train.config import Config, ConfigError, config_from_dict, load_recipe
+from flexivit.train.state import find_states
 
 __all__ = ["RunSpec", "Outcome", "Study", "RunError", "raise_failures", "FLEXIVIT", "RECORD", "RUNS_LOG",
            "TRAINED", "CADENCE"]
@@ -122,8 +125,6 @@ def _flat(values: dict[str, Any], prefix: str = "") -> dict[str, Any]:
 
 
 def _config(recipe: str, sets: Sequence[str]) -> dict[str, Any]:
-    from flexivit.train.config import load_recipe
-
     return json.loads(json.dumps(load_recipe(recipe, list(sets)).to_dict()))  # tuples as lists, as saved
 
 
@@ -131,8 +132,6 @@ def _changes(saved: dict[str, Any], now: dict[str, Any]) -> dict[str, tuple[Any,
     """What differs between a run folder's record and the planned one: the command, its inputs and
     arguments, and every run-config field outside ``CADENCE`` (read through today's config classes, so a
     field added since takes its default there)."""
-    from flexivit.train.config import Config, ConfigError, config_from_dict
-
     changed = {k: (saved.get(k), now[k]) for k in ("command", "inputs", "args") if saved.get(k) != now[k]}
     if (saved.get("config") is None) != (now["config"] is None):
         changed["recipe"] = (saved.get("recipe"), now["recipe"])
@@ -157,7 +156,7 @@ class Study:
             raise ValueError(f"jobs must be at least 1, got {jobs}")
         self.folder, self.jobs, self.say = Path(folder), jobs, say
         self.program = tuple(program or FLEXIVIT)
-        self._lock = threading.Lock()
+        self._log_lock, self._done_lock = threading.Lock(), threading.Lock()
 
     # ---- where and what --------------------------------------------------------------------------------
     def run_dir(self, spec: RunSpec) -> Path:
@@ -179,8 +178,6 @@ class Study:
     def status(self, spec: RunSpec) -> str:
         """``finished``, ``resume`` (an interrupted run with checkpoints) or ``fresh``; raises ``RunError`` for
         a run folder made with other settings."""
-        from flexivit.train.state import find_states
-
         run = self.run_dir(spec)
         if (run / RECORD).is_file():
             changed = _changes(json.loads((run / RECORD).read_text()), self.record(spec))
@@ -241,7 +238,7 @@ class Study:
             else:
                 outcome = self.run(spec)
             if on_done is not None:
-                with self._lock:
+                with self._done_lock:
                     on_done(outcome)
             return outcome
 
@@ -260,7 +257,11 @@ class Study:
         atomic_write_text(run / RECORD, json.dumps(self.record(spec), indent=2) + "\n")
         command = self.command(spec, resume=resume)
         self.say(f"{spec.name}: {'resuming' if resume else 'started'}, log {log}")
-        code, wall, cpu = _call(command, log, self._env())
+        try:
+            code, wall, cpu = _call(command, log, self._env())
+        except OSError as err:  # the program itself could not start
+            code, wall, cpu = -1, 0.0, 0.0
+            log.write_text(f"could not start {command[0]}: {err}\n")
         missing = [f for f in spec.done if not (run / f).exists()]
         if code:
             error = (f"{spec.name} failed (exit {code}); see {log}; fix the cause and rerun the same command to "
@@ -285,15 +286,13 @@ class Study:
                 "command": command, "exit": outcome.exit_code, "log": str(outcome.log), "wall_s": outcome.wall_s,
                 "cpu_s": outcome.cpu_s, **({"error": outcome.error} if outcome.error else {})}
         self.folder.mkdir(parents=True, exist_ok=True)
-        with self._lock, open(self.folder / RUNS_LOG, "a") as f:
+        with self._log_lock, open(self.folder / RUNS_LOG, "a") as f:
             f.write(json.dumps(line) + "\n")  # one whole line per write
 
 
 def _call(command: list[str], log: Path, env: dict[str, str]) -> tuple[int, float, float]:
     """Run ``command`` with its output in ``log``: its exit code, wall seconds, and the CPU seconds of it and
     of every process it waited for (``wait4``'s usage: an evolve's candidates included)."""
-    import subprocess
-
     start = time.perf_counter()
     with open(log, "w") as f:
         proc = subprocess.Popen(command, stdout=f, stderr=subprocess.STDOUT, env=env)
