@@ -176,7 +176,7 @@ def test_smoke_reproduction_writes_all_three_files_and_resumes(tmp_path):
     (out / "flexi-equal-flops-seed0" / "eval.json").rename(out / "flexi-equal-flops-seed0" / "eval.json.bak")
     interim = _run("--smoke", "--finished-only", "--out", str(out), "--results", str(results))
     assert interim.returncode == 0, interim.stderr[-3000:]
-    assert "finished already" not in interim.stdout and "started" not in interim.stdout  # nothing trained
+    assert "finished already" not in interim.stdout and ": started, log" not in interim.stdout  # nothing trained
     partial = json.loads((results / "flexibility.json").read_text())
     assert partial["unfinished"] == ["flexi-equal-flops-seed0"] and "flexi-equal-flops" not in partial["curves"]
     assert {k: v for k, v in report["curves"].items() if k != "flexi-equal-flops"} == partial["curves"]
