@@ -115,14 +115,16 @@ def test_a_program_that_cannot_start_is_a_failed_run(tmp_path):
 
 def test_commands_without_a_recipe_are_checked_on_their_arguments(tmp_path, calls):
     study = _study(tmp_path)
-    spec = RunSpec(name="fewshot", command="fewshot", inputs=("backbone",), args=("--episodes", "3"),
-                   done=("eval.json",))
+    spec = RunSpec(name="fewshot", command="fewshot", inputs=("backbone",), args=("--data", "d", "--episodes", "3"),
+                   done=("eval.json",))  # no recipe: --data is the command's own argument
     study.run_all([spec])
-    assert calls() == [["fewshot", "backbone", "--out", str(tmp_path / "study" / "fewshot"), "--episodes", "3"]]
+    assert calls() == [["fewshot", "backbone", "--out", str(tmp_path / "study" / "fewshot"), "--data", "d",
+                        "--episodes", "3"]]
     assert study.check([spec]) == {"fewshot": "finished"}
-    with pytest.raises(RunError, match=r"args: \['--episodes', '3'\] there, \['--episodes', '4'\] now"):
-        study.check([RunSpec(name="fewshot", command="fewshot", inputs=("backbone",), args=("--episodes", "4"),
-                             done=("eval.json",))])
+    with pytest.raises(RunError, match=r"args: \['--data', 'd', '--episodes', '3'\] there, \['--data', 'd', "
+                                       r"'--episodes', '4'\] now"):
+        study.check([RunSpec(name="fewshot", command="fewshot", inputs=("backbone",),
+                             args=("--data", "d", "--episodes", "4"), done=("eval.json",))])
 
 
 def test_a_folder_made_before_the_runner_is_skipped_when_finished_and_resumed_otherwise(tmp_path, calls):
@@ -142,6 +144,7 @@ def test_a_folder_made_before_the_runner_is_skipped_when_finished_and_resumed_ot
 @pytest.mark.parametrize("kw,message", [
     (dict(name="../x"), "a folder under the study folder"), (dict(name=""), "a folder under the study folder"),
     (dict(name="a", args=("--set", "x=1")), "the runner's to write"), (dict(name="a", args=("--out=z",)), "--out"),
+    (dict(name="a", recipe=RECIPE, args=("--data", "x")), "data.source=... for --data"),
 ])
 def test_bad_specs_are_refused(kw, message):
     with pytest.raises(ValueError, match=message):

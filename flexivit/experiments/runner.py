@@ -58,7 +58,7 @@ TRAINED = ("model.safetensors", "eval.json")  # what a finished train / finetune
 # Fields that change how a run logs, checkpoints or loads data, not what it computes.
 CADENCE = frozenset({"train.log_every", "train.checkpoint_every", "train.keep_checkpoints", "data.num_workers",
                      "data.eval_batch_size"})
-_RESERVED = ("--out", "--set", "--resume", "--data")  # flags the runner writes itself (data: a --set)
+_RESERVED = ("--out", "--set", "--resume")  # flags the runner writes itself
 
 
 class RunError(ValueError):
@@ -84,10 +84,12 @@ class RunSpec:
         path = PurePosixPath(self.name)
         if not self.name or path.is_absolute() or ".." in path.parts:
             raise ValueError(f"a run's name is a folder under the study folder, got {self.name!r}")
-        reserved = [a for a in self.args if a.split("=", 1)[0] in _RESERVED]
+        # With a recipe, the data is a --set too (data.source=...), so that the recorded config holds it.
+        flags = (*_RESERVED, "--data") if self.recipe else _RESERVED
+        reserved = [a for a in self.args if a.split("=", 1)[0] in flags]
         if reserved:
-            raise ValueError(f"run {self.name}: {reserved} are the runner's to write; give overrides as sets "
-                             "(data.source=... for --data)")
+            raise ValueError(f"run {self.name}: {reserved} are the runner's to write; give recipe overrides as "
+                             "sets (data.source=... for --data)")
 
 
 @dataclass(frozen=True, kw_only=True)
