@@ -24,3 +24,12 @@ def test_a_validation_only_run_has_no_test_row_and_a_test_run_keeps_its_own(tmp_
     screen, headline = cs._read(tmp_path, "screen"), cs._read(tmp_path, "headline")
     assert screen["val"] == {"2": 50.0, "7": 50.0} and screen["test"] == {}
     assert headline["val"] == {"2": 50.0, "7": 50.0} and headline["test"] == {"2": 25.0, "7": 25.0}
+
+
+def test_every_arm_is_a_compress_run_of_the_base_finished_once_it_wrote_compress_json():
+    for stage in cs.STAGES:
+        for name, arg, sets, test in cs.plan(stage):
+            run = cs.spec("runs/base", name, arg, sets, test)
+            assert (run.command, run.inputs, run.name) == ("compress", ("runs/base",), name)
+            assert run.recipe == (f"{cs.RECIPE}:{arg}" if arg else cs.RECIPE) and "compress.json" in run.done
+            assert run.sets == (*cs.COMMON, *sets, f"train.test_eval={str(test).lower()}")

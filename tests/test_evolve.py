@@ -80,13 +80,17 @@ def test_a_rerun_with_other_settings_is_refused_before_training(tmp_path):
 
 
 def test_a_failed_candidate_stops_the_search_and_says_then_train_has_nothing(tmp_path, monkeypatch):
-    calls = []
-    monkeypatch.setattr("flexivit.ext.evolve.train_run", lambda run, sets, **kw: calls.append(sets) or 3)
-    with pytest.raises(EvolveError, match=r"candidate 0 \(0-1,1-2,2-h\) failed \(exit 3\), see .*c000.log; .*rerun "
-                       r"the same command to continue; nothing has finished, so --then-train has nothing to train"):
+    failing = (sys.executable, "-c", "import sys; print(sys.argv[1:]); sys.exit(3)")  # a CLI that fails
+    monkeypatch.setattr("flexivit.experiments.runner.FLEXIVIT", failing)
+    with pytest.raises(EvolveError, match=r"candidate 0 \(0-1,1-2,2-h\): candidates/c000 failed \(exit 3\); see "
+                       r".*c000.log; .*rerun the same command to resume it; nothing has finished, so --then-train "
+                       r"has nothing to train"):
         run_evolve(recipe="fashion_mnist:smoke", settings=Settings(population=2, tournament=2), steps=3, out=tmp_path,
                    overrides=["model.depth=2"], then_train=True, say=lambda _: None)
-    assert calls == [["model.depth=2", "model.graph=0-1,1-2,2-h", "train.test_eval=false", "train.steps=3"]]
+    (attempt,) = [json.loads(line) for line in (tmp_path / "runs.jsonl").read_text().splitlines()]
+    sets = attempt["command"][attempt["command"].index("--out") + 2:]
+    assert sets[1::2] == ["model.depth=2", "model.graph=0-1,1-2,2-h", "train.test_eval=false", "train.steps=3"]
+    assert attempt["status"] == "failed" and attempt["exit"] == 3
     assert not (tmp_path / "evolve.jsonl").exists() and not (tmp_path / "best_graph.json").exists()
 
 

@@ -16,6 +16,7 @@ sys.path.insert(0, str(ROOT / "tools"))
 import finetune_study as fs  # noqa: E402
 from flexivit.train.builders import build_data  # noqa: E402
 from flexivit.train.config import load_recipe  # noqa: E402
+from flexivit.experiments.runner import RECORD, RunError, Study  # noqa: E402
 from flexivit.experiments.search import SearchError  # noqa: E402
 from tiny_run import make_run, subprocess_env  # noqa: E402
 
@@ -88,6 +89,10 @@ def test_plan_gives_every_run_its_seed_pretrained_model_size_and_own_directory(t
             assert cfg.data.source == str((tmp_path / "mnist5k").resolve()) and cfg.data.classes is None
         else:
             assert cfg.data.source == "fashion-mnist" and cfg.data.classes == recipe.data.classes
+        spec = run.spec()
+        assert (spec.command, spec.inputs, spec.recipe, spec.sets) == ("finetune", (str(run.pretrained),), fs.RECIPE,
+                                                                       run.sets)
+        assert spec.name == str(run.path) and list(spec.args) == run.args()
         if run.patch is None:
             assert run.args() == [] and cfg.patch.sizes == SIZES and cfg.patch.weights == recipe.patch.weights
         else:  # plain: the recipe's 0.3x learning rate for fixed fine-tunes is undone, no pull
@@ -124,25 +129,31 @@ def test_digits_task_keeps_every_class_of_the_folder(tmp_path):
         build_data(load_recipe(fs.RECIPE, [f"data.source={folder}"]))
 
 
+def _started(study: Study, ft) -> None:
+    """The run folder of ``ft`` as the runner leaves it once started."""
+    (study.folder / ft.path).mkdir(parents=True)
+    (study.folder / ft.path / RECORD).write_text(json.dumps(study.record(ft.spec())))
+
+
 def test_a_run_directory_made_with_other_settings_is_refused(tmp_path):
     (same,) = [r for r in fs.plan([tmp_path / "p"], {"tops": []}, SIZES, ["train.steps=5"]) if r.patch == 7]
     (other,) = [r for r in fs.plan([tmp_path / "p"], {"tops": []}, SIZES, ["train.steps=6"]) if r.patch == 7]
-    (tmp_path / "out" / same.path).mkdir(parents=True)
-    same.config().save(tmp_path / "out" / same.path / "config.json")
-    fs.check_settings(same, tmp_path / "out")
-    with pytest.raises(SearchError, match="train.steps: 5 -> 6"):
-        fs.check_settings(other, tmp_path / "out")
+    study = Study(tmp_path / "out")
+    _started(study, same)
+    assert study.check([same.spec()]) == {str(same.path): "fresh"}
+    with pytest.raises(RunError, match="train.steps: 5 there, 6 now"):
+        study.check([other.spec()])
 
 
 def test_a_run_directory_fine_tuned_from_another_pretrained_run_is_refused(tmp_path):
     first, second = tmp_path / "a", tmp_path / "b"
     (ft,) = [r for r in fs.plan([first, second], {"tops": []}, SIZES, []) if r.patch is None and r.seed == 0]
     (swapped,) = [r for r in fs.plan([second, first], {"tops": []}, SIZES, []) if r.patch is None and r.seed == 0]
-    (tmp_path / "out" / ft.path).mkdir(parents=True)
-    (tmp_path / "out" / ft.path / fs.PRETRAINED_FILE).write_text(f"{first}\n")
-    fs.check_settings(ft, tmp_path / "out")
-    with pytest.raises(SearchError, match="fine-tuned from .*a, not .*b"):
-        fs.check_settings(swapped, tmp_path / "out")
+    study = Study(tmp_path / "out")
+    _started(study, ft)
+    study.check([ft.spec()])
+    with pytest.raises(RunError, match=r"inputs: \['.*a'\] there, \['.*b'\] now"):
+        study.check([swapped.spec()])
 
 
 def _study(*args: str) -> subprocess.CompletedProcess:
@@ -198,6 +209,7 @@ def test_smoke_lr_search_reports_the_chosen_runs_and_one_lr_reuses_them_as_a_pla
 
     # One --lr value is every run's lr: the plain study of that lr, whose finished runs are reused.
     plain = _study(*common, "--out", str(runs / "lr1e-3"), "--results", str(tmp_path / "plain"), "--lr", "1e-3")
-    assert plain.returncode == 0 and "5 finished already (skipped), 0 to run" in plain.stdout, plain.stderr[-3000:]
+    assert plain.returncode == 0 and "5 runs, 5 finished already (skipped), 0 to run" in plain.stdout, \
+        plain.stderr[-3000:]
     _check_plain_report(json.loads((tmp_path / "plain.json").read_text()),
                         (tmp_path / "plain.md").read_text().splitlines())

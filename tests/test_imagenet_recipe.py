@@ -20,7 +20,7 @@ from timm.models.vision_transformer import VisionTransformer
 
 from flexivit.model.weights import load_model
 from flexivit.train.config import load_recipe
-from imagenet_standin import write_imagenet_standin
+from flexivit.data.standin import write_imagenet_standin
 from test_train import ROOT, _env, _sets
 
 LAUNCH = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",

@@ -20,10 +20,8 @@ test fails on a new violation and on a listed one that is gone, so the list can 
 from __future__ import annotations
 
 import ast
-import io
 import re
 import subprocess
-import tokenize
 import sys
 from pathlib import Path
 
@@ -54,13 +52,9 @@ OPTION_WORDS = (
     "proxy_local", "proxy_mix", "proxy_scale", "bgn", "batchnorm", "fixed_norm", "elr", "graph_lr_scale",
     "GraphBlocks", "ProxyHead", "LutqLinear", "BatchGroupNorm", "compress", "evolve", "fewshot", "recalibrate",
 )
-# Where the core still names options: the CLI's option commands, until they register themselves too
-# (docs/ARCHITECTURE.md, "Options"). Shrink-only, like PENDING.
-PENDING_NAMES: dict[str, set[str]] = {
-    "flexivit/cli/args.py": {"compress", "LUT-Q", "bridges", "evolve", "recalibrate", "batchnorm", "bgn", "fewshot",
-                             "proxies"},
-    "flexivit/cli/main.py": {"recalibrate", "fewshot", "evolve", "compress"},
-}
+# Where the core still names options; empty now, kept so a name that has to stay for a while is listed here,
+# shrink-only like PENDING.
+PENDING_NAMES: dict[str, set[str]] = {}
 
 
 def module_name(path: Path) -> str:
@@ -161,9 +155,30 @@ _WORDS = re.compile(r"(?<![\w-])(" + "|".join(map(re.escape, OPTION_WORDS)) + r"
 
 
 def option_names(source: str) -> set[str]:
-    """The option words in ``source``'s names and string literals (comments are free to explain)."""
-    tokens = tokenize.generate_tokens(io.StringIO(source).readline)
-    return {w for tok in tokens if tok.type in (tokenize.NAME, tokenize.STRING) for w in _WORDS.findall(tok.string)}
+    """The option words in ``source``'s identifiers and string literals; docstrings and comments, which
+    explain, are free to name anything."""
+    tree = ast.parse(source)
+    docstrings = {id(node.body[0].value) for node in ast.walk(tree)
+                  if isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef))
+                  and node.body and isinstance(node.body[0], ast.Expr) and isinstance(node.body[0].value, ast.Constant)
+                  and isinstance(node.body[0].value.value, str)}
+    texts = []
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Constant) and isinstance(node.value, str) and id(node) not in docstrings:
+            texts.append(node.value)
+        elif isinstance(node, ast.Name):
+            texts.append(node.id)
+        elif isinstance(node, ast.Attribute):
+            texts.append(node.attr)
+        elif isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
+            texts.append(node.name)
+        elif isinstance(node, (ast.arg, ast.keyword)) and (name := node.arg):
+            texts.append(name)
+        elif isinstance(node, ast.alias):
+            texts.extend(filter(None, (node.name, node.asname)))
+        elif isinstance(node, ast.ImportFrom) and node.module:
+            texts.append(node.module)
+    return {w for text in texts for w in _WORDS.findall(text)}
 
 
 def test_no_option_is_named_outside_ext():
@@ -175,6 +190,7 @@ def test_no_option_is_named_outside_ext():
     assert found == PENDING_NAMES
 
 
-def test_the_name_check_sees_an_option_in_code_and_strings_but_not_comments():
+def test_the_name_check_sees_an_option_in_code_and_strings_but_not_comments_or_docstrings():
     assert option_names("x = cfg.lutq_k  # bgn\ny = 'model.norm=bgn'\n") == {"lutq_k", "bgn"}
+    assert option_names('def f(proxy_mix=1):\n    """Like compress."""\n    return f"{x} fewshot"\n') == {"proxy_mix", "fewshot"}
     assert option_names("graph_count = 1  # norm, head and graph are core words\n") == set()

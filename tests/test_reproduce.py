@@ -1,6 +1,8 @@
-"""The flexibility reproduction: its budget arithmetic (equal images, FLOPs), then end to end at its smoke
-budget (trains, evaluates, writes the report, resumes, refuses run directories made with other settings)."""
+"""The flexibility reproduction: its plan (fixed ViTs at the FlexiViT's images, a label-only FlexiViT at the
+distilled one's FLOPs), then end to end at its smoke budget (trains, evaluates, writes the report, resumes,
+refuses run directories made with other settings). The arithmetic itself: tests/test_budget.py."""
 
+import importlib.util
 import json
 import os
 import subprocess
@@ -10,15 +12,15 @@ from pathlib import Path
 
 import pytest
 
-from flexivit.train.builders import build_model
-from flexivit.train.config import load_recipe
+from flexivit.experiments import budget
+from flexivit.experiments.flexibility import plan
+from flexivit.experiments.runner import RECORD, RunError, Study
 
 ROOT = Path(__file__).resolve().parent.parent
 TOOL = ROOT / "tools" / "reproduce_flexibility.py"
-sys.path.insert(0, str(ROOT / "tools"))
-
-import flexibility_plan as fp  # noqa: E402
-import flexibility_report as fr  # noqa: E402
+_spec = importlib.util.spec_from_file_location("reproduce_flexibility", TOOL)
+fr = importlib.util.module_from_spec(_spec)  # the tool's report functions
+_spec.loader.exec_module(fr)
 
 # A stand-in forward cost per patch size (GFLOPs per image) for the arithmetic tests: small patches dear.
 STUB = {2: 4.0, 4: 1.0, 7: 0.3, 14: 0.08}
@@ -29,7 +31,7 @@ def _stub(cfg, patch: int) -> float:
 
 
 def _plan(tmp_path, seeds=(0, 1), steps=400):
-    runs = fp.plan(seeds=list(seeds), small=4, large=14, sizes=[2, 4, 7, 14], extra=[f"train.steps={steps}"],
+    runs = plan(seeds=list(seeds), small=4, large=14, sizes=[2, 4, 7, 14], extra=[f"train.steps={steps}"],
                    out=tmp_path, gflops=_stub)
     return {r.dir_name: r for r in runs}
 
@@ -41,12 +43,12 @@ def test_fixed_vits_are_plain_and_see_the_flexivits_images(tmp_path):
     for seed in (0, 1):
         for suffix in ("", "-distilled"):
             flexi = runs[f"flexi{suffix}-seed{seed}"].config()
-            images = sum(fp.images_by_patch(flexi).values())
+            images = sum(budget.images_by_patch(flexi).values())
             assert flexi.train.steps == 400 and images > 400 * 16  # token-budget steps join batches
             for p in (4, 14):
                 fixed = runs[f"fixed-p{p}{suffix}-seed{seed}"].config()
                 assert (fixed.model.base_patch_size, fixed.model.base_grid, fixed.patch.sizes) == (p, 28 // p, [p])
-                seen = fp.images_by_patch(fixed)
+                seen = budget.images_by_patch(fixed)
                 assert list(seen) == [p] and seen[p] == fixed.train.steps * per_step[p]
                 assert abs(seen[p] - images) <= per_step[p] / 2  # equal images, to within half a step
                 # The same recipe otherwise: optimiser, data and batch, token budget, seed, distillation.
@@ -76,66 +78,37 @@ def test_fixed_vits_are_plain_and_see_the_flexivits_images(tmp_path):
 def test_label_only_flexivit_gets_the_distilled_flexivits_flops(tmp_path):
     runs = _plan(tmp_path, seeds=(3,), steps=300)
     teacher = runs["fixed-p4-seed3"].config()
-    target = fp.run_gflops(runs["flexi-distilled-seed3"].config(), _stub, teacher)
-    labels = fp.run_gflops(runs["flexi-seed3"].config(), _stub)
+    target = budget.run_gflops(runs["flexi-distilled-seed3"].config(), _stub, teacher)
+    labels = budget.run_gflops(runs["flexi-seed3"].config(), _stub)
     # Teacher forwards: one ViT/4 forward (1.0 GFLOPs here) per image the student trains on.
-    images = sum(fp.images_by_patch(runs["flexi-seed3"].config()).values())
+    images = sum(budget.images_by_patch(runs["flexi-seed3"].config()).values())
     assert target == pytest.approx(labels + images * STUB[4])
     long = runs["flexi-equal-flops-seed3"]
     assert long.budget == "flops" and long.supervision == "labels"
     cfg = long.config()
-    assert fp.run_gflops(cfg, _stub) >= target  # the fewest steps that reach the target ...
+    assert budget.run_gflops(cfg, _stub) >= target  # the fewest steps that reach the target ...
     cfg.train.steps -= 1
-    assert fp.run_gflops(cfg, _stub) < target  # ... and one step fewer does not
-
-
-def test_training_flops_hand_checked():
-    # 640 images at p=4 (1 GFLOP forward), 1536 at p=14 (0.1), a 0.5-GFLOP teacher forward on each of the
-    # 2176 images: 3 x (640 x 1 + 1536 x 0.1) + 0.5 x 2176 = 2380.8 + 1088.
-    assert fp.train_gflops({4: 640, 14: 1536}, {4: 1.0, 14: 0.1}.get, 0.5) == pytest.approx(3468.8)
-    assert fp.train_gflops({4: 640, 14: 1536}, {4: 1.0, 14: 0.1}.get) == pytest.approx(2380.8)
-
-
-def _vit_gflops(cfg, patch: int) -> float:
-    """A ViT forward by hand (multiply-add = 2 FLOPs, matmuls only): patch embedding, per block qkv (3 D²
-    per token), scores and weighted sum (2 T² D), projection (D²) and MLP (2 r D²), then the head."""
-    model = build_model(cfg, channels=1, num_classes=10).config
-    grid, d, r = 28 // patch, model.embed_dim, model.mlp_ratio
-    tokens = grid * grid + int(model.class_token)
-    embed = 2 * grid * grid * patch * patch * d
-    block = 2 * tokens * d * 3 * d + 2 * 2 * tokens * tokens * d + 2 * tokens * d * d + 2 * 2 * tokens * d * r * d
-    return (embed + model.depth * block + 2 * d * 10) / 1e9
-
-
-def test_counted_forward_and_run_flops_match_a_hand_count():
-    fixed = load_recipe("fashion_mnist", ["patch.sizes=14", "patch.default=14", "patch.distribution=uniform",
-                                             "patch.weights=none", "train.steps=6"])
-    teacher = load_recipe("fashion_mnist_teacher")
-    counter = fp.ForwardCounter(channels=1, num_classes=10)
-    for p in (2, 4, 7, 14):
-        assert counter(fixed, p) == pytest.approx(_vit_gflops(fixed, p), rel=1e-9)
-    # 6 steps x 784 images (16-image batches, 49 joined per p=14 step), forward + backward = 3 forwards.
-    assert fp.run_gflops(fixed, counter) == pytest.approx(6 * 784 * 3 * _vit_gflops(fixed, 14), rel=1e-9)
-    distilled = load_recipe("fashion_mnist_distill", ["patch.sizes=14", "patch.default=14",
-                                                         "patch.distribution=uniform", "patch.weights=none",
-                                                         "train.steps=6"])
-    with_teacher = 6 * 784 * (3 * _vit_gflops(fixed, 14) + _vit_gflops(teacher, 4))  # the teacher runs at p=4
-    assert fp.run_gflops(distilled, counter, teacher) == pytest.approx(with_teacher, rel=1e-9)
+    assert budget.run_gflops(cfg, _stub) < target  # ... and one step fewer does not
 
 
 def test_run_directories_made_with_other_settings_are_refused(tmp_path):
     run = _plan(tmp_path, seeds=(0,), steps=200)["fixed-p14-seed0"]
-    fp.check_settings(run, tmp_path)  # nothing there yet
+    study = Study(tmp_path)
+    assert study.check([run.spec()]) == {run.dir_name: "fresh"}  # nothing there yet
     (tmp_path / run.dir_name).mkdir()
-    saved = run.config().to_dict()
-    saved["model"].pop("drop_path_rate")  # a field added since: its default there
-    (tmp_path / run.dir_name / "config.json").write_text(json.dumps(saved))
-    fp.check_settings(run, tmp_path)
-    for key, value in (("train", {**saved["train"], "steps": 1800}),
-                       ("model", {**saved["model"], "base_patch_size": 4})):
-        (tmp_path / run.dir_name / "config.json").write_text(json.dumps({**saved, key: value}))
-        with pytest.raises(ValueError, match="trained with other settings"):
-            fp.check_settings(run, tmp_path)
+    record = study.record(run.spec())
+    record["config"]["model"].pop("drop_path_rate")  # a field added since: its default there
+    (tmp_path / run.dir_name / RECORD).write_text(json.dumps(record))
+    study.check([run.spec()])
+    steps = record["config"]["train"]["steps"]
+    config = record["config"]
+    changes = (("train", {**config["train"], "steps": 1800}, f"train.steps: 1800 there, {steps} now"),
+               ("model", {**config["model"], "base_patch_size": 4}, "model.base_patch_size: 4 there, 14"))
+    for key, value, change in changes:
+        (tmp_path / run.dir_name / RECORD).write_text(json.dumps({**record, "config": {**config, key: value}}))
+        with pytest.raises(RunError, match="made with other settings") as err:
+            study.check([run.spec()])
+        assert change in str(err.value)
 
 
 def _run(*args: str) -> subprocess.CompletedProcess:
@@ -151,7 +124,7 @@ def test_smoke_reproduction_writes_all_three_files_and_resumes(tmp_path):
     # Two runs at a time: the distilled students must still wait for their teacher (the p=4 ViT).
     first = _run("--smoke", "--jobs", "2", "--out", str(out), "--results", str(results))
     assert first.returncode == 0, first.stderr[-3000:]
-    assert (out / "flexi-distilled-seed0" / "train.log").exists()  # concurrent runs log to their dirs
+    assert (out / "flexi-distilled-seed0.log").exists()  # every run's output in its own log
     assert {"flexibility.md", "flexibility.json", "flexibility.png"} <= {p.name for p in results.iterdir()}
     assert (results / "flexibility.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
@@ -193,17 +166,17 @@ def test_smoke_reproduction_writes_all_three_files_and_resumes(tmp_path):
 
     again = _run("--smoke", "--out", str(out), "--results", str(results))  # resumable: nothing retrained
     assert again.returncode == 0, again.stderr[-3000:]
-    assert again.stdout.count("done already, skipped") == 7
+    assert again.stdout.count("finished already, skipped") == 7
     assert json.loads((results / "flexibility.json").read_text())["curves"] == report["curves"]
 
     other = _run("--smoke", "--steps", "31", "--out", str(out), "--results", str(results))
-    assert other.returncode == 2 and "trained with other settings" in other.stderr
+    assert other.returncode == 2 and "fixed-p4-seed0 was made with other settings (train.steps: " in other.stderr
 
     # An interim report while a run still trains: the finished ones are reported, the unfinished one is named.
     (out / "flexi-equal-flops-seed0" / "eval.json").rename(out / "flexi-equal-flops-seed0" / "eval.json.bak")
     interim = _run("--smoke", "--finished-only", "--out", str(out), "--results", str(results))
     assert interim.returncode == 0, interim.stderr[-3000:]
-    assert "done already" not in interim.stdout and "flexivit train" not in interim.stdout  # nothing trained
+    assert "finished already" not in interim.stdout and ": started, log" not in interim.stdout  # nothing trained
     partial = json.loads((results / "flexibility.json").read_text())
     assert partial["unfinished"] == ["flexi-equal-flops-seed0"] and "flexi-equal-flops" not in partial["curves"]
     assert {k: v for k, v in report["curves"].items() if k != "flexi-equal-flops"} == partial["curves"]
@@ -213,7 +186,7 @@ def test_smoke_reproduction_writes_all_three_files_and_resumes(tmp_path):
 
 
 def test_one_seed_reports_no_spread_and_several_seeds_their_sample_std(tmp_path):
-    runs = [r for r in fp.plan(seeds=[0, 1], small=4, large=14, sizes=[2, 4, 7, 14], extra=[], out=tmp_path,
+    runs = [r for r in plan(seeds=[0, 1], small=4, large=14, sizes=[2, 4, 7, 14], extra=[], out=tmp_path,
                                gflops=_stub) if r.name == "flexi"]
     spent = {r.dir_name: {"steps": 10, "images_by_patch": {"2": 5}, "images_seen": 5, "train_gflops": 1.0,
                           "train_seconds": 60.0} for r in runs}

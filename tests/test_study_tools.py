@@ -105,3 +105,21 @@ def test_proxy_study_reads_the_run_of_every_m_and_refuses_the_former_layout(tmp_
     proxy.write(result, tmp_path / "results" / "proxies")
     text = (tmp_path / "results" / "proxies.md").read_text()
     assert "| 1-shot local M=16 | 50.0 ± 1.0\\* |" in text and "| 5-shot M=16 | +3.0 ± 1.0 |" in text
+
+
+def test_the_runs_each_study_hands_the_runner(tmp_path):
+    bgn = _tool("bgn_study")
+    runs = bgn.specs(steps=7, smoke=False, eval_limit=64)
+    assert [r.name for r in runs] == [name for name, _ in bgn.plan()] and len(runs) == 3 * 3 + 1
+    for run in runs:
+        assert run.command == "train" and run.recipe == bgn.RECIPE and run.sets[:2] == tuple(bgn.COMMON)
+        assert run.sets[-2:] == ("train.steps=7", "data.eval_limit=64")
+    proxy = _tool("proxy_study")
+    runs = proxy.specs(tmp_path, backbone_steps=5, parity_steps=6, episodes=3, smoke=True)
+    backbone, fewshot = runs[0], runs[-1]  # the few-shot run last: it waits for its backbone
+    assert backbone.name == "backbone" and "train.steps=5" in backbone.sets
+    assert fewshot.command == "fewshot" and fewshot.needs == ("backbone",) and fewshot.recipe is None
+    assert fewshot.inputs == (str(tmp_path / "backbone"),) and fewshot.done == ("fewshot.json",)
+    args = dict(zip(fewshot.args[::2], fewshot.args[1::2]))
+    assert args["--data"] == "fashion-mnist" and args["--episodes"] == "3" and args["--local"] == "4,16,all"
+    assert sorted(r.name for r in runs[1:-1]) == sorted(f"parity-{h}-seed{s}" for h in proxy.HEADS for s in proxy.SEEDS)

@@ -15,15 +15,14 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import sys
 from pathlib import Path
 from typing import Any
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
+from flexivit.experiments.results import read_jsonl
+from flexivit.experiments.search import run_search
+from flexivit.model.weights import load_model
 
-from flexivit.model.weights import load_model  # noqa: E402
-from flexivit.experiments.search import run_search  # noqa: E402
+ROOT = Path(__file__).resolve().parent.parent  # the checkout: default folders of runs and results
 
 RECIPE = "fashion_mnist"
 # The study's conditions pinned, so that a rerun measures the same thing if the recipe's defaults move:
@@ -62,8 +61,7 @@ def collect(out: Path) -> list[dict[str, Any]]:
     seen: dict[str, list[dict[str, Any]]] = {}
     fixed_of: dict[str, list[str]] = {}
     for name, (fixed, _, _) in ARMS.items():
-        log = out / ARM_DIRS[name] / "search.jsonl"
-        for record in map(json.loads, log.read_text().splitlines() if log.exists() else []):
+        for record in read_jsonl(out / ARM_DIRS[name] / "search.jsonl"):
             setting = _setting(record, fixed)
             if record["trial"] not in {r["trial"] for r in seen.get(setting, [])}:
                 seen.setdefault(setting, []).append({**record, "dir": out / ARM_DIRS[name] / "trials" / record["trial"]})

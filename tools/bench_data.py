@@ -25,12 +25,11 @@ from typing import Any
 import numpy as np
 import torch
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
+from flexivit.data.arrays import from_arrays
+from flexivit.data.sources import load_source
+from flexivit.data.transforms import TransformedDataset, build_transform, collate
 
-from flexivit.data.arrays import from_arrays  # noqa: E402
-from flexivit.data.sources import load_source  # noqa: E402
-from flexivit.data.transforms import TransformedDataset, build_transform, collate  # noqa: E402
+ROOT = Path(__file__).resolve().parent.parent  # the checkout: default folder of results
 
 SIZES = (16, 64, 192, 784)  # images of one step at patch 2 / 4 / 7 / 14 under the quickstart's token budget
 

@@ -32,7 +32,6 @@ import torch
 from PIL import Image
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
 
 from flexivit.data import shards as shard_mod  # noqa: E402
 from flexivit.data.sources import load_source  # noqa: E402

@@ -17,14 +17,12 @@ import json
 import os
 import platform
 import statistics
-import sys
 import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
+ROOT = Path(__file__).resolve().parent.parent  # the checkout: default folder of results
 
 
 def _run(recipe: str, overrides: list[str], out: Path) -> list[dict[str, Any]]:

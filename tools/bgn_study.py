@@ -8,8 +8,9 @@ power-of-two inference scale.
 Every arm is one `flexivit train fashion_mnist` run (seed 0), the recipe as it is except: ``model.norm``
 (unset for layernorm), ``data.batch_size``, ``train.token_budget=0`` (every step one loader batch, so the
 images per step are the batch size at every patch size) and ``train.steps`` equal for all arms. One more
-arm: bgn with ``model.pow2_scale=true`` at batch 16. Runs are resumable (a finished run is skipped, an
-interrupted one resumed), one data process and one thread each, ``--jobs`` at a time.
+arm: bgn with ``model.pow2_scale=true`` at batch 16. Runs are resumable (``flexivit.experiments.runner``: a
+finished run is skipped, an interrupted one resumed, one made with other settings refused), one data
+process and one thread each, ``--jobs`` at a time.
 
 After training, in this process with one thread: every inference scale of the pow2 model is read out of
 its norms' own eval forward (running mean and bias zeroed on a copy, input ones, so the output is the
@@ -27,18 +28,17 @@ import argparse
 import json
 import os
 import statistics
-import subprocess
-import sys
 import time
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
+
+from flexivit.experiments.results import maybe_results
+from flexivit.experiments.runner import RunError, RunSpec, Study
 
 if TYPE_CHECKING:
     import torch
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))  # flexivit from this checkout, also when not installed
+ROOT = Path(__file__).resolve().parent.parent  # the checkout: default folders of runs and results
 RECIPE = "fashion_mnist"
 COMMON = ["data.num_workers=0", "train.token_budget=0"]
 # Seconds instead of minutes: a few steps, a few hundred evaluation images, one checkpoint.
@@ -56,22 +56,11 @@ def plan() -> list[tuple[str, list[str]]]:
     return runs + [(POW2, ["model.norm=bgn", "model.pow2_scale=true", "data.batch_size=16"])]
 
 
-def _run(out: Path, name: str, sets: list[str], *, steps: int, smoke: bool, eval_limit: int | None) -> None:
-    run = out / name
-    if (run / "eval.json").exists():
-        return
-    command = [sys.executable, "-m", "flexivit", "train", RECIPE, "--out", str(run)]
-    overrides = [*COMMON, *sets, f"train.steps={steps}", *(SMOKE if smoke else [])]
-    overrides += [f"data.eval_limit={eval_limit}"] if eval_limit else []
-    command += [a for s in overrides for a in ("--set", s)]
-    if (run / "state").is_dir():
-        command.append("--resume")
-    out.mkdir(parents=True, exist_ok=True)
-    start = time.perf_counter()
-    with open(out / f"{name}.log", "w") as log:
-        if subprocess.run(command, stdout=log, stderr=subprocess.STDOUT).returncode:
-            raise SystemExit(f"{name} failed; see {out / f'{name}.log'} and rerun to resume")
-    print(f"{name}: {time.perf_counter() - start:.0f} s wall", flush=True)
+def specs(*, steps: int, smoke: bool, eval_limit: int | None) -> list[RunSpec]:
+    """The run of every arm of ``plan``."""
+    tail = [f"train.steps={steps}", *(SMOKE if smoke else []),
+            *([f"data.eval_limit={eval_limit}"] if eval_limit else [])]
+    return [RunSpec(name=name, recipe=RECIPE, sets=(*COMMON, *sets, *tail)) for name, sets in plan()]
 
 
 def _scales_wrong(wrong: torch.Tensor, idx: torch.Tensor, slots: int) -> int:
@@ -144,21 +133,17 @@ def latency(out: Path, *, rounds: int, calls: int) -> dict[str, Any]:
     return {"threads": 1, "rounds": rounds, "calls_per_round": calls, "median_ms": median, "ratio_vs_layernorm": ratio}
 
 
-def _split(rows: list[dict[str, Any]]) -> dict[str, float]:
-    return {str(r["patch_size"]): 100 * r["top1"] for r in rows}
-
-
 def _read(run: Path) -> dict[str, Any] | None:
-    if not (run / "eval.json").exists():
+    report = maybe_results(run)
+    if report is None:
         return None
-    report = json.loads((run / "eval.json").read_text())
-    test = report["results"] if report["split"] == "test" else []
-    val, test_top1 = _split(report["val"]), _split(test)
-    return {"steps": json.loads((run / "config.json").read_text())["train"]["steps"], "val": val, "test": test_top1,
-            "worst_val": min(val.values()), "worst_test": min(test_top1.values()) if test else None,
-            "eval_images": {"val": report["val"][0]["n"], "test": test[0]["n"] if test else 0},
-            "images_seen": report["images_seen"], "train_minutes": report["train_seconds"] / 60,
-            "borrowed_stats_at": sorted({r["patch_size"] for r in [*report["val"], *test] if "norm_stats_from" in r})}
+    val, test = report.percent("val"), report.percent("test")
+    rows = [*report.rows["val"], *report.rows["test"]]
+    return {"steps": report.steps, "val": val, "test": test,
+            "worst_val": min(val.values()), "worst_test": min(test.values()) if test else None,
+            "eval_images": {"val": report.images("val"), "test": report.images("test")},
+            "images_seen": report.images_seen, "train_minutes": report.train_seconds / 60,
+            "borrowed_stats_at": sorted({r["patch_size"] for r in rows if "norm_stats_from" in r})}
 
 
 def spreads(arms: dict[str, dict[str, Any]], split: str) -> dict[str, dict[str, Any]]:
@@ -311,9 +296,10 @@ def main() -> None:
     steps = args.steps or (10 if args.smoke else 1000)
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     if not args.report_only:
-        with ThreadPoolExecutor(max_workers=args.jobs) as pool:
-            list(pool.map(lambda r: _run(args.out, *r, steps=steps, smoke=args.smoke, eval_limit=args.eval_limit),
-                          plan()))
+        try:
+            Study(args.out, jobs=args.jobs).run_all(specs(steps=steps, smoke=args.smoke, eval_limit=args.eval_limit))
+        except RunError as err:
+            parser.exit(1, f"{parser.prog}: error: {err}\n")
         if not (args.out / "pow2_check.json").exists():
             (args.out / "pow2_check.json").write_text(json.dumps(pow2_check(args.out / POW2), indent=2) + "\n")
         if not (args.out / "latency.json").exists():

@@ -20,33 +20,18 @@ from typing import Any
 
 import matplotlib
 
+from flexivit.experiments.results import RunResults, read_results, summarise
+
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
 
-def _top1(rows: list[dict[str, Any]]) -> dict[int, float]:
-    return {r["patch_size"]: 100 * r["top1"] for r in rows}
-
-
-def load_groups(runs: list[Path], labels: list[str]) -> dict[str, list[dict[str, Any]]]:
-    """The eval.json reports of ``runs`` grouped by label, in first-seen label order."""
-    groups: dict[str, list[dict[str, Any]]] = {}
+def load_groups(runs: list[Path], labels: list[str]) -> dict[str, list[RunResults]]:
+    """The results of ``runs`` grouped by label, in first-seen label order."""
+    groups: dict[str, list[RunResults]] = {}
     for run, label in zip(runs, labels):
-        groups.setdefault(label, []).append(json.loads((run / "eval.json").read_text()))
+        groups.setdefault(label, []).append(read_results(run))
     return groups
-
-
-def summarise(reports: list[dict[str, Any]], key: str) -> dict[str, dict[int, float]] | None:
-    """Mean and sample std (0 for one run) per patch size of ``key`` ("results" or "val") over ``reports``;
-    None if a report lacks it."""
-    if any(not r.get(key) for r in reports):
-        return None
-    per: dict[int, list[float]] = {}
-    for report in reports:
-        for p, a in _top1(report[key]).items():
-            per.setdefault(p, []).append(a)
-    return {"mean": {p: statistics.mean(v) for p, v in per.items()},
-            "std": {p: statistics.stdev(v) if len(v) > 1 else 0.0 for p, v in per.items()}}
 
 
 def _cell(s: dict[str, dict[int, float]], p: int, seeds: int) -> str:
@@ -66,9 +51,9 @@ def _table(summaries: dict[str, dict[str, dict[int, float]] | None], runs: dict[
     return lines
 
 
-def write(groups: dict[str, list[dict[str, Any]]], out: Path, title: str, note: str | None = None) -> None:
+def write(groups: dict[str, list[RunResults]], out: Path, title: str, note: str | None = None) -> None:
     out.parent.mkdir(parents=True, exist_ok=True)
-    tests = {label: summarise(reports, "results") for label, reports in groups.items()}
+    tests = {label: summarise(reports, "scored") for label, reports in groups.items()}
     sizes = sorted({p for s in tests.values() for p in s["mean"]})
     record: dict[str, Any] = {"patch_sizes": sizes, "top1": {k: s["mean"] for k, s in tests.items()},
                               "std": {k: s["std"] for k, s in tests.items()},
@@ -76,12 +61,12 @@ def write(groups: dict[str, list[dict[str, Any]]], out: Path, title: str, note: 
     vals = {label: summarise(reports, "val") for label, reports in groups.items()}
     record["val_top1"] = {k: s["mean"] for k, s in vals.items() if s}
     record["val_std"] = {k: s["std"] for k, s in vals.items() if s}
-    record["images_seen"] = {k: statistics.mean(r.get("images_seen", 0) for r in v) for k, v in groups.items()}
-    record["train_minutes"] = {k: statistics.mean(r.get("train_seconds", 0) for r in v) / 60 for k, v in groups.items()}
+    record["images_seen"] = {k: statistics.mean(r.images_seen or 0 for r in v) for k, v in groups.items()}
+    record["train_minutes"] = {k: statistics.mean(r.train_seconds or 0 for r in v) / 60 for k, v in groups.items()}
     if note:
         record["note"] = note
     out.with_suffix(".json").write_text(json.dumps(record, indent=2) + "\n")
-    split = next(iter(groups.values()))[0].get("split", "test")
+    split = next(iter(groups.values()))[0].split
     md = [f"# {title}", "", *([note, ""] if note else []),
           f"Top-1 (%) on the {split} split; runs sharing a label: mean ± sample std.", "",
           *_table(tests, record["runs"], sizes)]

@@ -3,8 +3,9 @@
     python tools/compress_study.py --base runs/fashion_mnist [--jobs 2] [--out runs/compress_study]
     python tools/compress_study.py --base runs/fashion_mnist --report-only
 
-Every arm is one `flexivit compress` run of ``recipes/fashion_mnist_compress.py`` (resumable; a finished
-run is skipped), one data process and one thread each, two at a time. Screening arms (seed 0) are scored
+Every arm is one `flexivit compress` run of ``recipes/fashion_mnist_compress.py`` (resumable through
+``flexivit.experiments.runner``: a finished run is skipped, an interrupted one resumed, one made with other
+settings refused), one data process and one thread each, two at a time. Screening arms (seed 0) are scored
 on the validation split only; the headline rows (LUT-Q 4 and the compact model) run seeds 0/1/2 and
 report test. Stages:
 
@@ -30,13 +31,13 @@ import json
 import math
 import os
 import statistics
-import subprocess
-import sys
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
-ROOT = Path(__file__).resolve().parent.parent
+from flexivit.experiments.results import eval_by_step, maybe_results
+from flexivit.experiments.runner import TRAINED, RunError, RunSpec, Study
+
+ROOT = Path(__file__).resolve().parent.parent  # the checkout: default folders of runs and results
 RECIPE = "fashion_mnist_compress"
 COMMON = ["data.num_workers=0"]
 SEEDS = (0, 1, 2)
@@ -70,42 +71,25 @@ def plan(stage: str) -> list[tuple[str, str, list[str], bool]]:
             for name, arg in (("lutq4", "lutq"), ("compact", None)) for s in SEEDS]
 
 
-def _run(out: Path, base: str, name: str, arg: str | None, sets: list[str], test: bool) -> None:
-    run = out / name
-    if (run / "eval.json").exists():
-        return
-    recipe = f"{RECIPE}:{arg}" if arg else RECIPE
-    command = [sys.executable, "-m", "flexivit", "compress", base, recipe, "--out", str(run)]
-    command += [a for s in [*COMMON, *sets, f"train.test_eval={str(test).lower()}"] for a in ("--set", s)]
-    if (run / "state").is_dir():
-        command.append("--resume")
-    out.mkdir(parents=True, exist_ok=True)
-    with open(out / f"{name}.log", "w") as log:
-        if subprocess.run(command, stdout=log, stderr=subprocess.STDOUT).returncode:
-            raise SystemExit(f"{name} failed; see {out / f'{name}.log'} and rerun to resume")
-
-
-def _val(report: dict[str, Any]) -> dict[str, float]:
-    return {str(r["patch_size"]): 100 * r["top1"] for r in report["val"]}
+def spec(base: str, name: str, arg: str | None, sets: list[str], test: bool) -> RunSpec:
+    """One arm of ``plan``: ``flexivit compress BASE RECIPE[:arg]``, finished once it wrote compress.json."""
+    return RunSpec(name=name, command="compress", recipe=f"{RECIPE}:{arg}" if arg else RECIPE, inputs=(base,),
+                   sets=(*COMMON, *sets, f"train.test_eval={str(test).lower()}"), done=(*TRAINED, "compress.json"))
 
 
 def _read(out: Path, name: str) -> dict[str, Any] | None:
     run = out / name
-    if not (run / "eval.json").exists():
+    report = maybe_results(run)
+    if report is None:
         return None
-    report = json.loads((run / "eval.json").read_text())
-    # A run with train.test_eval off reports validation under "results" ("split": "val"): not a test score.
-    scored_test = report.get("split", "test") == "test"
-    test = {str(r["patch_size"]): 100 * r["top1"] for r in report["results"]} if scored_test else {}
-    row = {"val": _val(report), "test": test,
-           "images_seen": report["images_seen"], "train_minutes": report["train_seconds"] / 60}
+    # A run with train.test_eval off scored validation only: it has no test score.
+    row = {"val": report.percent("val"), "test": report.percent("test"),
+           "images_seen": report.images_seen, "train_minutes": report.train_seconds / 60}
     if (run / "compress.json").exists():
         c = json.loads((run / "compress.json").read_text())
         row.update(file_ratio=c["file_ratio"], gflops_ratio=c["gflops_ratio"], residuals=c["bridge_residuals"],
                    file_bytes=c["derived_model"]["file_bytes"], base_bytes=c["base_model"]["file_bytes"])
-    log = run / "log.jsonl"
-    row["val_by_step"] = {str(r["step"]): {str(e["patch_size"]): 100 * e["top1"] for e in r["eval"]}
-                          for r in map(json.loads, log.read_text().splitlines()) if r.get("split") == "val"} if log.exists() else {}
+    row["val_by_step"] = {step: {p: 100 * top1 for p, top1 in val.items()} for step, val in eval_by_step(run).items()}
     return row
 
 
@@ -140,9 +124,9 @@ def collect(out: Path, base: str) -> dict[str, Any]:
                 "worst_mean": statistics.mean(worst), "worst_std": statistics.stdev(worst) if len(rows) > 1 else None,
                 "file_ratio": rows[0].get("file_ratio"), "gflops_ratio": rows[0].get("gflops_ratio")}
     result["target_bytes"] = {t: _target_bytes(t) for t in TARGETS}
-    base_eval = Path(base) / "eval.json"
-    if base_eval.exists() and json.loads(base_eval.read_text()).get("val"):
-        result["base_val"] = _val(json.loads(base_eval.read_text()))
+    base_report = maybe_results(base)
+    if base_report is not None and base_report.rows["val"]:
+        result["base_val"] = base_report.percent("val")
     return result
 
 
@@ -254,8 +238,10 @@ def main() -> None:
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     if not args.report_only:
         for stage in stages:
-            with ThreadPoolExecutor(max_workers=args.jobs) as pool:
-                list(pool.map(lambda r: _run(args.out, args.base, *r), plan(stage)))
+            try:
+                Study(args.out, jobs=args.jobs).run_all([spec(args.base, *r) for r in plan(stage)])
+            except RunError as err:
+                parser.exit(1, f"{parser.prog}: error: {err}\n")
             write(collect(args.out, args.base), args.results)
     write(collect(args.out, args.base), args.results)
 

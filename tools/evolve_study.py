@@ -5,7 +5,8 @@ control, the best graph found against the chain, and the learned weights of an a
     python tools/evolve_study.py --report-only
     python tools/evolve_study.py --smoke        # every knob shrunk, output under /tmp/evolve_study_smoke
 
-Parts, each resumable (evolve skips finished candidates, a finished run is skipped, an interrupted one resumes):
+Parts, each resumable (evolve skips finished candidates; ``flexivit.experiments.runner`` skips a finished run,
+resumes an interrupted one and refuses one made with other settings):
 
 - ``search``: `flexivit evolve fashion_mnist` with search seeds 0 and 1 (both at once), then the unguided
   control of each (both at once) at that guided search's measured mean keep-rate (evolve's
@@ -22,7 +23,8 @@ Parts, each resumable (evolve skips finished candidates, a finished run is skipp
 as the chain arm instead of retraining it; each is checked (no graph, the steps, its seed, the whole test
 split) and linked as ``retrain/chain-seedS``.
 
-Every run has one data process and one thread (OMP_NUM_THREADS=1), two at a time on the two cores.
+Every run has one data process and one thread (OMP_NUM_THREADS=1), two at a time on the two cores; each
+run's output goes to ``OUT/<run>.log`` and each attempt, with its wall and CPU seconds, to ``OUT/runs.jsonl``.
 Results: ``docs/results/evolve.{md,json,png}`` and ``docs/results/evolve_heatmap.png``, measured 2026-11-30
 (111e2a1) with the recipe of then: base 14 ``area`` at 0.02x kernel lr and 54k/6k train/val, as now, and flips
 0.5, which this study pins (``HFLIP``) since the recipe dropped them.
@@ -35,22 +37,18 @@ import json
 import math
 import os
 import statistics
-import subprocess
-import sys
 import time
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 from typing import Any
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
+from flexivit.experiments.results import read_jsonl, read_results
+from flexivit.experiments.runner import RunError, RunSpec, Study
+from flexivit.ext.graph import HEAD, BlockGraph, allowed_edges, chain
+from flexivit.model.variants import VARIANTS
+from flexivit.train.config import load_recipe
 
-from flexivit.train.config import load_recipe  # noqa: E402
-from flexivit.ext.graph import HEAD, BlockGraph, allowed_edges, chain  # noqa: E402
-from flexivit.model.variants import VARIANTS  # noqa: E402
-
-from evolve_report import write  # noqa: E402  (tools/, beside this file)
+ROOT = Path(__file__).resolve().parent.parent  # the checkout: default folders of runs and results
 
 RECIPE = "fashion_mnist"
 SEARCH_SEEDS = (0, 1)
@@ -88,50 +86,33 @@ def _data(n: int | None) -> list[str]:
     return ["data.num_workers=0", f"data.hflip={HFLIP}", *([f"data.eval_limit={n}"] if n else [])]
 
 
-def _call(command: list[str], log: Path) -> dict[str, float]:
-    """Run ``command`` with its output in ``log``; its wall seconds and the CPU seconds of it and of every
-    process it waited for (``wait4``'s usage: an evolve's candidates included)."""
-    log.parent.mkdir(parents=True, exist_ok=True)
-    start = time.perf_counter()
-    with open(log, "w") as f:
-        proc = subprocess.Popen(command, stdout=f, stderr=subprocess.STDOUT)
-        _, status, usage = os.wait4(proc.pid, 0)
-    proc.returncode = os.waitstatus_to_exitcode(status)  # reaped here, so Popen must not wait for it again
-    if proc.returncode:
-        raise SystemExit(f"{' '.join(command[2:5])} failed (exit {proc.returncode}); see {log}, fix the cause and "
-                         "rerun the same command to resume")
-    return {"wall_s": time.perf_counter() - start, "cpu_s": usage.ru_utime + usage.ru_stime}
-
-
-def _costs(out: Path, name: str, new: dict[str, float] | None = None) -> list[dict[str, float]]:
-    """The costs of every finished invocation of run ``name``, with ``new`` added to the file."""
-    path = out / "costs" / f"{name.replace('/', '_')}.json"
-    costs = [*(json.loads(path.read_text()) if path.exists() else []), *([new] if new else [])]
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(costs))
-    return costs
+def _costs(out: Path, name: str) -> list[dict[str, float]]:
+    """The wall and CPU seconds of every invocation of run ``name`` that finished (the runner's
+    ``runs.jsonl``; ``costs/<name>.json`` where an earlier version of this tool kept them)."""
+    legacy = out / "costs" / f"{name.replace('/', '_')}.json"
+    old = json.loads(legacy.read_text()) if legacy.exists() else []
+    return [*old, *({"wall_s": a["wall_s"], "cpu_s": a["cpu_s"]} for a in Study(out).attempts(name)
+                    if a["status"] == "finished")]
 
 
 def _records(run: Path) -> list[dict[str, Any]]:
-    log = run / "evolve.jsonl"
-    return [json.loads(line) for line in log.read_text().splitlines() if line] if log.exists() else []
+    return read_jsonl(run / "evolve.jsonl")
 
 
-def _evolve(out: Path, plan: Plan, seed: int, keep_rate: float | None) -> None:
+def _evolve(out: Path, plan: Plan, seed: int, keep_rate: float | None) -> RunSpec:
+    """The guided search of ``seed`` (``keep_rate`` None), or its unguided control at ``keep_rate``."""
     name = f"{'guided' if keep_rate is None else 'unguided'}-seed{seed}"
-    run = out / name
-    if len(_records(run)) == plan.population + plan.iterations and (run / "best_graph.json").exists():
-        return
-    command = [sys.executable, "-m", "flexivit", "evolve", RECIPE, "--population", str(plan.population),
-               "--iterations", str(plan.iterations), "--tournament", str(plan.tournament), "--steps", str(plan.steps),
-               "--seed", str(seed), "--out", str(run), *(a for s in _data(plan.val_limit) for a in ("--set", s))]
+    args = ["--population", str(plan.population), "--iterations", str(plan.iterations), "--tournament",
+            str(plan.tournament), "--steps", str(plan.steps), "--seed", str(seed)]
     if keep_rate is not None:
-        command += ["--unguided", "--keep-rate", repr(keep_rate)]
+        args += ["--unguided", "--keep-rate", repr(keep_rate)]
+        run = out / name
         if not (run / "evolve.jsonl").exists():  # the same initial population: reuse the guided records of it
             run.mkdir(parents=True, exist_ok=True)
             guided = (out / f"guided-seed{seed}" / "evolve.jsonl").read_text().splitlines(keepends=True)
             (run / "evolve.jsonl").write_text("".join(guided[: plan.population]))
-    _costs(out, name, _call(command, out / f"{name}.log"))
+    return RunSpec(name=name, command="evolve", recipe=RECIPE, sets=tuple(_data(plan.val_limit)), args=tuple(args),
+                   done=("best_graph.json",))
 
 
 def keep_rate(records: list[dict[str, Any]]) -> tuple[float, str]:
@@ -142,10 +123,10 @@ def keep_rate(records: list[dict[str, Any]]) -> tuple[float, str]:
 
 
 def part_search(out: Path, plan: Plan, jobs: int) -> None:
-    with ThreadPoolExecutor(max_workers=jobs) as pool:
-        list(pool.map(lambda s: _evolve(out, plan, s, None), SEARCH_SEEDS))
-        rates = [keep_rate(_records(out / f"guided-seed{s}"))[0] for s in SEARCH_SEEDS]
-        list(pool.map(lambda s, r: _evolve(out, plan, s, r), SEARCH_SEEDS, rates))
+    study = Study(out, jobs=jobs)
+    study.run_all([_evolve(out, plan, s, None) for s in SEARCH_SEEDS])
+    rates = [keep_rate(_records(out / f"guided-seed{s}"))[0] for s in SEARCH_SEEDS]
+    study.run_all([_evolve(out, plan, s, r) for s, r in zip(SEARCH_SEEDS, rates)])
 
 
 def _searches(out: Path) -> dict[str, list[dict[str, Any]]]:
@@ -168,15 +149,6 @@ def pick(searches: dict[str, list[dict[str, Any]]], chain_text: str) -> dict[str
     best, source = max((x for x in rows if x[0]["graph"] != chain_text), key=lambda x: x[0]["score"])
     return {"best": best, "source": source, "chain": next(r for r, _ in rows if r["graph"] == chain_text),
             "best_overall_is_chain": top["graph"] == chain_text}
-
-
-def _train(out: Path, name: str, sets: list[str]) -> None:
-    run = out / name
-    if (run / "eval.json").exists():
-        return
-    command = [sys.executable, "-m", "flexivit", "train", RECIPE, "--out", str(run)]
-    command += [a for s in sets for a in ("--set", s)] + (["--resume"] if (run / "state").is_dir() else [])
-    _costs(out, name, _call(command, out / f"{name}.log"))
 
 
 def link_chain_runs(out: Path, plan: Plan, runs: list[Path]) -> None:
@@ -207,14 +179,14 @@ def link_chain_runs(out: Path, plan: Plan, runs: list[Path]) -> None:
         link.symlink_to(run.resolve(), target_is_directory=True)
 
 
-def _retrain_runs(out: Path, plan: Plan) -> list[tuple[str, list[str]]]:
+def _retrain_runs(out: Path, plan: Plan) -> list[RunSpec]:
     searches = _searches(out)
     if len(searches) < 4 or any(len(r) < plan.population + plan.iterations for r in searches.values()):
         raise SystemExit(f"the retrain part picks from the four searches, unfinished in {out}: run the search part")
     chosen = pick(searches, chain(_arch()[0]).format())["best"]["graph"]
     base = [*_data(plan.test_limit), f"train.steps={plan.train_steps}", "train.test_eval=true"]
-    return [(f"retrain/{arm}-seed{s}", [*base, *graph, f"train.seed={s}"]) for s in plan.train_seeds
-            for arm, graph in (("best", [f"model.graph={chosen}"]), ("chain", []))]
+    return [RunSpec(name=f"retrain/{arm}-seed{s}", recipe=RECIPE, sets=(*base, *graph, f"train.seed={s}"))
+            for s in plan.train_seeds for arm, graph in (("best", [f"model.graph={chosen}"]), ("chain", []))]
 
 
 def best_so_far(records: list[dict[str, Any]]) -> dict[str, list[float]]:
@@ -244,17 +216,17 @@ def _sum_gflops(graph: str, size: int) -> float:
 
 
 def _test_stats(runs: list[Path]) -> dict[str, Any]:
-    reports = [json.loads((r / "eval.json").read_text()) for r in runs]
+    reports = [read_results(r) for r in runs]
     per: dict[str, list[float]] = {}
     for report in reports:
-        for row in report["results"]:
-            per.setdefault(str(row["patch_size"]), []).append(100 * row["top1"])
-    worst = [min(100 * row["top1"] for row in report["results"]) for report in reports]
+        for p, top1 in report.percent("scored").items():
+            per.setdefault(p, []).append(top1)
+    worst = [min(report.percent("scored").values()) for report in reports]
     return {"seeds": len(reports), "mean": {p: statistics.mean(v) for p, v in per.items()},
             "std": {p: statistics.stdev(v) for p, v in per.items()}, "worst": worst,
             "worst_mean": statistics.mean(worst), "worst_std": statistics.stdev(worst),
-            "split": reports[0]["split"], "n": reports[0]["results"][0]["n"],
-            "train_minutes": statistics.mean(r["train_seconds"] for r in reports) / 60}
+            "split": reports[0].split, "n": reports[0].images("scored"),
+            "train_minutes": statistics.mean(r.train_seconds for r in reports) / 60}
 
 
 def _heatmap(run: Path) -> dict[str, Any]:
@@ -263,10 +235,10 @@ def _heatmap(run: Path) -> dict[str, Any]:
     blocks = load_model(run)[0].blocks
     depth = blocks.graph.depth
     text = {e: f"{e[0]}-{HEAD if e[1] == depth + 1 else e[1]}" for e in blocks.graph.edges}
-    val = json.loads((run / "eval.json").read_text())["val"]  # validation only: test_eval is off
+    report = read_results(run)  # validation only: test_eval is off
     return {"depth": depth, "weights": {text[e]: w for e, w in blocks.connection_weights().items()},
             "fixed": [text[e] for e in blocks.graph.edges if e not in blocks.weighted_edges],
-            "val": {str(r["patch_size"]): 100 * r["top1"] for r in val}, "val_images": val[0]["n"]}
+            "val": report.percent("val"), "val_images": report.images("val")}
 
 
 def collect(out: Path, plan: Plan) -> dict[str, Any]:
@@ -313,6 +285,133 @@ def _check_plan(out: Path, plan: Plan) -> None:
     path.write_text(json.dumps(asdict(plan)) + "\n")
 
 
+# ---- the report: docs/results/evolve.{md,json,png} and evolve_heatmap.png from what collect gathers
+def _plot(result: dict[str, Any], path: Path) -> None:
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4), sharey=True)
+    for k, (name, s) in enumerate(sorted(result["search"].items(), key=lambda x: x[0][-1])):
+        style = dict(where="post", color=f"C{k // 2}", linestyle="-" if name.startswith("guided") else "--", label=name)
+        for ax, x in zip(axes, ("candidates", "train_minutes")):
+            ax.step(s["curve"][x], s["curve"]["best"], **style)
+    axes[0].axvline(result["plan"]["population"] + 0.5, color="grey", lw=0.8)  # children start after it
+    axes[0].xaxis.get_major_locator().set_params(integer=True)
+    for ax, label in zip(axes, ("candidates trained (grey: end of the initial population)",
+                                "training minutes (one thread each, cumulative)")):
+        ax.set_xlabel(label)
+        ax.grid(alpha=0.3)
+    axes[0].set_ylabel("best so far: worst-size validation top-1 (%)")
+    axes[0].legend(fontsize=8)
+    fig.suptitle("Guided vs unguided evolution (solid: guided, dashed: unguided at its keep-rate)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def _plot_heatmap(h: dict[str, Any], path: Path) -> None:
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    depth = h["depth"]
+    grid = np.full((depth + 1, depth + 1), np.nan)  # (sources 0..depth, targets 1..h)
+    fig, ax = plt.subplots(figsize=(6, 5))
+    for edge, w in h["weights"].items():
+        i, j = edge.split("-")
+        col = depth if j == HEAD else int(j) - 1
+        grid[int(i), col] = w
+        ax.text(col, int(i), f"{w:.2f}" + ("\n(fixed)" if edge in h["fixed"] else ""), ha="center", va="center",
+                fontsize=8, color="white" if w < 0.6 else "black")
+    image = ax.imshow(grid, vmin=0, vmax=1, cmap="viridis")
+    ax.set_xticks(range(depth + 1), [*map(str, range(1, depth + 1)), HEAD])
+    ax.set_yticks(range(depth + 1), [str(i) for i in range(depth + 1)])
+    ax.set(xlabel="target node (h: head)", ylabel="source node (0: stem)",
+           title="Learned connection weights, all-edges graph")
+    fig.colorbar(image, label="sigmoid(edge logit)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def _pm(mean: float, std: float) -> str:
+    return f"{mean:.2f} ± {std:.2f}"
+
+
+def _search_md(result: dict[str, Any]) -> list[str]:
+    plan = result["plan"]
+    p, i = plan["population"], plan["iterations"]
+    ks = sorted({p, p + (i + 1) // 2, p + i})
+    lines = ["", "## Guided vs unguided (validation split, worst size; `evolve.png`)", "",
+             f"Candidates train {plan['steps']} steps and are scored on the first {plan['val_limit'] or 'all'} "
+             "validation images. The unguided search of a seed shares the guided one's initial population (the same "
+             "graphs from the same seed; its records are copied, not retrained) and keeps each parent edge with the "
+             "guided search's mean keep-rate. Two search seeds: evidence, not proof.", "",
+             "| search | keep-rate | children guided / coin | " + " | ".join(f"best after {k}" for k in ks)
+             + " | best graph | training min | process CPU min | wall min |",
+             "|---|---|---:|" + "---:|" * len(ks) + "---|---:|---:|---:|"]
+    for name, s in result["search"].items():
+        cells = " | ".join(f"{s['curve']['best'][k - 1]:.2f}" if k <= s["candidates"] else "–" for k in ks)
+        lines.append(f"| {name} | {s['keep_rate']:.3f} ({s['keep_rate_from']}) | {s['guided_children']} / "
+                     f"{s['coin_children']} | {cells} | `{s['best']['graph']}` | {s['curve']['train_minutes'][-1]:.1f} "
+                     f"| {s['process_cpu_min']:.1f} | {s['process_wall_min']:.1f} |")
+    return lines + ["", "A guided search's keep-rate is the mean, over its guided children, of the share of the "
+                    "parent's edges kept; its coin children are those of a chain parent (weights 1.0: the threshold "
+                    "keeps everything) or of eight redraws that gave only trained graphs. Training minutes are the "
+                    "training loops' wall time; process CPU minutes add start-up, validation and evolve's own work, "
+                    "over the invocations of this tool that ran the search (an unguided search's: its children only)."]
+
+
+def _retrain_md(r: dict[str, Any], plan: dict[str, Any], recipe_steps: int) -> list[str]:
+    lines = ["", "## Best found vs the chain (test split)", "",
+             f"Best non-chain candidate over the four searches: `{r['graph']}` ({r['source']}, validation "
+             f"{r['val_score']:.2f} % vs the chain's {r['chain_val_score']:.2f} %"
+             + ("; the best candidate overall was the chain itself" if r["best_overall_is_chain"] else "") + "). "
+             "GFLOPs per image (best / chain) recorded by evolve: "
+             + ", ".join(f"p={p} {a:.4g} / {b:.4g}" for p, (a, b) in r["gflops"].items())
+             + f"; largest ratio **{r['gflops_ratio']:.4f}** (≤ 1.01 required). The counter leaves out the weighted "
+             f"sums; counted by hand (2k FLOPs per element of a k-input node) they make it {r['ratio_with_sums']:.4f}."]
+    if "test" in r:
+        t, v = r["test"], r["verdict"]
+        sizes = sorted(t["best"]["mean"], key=int)
+        budget = "the recipe's budget" if plan["train_steps"] == recipe_steps else \
+            f"below the recipe's {recipe_steps} steps to fit the time"
+        lines += ["", f"Retrained {plan['train_steps']} steps ({budget}) with train seeds {plan['train_seeds']}; top-1 "
+                  f"(%) on {t['best']['n']} {t['best']['split']} images, mean ± std over seeds:", "",
+                  "| graph | worst size | " + " | ".join(f"p={p}" for p in sizes) + " | training min |",
+                  "|---|---:|" + "---:|" * len(sizes) + "---:|"]
+        for arm in ("best", "chain"):
+            s = t[arm]
+            cells = " | ".join(_pm(s["mean"][p], s["std"][p]) for p in sizes)
+            lines.append(f"| {arm} | {_pm(s['worst_mean'], s['worst_std'])} | {cells} | {s['train_minutes']:.1f} |")
+        lines += ["", f"Worst-size gap (best − chain) {v['gap']:+.2f} points against 2 × {v['std']:.2f} (the larger "
+                  f"std): the best graph found **{v['text']}**."]
+    return lines
+
+
+def write(result: dict[str, Any], results: Path, *, recipe: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    results.parent.mkdir(parents=True, exist_ok=True)
+    results.with_suffix(".json").write_text(json.dumps(result, indent=2) + "\n")
+    plan, walls, h = result["plan"], result["parts_wall_minutes"], result.get("heatmap")
+    lines = ["# Block-graph evolution: guided vs unguided, best found vs the chain", "",
+             f"`python tools/evolve_study.py` on `{recipe}`, every run one thread and one data process, two at a time "
+             f"on the 2 development cores. Plan: `{json.dumps(plan)}`. Wall minutes per part: "
+             + (", ".join(f"{k} {v:.1f}" for k, v in walls.items()) or "none recorded") + "."]
+    lines += _search_md(result) if result["search"] else []
+    lines += _retrain_md(result["retrain"], plan, result["recipe_steps"]) if "retrain" in result else []
+    if h:
+        lines += ["", "## Learned connection weights of the all-edges graph (`evolve_heatmap.png`)", "",
+                  f"Every allowed edge of depth {h['depth']}, trained {plan['train_steps']} steps (seed 0); validation "
+                  f"top-1 on {h['val_images']} images: " + ", ".join(f"p={p} {a:.2f}" for p, a in h["val"].items())
+                  + ". Fixed at 1.0 (its node's only input, no parameter): " + ", ".join(h["fixed"]) + ". Weights: "
+                  + ", ".join(f"{e} {w:.3f}" for e, w in h["weights"].items()) + "."]
+        _plot_heatmap(h, results.with_name(results.name + "_heatmap.png"))
+    results.with_suffix(".md").write_text("\n".join(lines) + "\n")
+    if result["search"]:
+        _plot(result, results.with_suffix(".png"))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     knobs = [f.name for f in fields(Plan) if f.type in ("int", "int | None")]
@@ -350,16 +449,19 @@ def main() -> None:
             if not group:
                 continue
             start = time.perf_counter()
-            if group == ["search"]:
-                part_search(out, plan, args.jobs)
-            else:
-                runs = _retrain_runs(out, plan) if "retrain" in group else []
-                if "heatmap" in group:
-                    graph = BlockGraph(depth := _arch()[0], tuple(allowed_edges(depth))).format()  # every edge
-                    runs.append(("heatmap", [*_data(plan.val_limit), f"model.graph={graph}",
-                                             f"train.steps={plan.train_steps}", "train.test_eval=false"]))
-                with ThreadPoolExecutor(max_workers=args.jobs) as pool:
-                    list(pool.map(lambda r: _train(out, *r), runs))
+            try:
+                if group == ["search"]:
+                    part_search(out, plan, args.jobs)
+                else:
+                    runs = _retrain_runs(out, plan) if "retrain" in group else []
+                    if "heatmap" in group:
+                        graph = BlockGraph(depth := _arch()[0], tuple(allowed_edges(depth))).format()  # every edge
+                        runs.append(RunSpec(name="heatmap", recipe=RECIPE, sets=(
+                            *_data(plan.val_limit), f"model.graph={graph}", f"train.steps={plan.train_steps}",
+                            "train.test_eval=false")))
+                    Study(out, jobs=args.jobs).run_all(runs)
+            except RunError as err:
+                parser.exit(1, f"{parser.prog}: error: {err}\n")
             walls = json.loads((out / "parts.json").read_text()) if (out / "parts.json").exists() else {}
             name = "+".join(group)
             walls[name] = walls.get(name, 0.0) + time.perf_counter() - start

@@ -21,37 +21,30 @@ the fixed fine-tune at that size, at every other size within 5 points of the fix
 choose its own on the validation split (``choose``): every fixed size the lr best at that size, the
 default the lr with the largest worst margin to those fixed fine-tunes; the report holds the chosen runs.
 
-Resumable: a run whose ``eval.json`` exists is skipped, an interrupted one resumes from its last
-checkpoint, and a run directory made with other settings or from another pretrained run (each records
-its own in ``pretrained.txt``) is refused before anything trains.
+Resumable (``flexivit.experiments.runner``): a finished run is skipped, an interrupted one resumes from its
+last checkpoint, and a run directory made with other settings or from another pretrained run (each records
+both in ``study_run.json``) is refused before anything trains.
 """
 
 from __future__ import annotations
 
 import argparse
-import functools
 import json
 import os
 import statistics
 import sys
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
 
-import torch
+from flexivit.experiments.budget import trained_gflops
+from flexivit.experiments.results import RunResults, read_results, summarise
+from flexivit.experiments.runner import RunError, RunSpec, Study
+from flexivit.experiments.search import SearchError, check_data, check_init, run_spec
+from flexivit.train.config import Config, load_recipe
+from flexivit.train.finetune import fixed_size
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
-
-# Sibling modules: a script's own directory is on sys.path.
-from compare_runs import load_groups, summarise  # noqa: E402
-from flexibility_plan import images_by_patch, saved_changes, train_gflops  # noqa: E402
-from flexivit.model.weights import load_model  # noqa: E402
-from flexivit.train.config import Config, config_from_dict, load_recipe  # noqa: E402
-from flexivit.train.finetune import fixed_size  # noqa: E402
-from flexivit.eval.measure import count_gflops  # noqa: E402
-from flexivit.experiments.search import SearchError, check_data, check_init, train_run  # noqa: E402
+ROOT = Path(__file__).resolve().parent.parent  # the checkout: default folders of runs and results
 
 RECIPE = "fashion_mnist_finetune"
 TASKS = {"tops": "the recipe's task, 4 upper-body Fashion-MNIST classes",
@@ -90,6 +83,10 @@ class FineTune:
         cfg = load_recipe(RECIPE, list(self.sets))
         return cfg if self.patch is None else fixed_size(cfg, self.patch)
 
+    def spec(self) -> RunSpec:
+        """The run for ``flexivit.experiments.runner``: ``flexivit finetune PRETRAINED RECIPE ...``."""
+        return run_spec(str(self.path), self.sets, recipe=RECIPE, init=str(self.pretrained), args=self.args())
+
 
 def fixed_label(patch: int) -> str:
     return f"fixed p={patch}"
@@ -113,78 +110,20 @@ def plan(pretrained: Sequence[Path], tasks: dict[str, list[str]], sizes: Sequenc
             for patch in (None, *sizes)]
 
 
-# A fine-tune's config does not name the run it started from, so the study records it beside the config.
-PRETRAINED_FILE = "pretrained.txt"
-
-
-def check_settings(ft: FineTune, out: Path) -> None:
-    """Refuse a run directory whose saved config is not ``ft``'s (steps and evaluation size included) or
-    that was started from another pretrained run."""
-    record = out / ft.path / PRETRAINED_FILE
-    if record.exists() and record.read_text().strip() != str(ft.pretrained):
-        raise SearchError(f"{out / ft.path} was fine-tuned from {record.read_text().strip()}, not {ft.pretrained} "
-                          "(pass the pretrained runs in the order they were first given); use another --out or "
-                          "delete it")
-    saved_file = out / ft.path / "config.json"
-    if not saved_file.exists():
-        return
-    changed = saved_changes(saved_file, ft.config(), also=("train.steps", "data.eval_limit"))
-    if changed:
-        listed = "; ".join(f"{k}: {a!r} -> {b!r}" for k, (a, b) in sorted(changed.items()))
-        raise SearchError(f"{out / ft.path} was made with other settings ({listed}); use another --out or delete it")
-
-
-def _say(line: str) -> None:
-    """One whole line per write, so that concurrent runs' messages do not interleave."""
-    sys.stdout.write(line + "\n")
-    sys.stdout.flush()
-
-
-def _train(ft: FineTune, out: Path) -> int:
-    run = out / ft.path
-    run.mkdir(parents=True, exist_ok=True)
-    (run / PRETRAINED_FILE).write_text(f"{ft.pretrained}\n")
-    log = run.with_suffix(".log")
-    code = train_run(run, ft.sets, recipe=RECIPE, init=str(ft.pretrained), log=log, args=ft.args())
-    _say(f"  {ft.path}: " + ("done" if code == 0 else f"FAILED (exit {code}), see {log}"))
-    return code
-
-
 def train_all(fts: list[FineTune], out: Path, jobs: int) -> None:
     """Train every unfinished fine-tune, ``jobs`` at a time; fail after all ran if any failed."""
-    todo = [ft for ft in fts if not (out / ft.path / "eval.json").exists()]
-    _say(f"{len(fts)} fine-tunes, {len(fts) - len(todo)} finished already (skipped), {len(todo)} to run")
     if jobs > 1:  # concurrent runs share the cores: one torch thread each unless the caller chose otherwise
         os.environ.setdefault("OMP_NUM_THREADS", "1")
-    with ThreadPoolExecutor(max_workers=jobs) as pool:
-        codes = list(pool.map(lambda ft: _train(ft, out), todo))
-    failed = [str(ft.path) for ft, code in zip(todo, codes) if code]
-    if failed:
-        raise SystemExit(f"{len(failed)} fine-tunes failed ({', '.join(failed)}; logs beside them); rerun to resume")
+    Study(out, jobs=jobs).run_all([ft.spec() for ft in fts])
 
 
-def run_gflops(run: Path) -> float:
-    """Training GFLOPs of a finished run: 3 x the forward GFLOPs of its own model at each image's patch size
-    (``flexibility_plan.train_gflops``), over the images the sampler gave each size."""
-    cfg = config_from_dict(Config, json.loads((run / "config.json").read_text()))
-    model, _ = load_model(run)
-    x = torch.zeros(1, model.config.in_chans, cfg.data.image_size, cfg.data.image_size)  # (1, C, H, W)
-
-    @functools.cache
-    def forward(patch: int) -> float:
-        with torch.no_grad():
-            return count_gflops(lambda t: model(t, patch_size=patch), x)
-
-    return train_gflops(images_by_patch(cfg), forward)
-
-
-def row(reports: list[dict[str, Any]], gflops: list[float]) -> dict[str, Any]:
+def row(reports: list[RunResults], gflops: list[float]) -> dict[str, Any]:
     """Test and validation top-1 (%) mean ± std over seeds, and what a run spent (means)."""
-    return {"test": summarise(reports, "results"), "val": summarise(reports, "val"), "seeds": len(reports),
-            "images_seen": statistics.fmean(r["images_seen"] for r in reports),
+    return {"test": summarise(reports, "scored"), "val": summarise(reports, "val"), "seeds": len(reports),
+            "images_seen": statistics.fmean(r.images_seen for r in reports),
             "train_gflops": statistics.fmean(gflops),
-            "train_minutes": statistics.fmean(r["train_seconds"] for r in reports) / 60,
-            "test_images": reports[0]["results"][0]["n"]}
+            "train_minutes": statistics.fmean(r.train_seconds for r in reports) / 60,
+            "test_images": reports[0].images("scored")}
 
 
 def bound(p: int, size: int) -> float:
@@ -239,8 +178,10 @@ def collect(fts: list[FineTune], out: Path, sizes: Sequence[int], size: int) -> 
     tasks = {}
     for task in dict.fromkeys(ft.task for ft in fts):
         mine = [ft for ft in fts if ft.task == task]
-        groups = load_groups([out / ft.path for ft in mine], [ft.label for ft in mine])
-        flops = {ft: run_gflops(out / ft.path) for ft in mine}
+        groups: dict[str, list[RunResults]] = {}
+        for ft in mine:
+            groups.setdefault(ft.label, []).append(read_results(out / ft.path))
+        flops = {ft: trained_gflops(out / ft.path) for ft in mine}
         rows = {label: row(reports, [flops[ft] for ft in mine if ft.label == label])
                 for label, reports in groups.items()}
         tasks[task] = {"about": TASKS[task], "rows": rows, "targets": targets(rows, sizes, size)}
@@ -361,11 +302,13 @@ def main(argv: list[str] | None = None) -> int:
         variants = ({lr: plan(pretrained, tasks, sizes, [*extra, f"optim.lr={lr}"], f"lr{lr}") for lr in lrs}
                     or {"": plan(pretrained, tasks, sizes, extra)})
         fts = [ft for group in variants.values() for ft in group]
-        for ft in fts:
-            check_settings(ft, out)
+        Study(out).check([ft.spec() for ft in fts])
     except (ValueError, FileNotFoundError) as err:  # a bad argument, folder or run directory (SearchError too)
         p.error(str(err))
-    train_all(fts, out, args.jobs)
+    try:
+        train_all(fts, out, args.jobs)
+    except RunError as err:
+        p.exit(1, f"{p.prog}: error: {err}\n")
     command = " ".join(["python tools/finetune_study.py", *(sys.argv[1:] if argv is None else argv)])
     found = {lr: collect(group, out, sizes, args.size) for lr, group in variants.items()}
     result = {"command": command, "recipe": RECIPE, "pretrained": [str(r) for r in args.pretrained],

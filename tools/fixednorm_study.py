@@ -31,15 +31,14 @@ import argparse
 import json
 import os
 import statistics
-import subprocess
-import sys
 from pathlib import Path
 from typing import Any
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
+from flexivit.experiments.results import read_jsonl, read_results
+from flexivit.experiments.runner import RunError, RunSpec, Study
+from flexivit.experiments.search import SearchError, run_search, run_spec
 
-from flexivit.experiments.search import run_search  # noqa: E402
+ROOT = Path(__file__).resolve().parent.parent  # the checkout: default folders of runs and results
 
 COMMON = ["data.num_workers=0"]
 LRS = "1e-4,3e-4,1e-3,3e-3,1e-2"
@@ -65,18 +64,9 @@ def _best(out: Path) -> dict[str, Any]:
     return json.loads((out / "best.json").read_text())
 
 
-def _finetune(run: Path, *, base: str, recipe: str, sets: list[str], test: bool = True) -> dict[str, Any]:
-    """One plain fine-tune (resumed if interrupted, skipped if finished); returns its eval.json."""
-    if not (run / "eval.json").exists():
-        command = [sys.executable, "-m", "flexivit", "finetune", base, recipe, "--out", str(run)]
-        command += [a for s in [*COMMON, *sets, f"train.test_eval={str(test).lower()}"] for a in ("--set", s)]
-        if (run / "state").is_dir():
-            command.append("--resume")
-        run.parent.mkdir(parents=True, exist_ok=True)
-        with open(run.with_suffix(".log"), "w") as log:
-            if subprocess.run(command, stdout=log, stderr=subprocess.STDOUT).returncode:
-                raise SystemExit(f"{run} failed; see {run.with_suffix('.log')} and rerun to resume")
-    return json.loads((run / "eval.json").read_text())
+def _finetune(name: str, *, base: str, recipe: str, sets: list[str], test: bool = True) -> RunSpec:
+    """One plain fine-tune, ``OUT/<name>``."""
+    return run_spec(name, [*COMMON, *sets, f"train.test_eval={str(test).lower()}"], recipe=recipe, init=base)
 
 
 def stage_finetune(out: Path, base: str, jobs: int) -> None:
@@ -93,12 +83,9 @@ def _winner_sets(out: Path) -> dict[str, tuple[str, list[str]]]:
 
 
 def stage_winners(out: Path, base: str, jobs: int) -> None:
-    from concurrent.futures import ThreadPoolExecutor
-
-    runs = [(name, recipe, sets, seed) for name, (recipe, sets) in _winner_sets(out).items() for seed in SEEDS]
-    with ThreadPoolExecutor(max_workers=jobs) as pool:
-        list(pool.map(lambda r: _finetune(out / "winners" / f"{r[0].split()[0]}-seed{r[3]}", base=base, recipe=r[1],
-                                          sets=[*r[2], f"train.seed={r[3]}"]), runs))
+    Study(out, jobs=jobs).run_all([_finetune(f"winners/{name.split()[0]}-seed{seed}", base=base, recipe=recipe,
+                                             sets=[*sets, f"train.seed={seed}"])
+                                   for name, (recipe, sets) in _winner_sets(out).items() for seed in SEEDS])
 
 
 def stage_sensitivity(out: Path, base: str, jobs: int) -> None:
@@ -120,15 +107,13 @@ def stage_overhead(out: Path, base: str, steps: int = 100, repeats: int = 3) -> 
     """Alternate the two arms so machine load hits both alike; one trial at a time."""
     arms = {"projection": ("fashion_mnist_fixednorm", []),
             "no projection": ("fashion_mnist_finetune", ["model.scale_invariant=all"])}
-    for i in range(repeats):
-        for name, (recipe, sets) in arms.items():
-            _finetune(out / "overhead" / f"{name.replace(' ', '_')}-{i}", base=base, recipe=recipe,
-                      sets=[*sets, f"train.steps={steps}", "train.checkpoint_every=1000"], test=False)
+    Study(out).run_all([_finetune(f"overhead/{name.replace(' ', '_')}-{i}", base=base, recipe=recipe,
+                                  sets=[*sets, f"train.steps={steps}", "train.checkpoint_every=1000"], test=False)
+                        for i in range(repeats) for name, (recipe, sets) in arms.items()])
 
 
 def _records(path: Path) -> list[dict[str, Any]]:
-    log = path / "search.jsonl"
-    return [json.loads(line) for line in log.read_text().splitlines() if line] if log.exists() else []
+    return read_jsonl(path / "search.jsonl")
 
 
 def _worst(val: dict[str, float]) -> float:
@@ -156,20 +141,20 @@ def _drops(curve: list[tuple[float, float]]) -> dict[str, Any]:
 def _test_rows(out: Path) -> list[dict[str, Any]]:
     rows = []
     for name in ("AdamW (lr x wd)", "fixed-norm (ELR)"):
-        reports = [json.loads(p.read_text()) for p in sorted((out / "winners").glob(f"{name.split()[0]}-seed*/eval.json"))]
+        reports = [read_results(p.parent) for p in sorted((out / "winners").glob(f"{name.split()[0]}-seed*/eval.json"))]
         if not reports:
             continue
         per = {}
         for report in reports:
-            for r in report["results"]:
-                per.setdefault(str(r["patch_size"]), []).append(100 * r["top1"])
-        worst = [min(100 * r["top1"] for r in report["results"]) for report in reports]
+            for p, top1 in report.percent("scored").items():
+                per.setdefault(p, []).append(top1)
+        worst = [min(report.percent("scored").values()) for report in reports]
         rows.append({"method": name, "seeds": len(reports),
                      "test_mean": {p: statistics.mean(v) for p, v in per.items()},
                      "test_std": {p: statistics.stdev(v) if len(v) > 1 else None for p, v in per.items()},
                      "worst_mean": statistics.mean(worst), "worst_std": statistics.stdev(worst) if len(worst) > 1 else None,
-                     "images_seen": reports[0]["images_seen"],
-                     "train_minutes": statistics.mean(r["train_seconds"] for r in reports) / 60})
+                     "images_seen": reports[0].images_seen,
+                     "train_minutes": statistics.mean(r.train_seconds for r in reports) / 60})
     return rows
 
 
@@ -209,9 +194,9 @@ def collect(out: Path, base: str) -> dict[str, Any]:
                                        "train_minutes": sum(r["train_seconds"] for r in records) / 60,
                                        "images_seen_per_trial": best["images_seen"]}
     times: dict[str, list[float]] = {}
-    for report in sorted((out / "overhead").glob("*/eval.json")):
-        arm = report.parent.name.rsplit("-", 1)[0].replace("_", " ")
-        times.setdefault(arm, []).append(json.loads(report.read_text())["train_seconds"])
+    for run in sorted(p.parent for p in (out / "overhead").glob("*/eval.json")):
+        arm = run.name.rsplit("-", 1)[0].replace("_", " ")
+        times.setdefault(arm, []).append(read_results(run).train_seconds)
     if len(times) == 2:
         result["overhead"] = {"seconds": times,
                               "ratio": statistics.median(times["projection"]) / statistics.median(times["no projection"])}
@@ -327,16 +312,19 @@ def main() -> None:
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     if not args.report_only:
         for stage in stages:
-            if stage == "finetune":
-                stage_finetune(args.out, args.base, args.jobs)
-            elif stage == "winners":
-                stage_winners(args.out, args.base, args.jobs)
-            elif stage == "sensitivity":
-                stage_sensitivity(args.out, args.base, args.jobs)
-            elif stage == "scratch":
-                stage_scratch(args.out, args.scratch_steps, args.jobs)
-            else:
-                stage_overhead(args.out, args.base)
+            try:
+                if stage == "finetune":
+                    stage_finetune(args.out, args.base, args.jobs)
+                elif stage == "winners":
+                    stage_winners(args.out, args.base, args.jobs)
+                elif stage == "sensitivity":
+                    stage_sensitivity(args.out, args.base, args.jobs)
+                elif stage == "scratch":
+                    stage_scratch(args.out, args.scratch_steps, args.jobs)
+                else:
+                    stage_overhead(args.out, args.base)
+            except (RunError, SearchError) as err:
+                parser.exit(1, f"{parser.prog}: error: {err}\n")
             write(collect(args.out, args.base), args.results)
     write(collect(args.out, args.base), args.results)
 

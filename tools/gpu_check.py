@@ -16,7 +16,7 @@ recorded as ok / error / skipped (``--time-limit``) so one failure never hides t
   ``flexivit.model.compile.compile_model`` (blocks only, dynamic shapes) and counts dynamo's graphs over all
   sizes, training then eval, FlexiViT first and timm after it;
 - ``ddp``: the real trainer, ``flexivit train imagenet:smoke`` on a generated 224-px JPEG folder
-  (``tests/imagenet_standin.py``), through ``accelerate launch --num_processes 1`` with torch's rendezvous
+  (``flexivit/data/standin.py``), through ``accelerate launch --num_processes 1`` with torch's rendezvous
   variables set, so that Accelerate wraps the model in DDP on one GPU (checked in torch's own log).
 
 Batches keep the tokens per step about equal: ``--batch`` images at the middle size, scaled by
@@ -43,7 +43,6 @@ from pathlib import Path
 from typing import Any, Callable
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path[:0] = [str(ROOT), str(ROOT / "tools"), str(ROOT / "tests")]
 
 import timm  # noqa: E402
 import torch  # noqa: E402
@@ -51,10 +50,11 @@ import torch._dynamo  # noqa: E402
 from timm.layers import use_fused_attn  # noqa: E402
 from torch import nn  # noqa: E402
 
-from bench import Settings, count_flops, eval_step, peak_mem_mb, race, train_step  # noqa: E402
+from flexivit.experiments.results import read_jsonl, read_results  # noqa: E402
+from flexivit.eval.timing import Settings, count_flops, eval_step, peak_mem_mb, race, train_step  # noqa: E402
 from flexivit.model.compile import compile_model, graph_count  # noqa: E402
 from flexivit.provenance import write_result  # noqa: E402
-from imagenet_standin import write_imagenet_standin  # noqa: E402
+from flexivit.data.standin import write_imagenet_standin  # noqa: E402
 
 # Dense (no sparsity) bf16 tensor-core peaks from NVIDIA's data sheets, TFLOP/s; first match of the name wins.
 PEAK_BF16_TFLOPS = (("H100 PCIe", 756.0), ("H100 NVL", 835.0), ("H100", 989.4), ("H200", 989.4), ("A100", 312.0))
@@ -263,12 +263,10 @@ def _ddp_run(c: Check, work: Path) -> dict[str, Any]:
         raise RuntimeError(f"flexivit train exited {proc.returncode}: {proc.stderr[-1500:]}")
     if not out["ddp"]:
         raise RuntimeError(f"the run finished but torch logged no {DDP_SIGN!r}: the model was not wrapped in DDP")
-    log = [json.loads(line) for line in (work / "run" / "log.jsonl").read_text().splitlines()]
-    train = [r for r in log if "per_patch" in r]
-    report = json.loads((work / "run" / "eval.json").read_text())
+    train = [r for r in read_jsonl(work / "run" / "log.jsonl") if "per_patch" in r]
+    report = read_results(work / "run")
     out.update(steps=train[-1]["step"], last_losses={p: v["loss"] for p, v in train[-1]["per_patch"].items()},
-               images_seen=report.get("images_seen"),
-               test_top1={str(r["patch_size"]): r["top1"] for r in report["results"]})
+               images_seen=report.images_seen, test_top1=report.top1("test"))
     return out
 
 

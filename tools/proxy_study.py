@@ -13,8 +13,9 @@
 - Supervised parity: `flexivit train fashion_mnist` with ``model.head=proxies`` and with the linear head, the
   same steps, seeds 0 / 1 / 2, test top-1 per patch size.
 
-Every run is resumable (finished runs are skipped, an interrupted training resumed), one data process and one
-thread each, ``--jobs`` at a time (the backbone and its few-shot run in one job, in order). Results:
+Every run is resumable (``flexivit.experiments.runner``: finished runs are skipped, an interrupted training
+resumed, a run made with other settings refused), one data process and one thread each, ``--jobs`` at a time
+(the few-shot run last, after its backbone). Results:
 ``docs/results/proxies.{md,json,png}`` with the issue's targets marked met or missed. They were measured
 2026-11-30 (0626dd7) with the recipe of then: base 14 ``area`` at 0.02x kernel lr, 10 % of train held out as
 validation as now, but flips 0.5 (no flips since df79d0f), so a rerun today gives other numbers. The tool
@@ -28,14 +29,13 @@ import argparse
 import json
 import os
 import statistics
-import subprocess
-import sys
-import time
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
-ROOT = Path(__file__).resolve().parent.parent
+from flexivit.experiments.results import maybe_results
+from flexivit.experiments.runner import RunError, RunSpec, Study
+
+ROOT = Path(__file__).resolve().parent.parent  # the checkout: default folders of runs and results
 RECIPE = "fashion_mnist"
 COMMON = ["data.num_workers=0"]
 SMOKE = ["optim.warmup_steps=2", "data.eval_limit=128", "train.log_every=5", "train.checkpoint_every=10"]
@@ -50,46 +50,22 @@ SEEDS = (0, 1, 2)
 HEADS = {"linear": [], "proxies": ["model.head=proxies"]}
 
 
-def _train(out: Path, name: str, sets: list[str], *, steps: int, smoke: bool) -> None:
-    run = out / name
-    if (run / "eval.json").exists():
-        return
-    command = [sys.executable, "-m", "flexivit", "train", RECIPE, "--out", str(run)]
-    command += [a for s in [*COMMON, *sets, f"train.steps={steps}", *(SMOKE if smoke else [])] for a in ("--set", s)]
-    if (run / "state").is_dir():
-        command.append("--resume")
-    _call(out, name, command)
+def _train(name: str, sets: list[str], *, steps: int, smoke: bool) -> RunSpec:
+    return RunSpec(name=name, recipe=RECIPE, sets=(*COMMON, *sets, f"train.steps={steps}", *(SMOKE if smoke else [])))
 
 
-def _fewshot(out: Path, *, episodes: int) -> None:
-    folder = out / "fewshot"
-    if (folder / "fewshot.json").exists():
-        return
-    command = [sys.executable, "-m", "flexivit", "fewshot", str(out / "backbone"), "--data", "fashion-mnist",
-               "--classes", ",".join(UPPER_BODY), "--ways", str(len(UPPER_BODY)), "--shots", ",".join(map(str, SHOTS)),
-               "--episodes", str(episodes), "--patch-sizes", ",".join(map(str, SIZES)), "--methods", ",".join(METHODS),
-               "--local", ",".join(LOCALS), "--seed", "0", "--out", str(folder)]
-    _call(out, folder.name, command)
-
-
-def _call(out: Path, name: str, command: list[str]) -> None:
-    out.mkdir(parents=True, exist_ok=True)
-    start = time.perf_counter()
-    with open(out / f"{name}.log", "w") as log:
-        if subprocess.run(command, stdout=log, stderr=subprocess.STDOUT).returncode:
-            raise SystemExit(f"{name} failed; see {out / f'{name}.log'} and rerun to resume")
-    print(f"{name}: {time.perf_counter() - start:.0f} s wall", flush=True)
-
-
-def tasks(out: Path, *, backbone_steps: int, parity_steps: int, episodes: int, smoke: bool) -> list[Callable[[], None]]:
-    """The study's jobs: the backbone then its few-shot run (one job, in order), and each parity run."""
-    def fewshot_chain() -> None:
-        _train(out, "backbone", [f"data.classes={','.join(BACKBONE_CLASSES)}"], steps=backbone_steps, smoke=smoke)
-        _fewshot(out, episodes=episodes)
-
-    parity = [lambda h=head, s=seed: _train(out, f"parity-{h}-seed{s}", [*HEADS[h], f"train.seed={s}"],
-                                            steps=parity_steps, smoke=smoke) for head in HEADS for seed in SEEDS]
-    return [fewshot_chain, *parity]
+def specs(out: Path, *, backbone_steps: int, parity_steps: int, episodes: int, smoke: bool) -> list[RunSpec]:
+    """The study's runs: the backbone, each parity run, then the backbone's few-shot run (last, so that it
+    rarely holds a job while its backbone trains)."""
+    backbone = _train("backbone", [f"data.classes={','.join(BACKBONE_CLASSES)}"], steps=backbone_steps, smoke=smoke)
+    parity = [_train(f"parity-{head}-seed{seed}", [*HEADS[head], f"train.seed={seed}"], steps=parity_steps, smoke=smoke)
+              for head in HEADS for seed in SEEDS]
+    args = ("--data", "fashion-mnist", "--classes", ",".join(UPPER_BODY), "--ways", str(len(UPPER_BODY)),
+            "--shots", ",".join(map(str, SHOTS)), "--episodes", str(episodes), "--patch-sizes", ",".join(map(str, SIZES)),
+            "--methods", ",".join(METHODS), "--local", ",".join(LOCALS), "--seed", "0")
+    fewshot = RunSpec(name="fewshot", command="fewshot", inputs=(str(out / "backbone"),), args=args,
+                      needs=("backbone",), done=("fewshot.json",))
+    return [backbone, *parity, fewshot]
 
 
 def _json(path: Path) -> dict[str, Any] | None:
@@ -126,18 +102,18 @@ def parity(out: Path) -> dict[str, dict[str, Any]]:
     """Test top-1 (%) mean and std over the finished seeds per head: per size and of the worst size."""
     result = {}
     for head in HEADS:
-        runs = [out / f"parity-{head}-seed{s}" / "eval.json" for s in SEEDS]
-        reports = [r for path in runs if (r := _json(path)) and r["split"] == "test"]
+        runs = [maybe_results(out / f"parity-{head}-seed{s}") for s in SEEDS]
+        reports = [r for r in runs if r is not None and r.split == "test"]
         if not reports:
             continue
-        tests = [{str(r["patch_size"]): 100 * r["top1"] for r in rep["results"]} for rep in reports]
+        tests = [rep.percent("test") for rep in reports]
         per_size = {p: [t[p] for t in tests] for p in tests[0]}
         worst = [min(t.values()) for t in tests]
         result[head] = {"seeds": len(reports), "test_mean": {p: statistics.mean(v) for p, v in per_size.items()},
                         "test_std": {p: _std(v) for p, v in per_size.items()},
                         "worst_mean": statistics.mean(worst), "worst_std": _std(worst),
-                        "images_seen": reports[0]["images_seen"],
-                        "train_minutes": statistics.mean(r["train_seconds"] for r in reports) / 60}
+                        "images_seen": reports[0].images_seen,
+                        "train_minutes": statistics.mean(r.train_seconds for r in reports) / 60}
     return result
 
 
@@ -173,12 +149,11 @@ def targets(result: dict[str, Any]) -> list[str]:
 def collect(out: Path) -> dict[str, Any]:
     result: dict[str, Any] = {"recipe": RECIPE, "backbone_classes": list(BACKBONE_CLASSES),
                               "episode_classes": list(UPPER_BODY), "parity": parity(out)}
-    backbone = _json(out / "backbone" / "eval.json")
+    backbone = maybe_results(out / "backbone")
     if backbone:
-        config = json.loads((out / "backbone" / "config.json").read_text())
-        result["backbone"] = {"steps": config["train"]["steps"], "images_seen": backbone["images_seen"],
-                              "train_minutes": backbone["train_seconds"] / 60, "split": backbone["split"],
-                              "top1": {str(r["patch_size"]): 100 * r["top1"] for r in backbone["results"]}}
+        result["backbone"] = {"steps": backbone.steps, "images_seen": backbone.images_seen,
+                              "train_minutes": backbone.train_seconds / 60, "split": backbone.split,
+                              "top1": backbone.percent("scored")}
     report = _json(out / "fewshot" / "fewshot.json")
     if report is None and any((out / f"fewshot-m{m}" / "fewshot.json").exists() for m in LOCALS):
         raise SystemExit(f"{out} holds the few-shot runs of the former tool (one per M, fewshot-m*/), not the one "
@@ -295,11 +270,13 @@ def main() -> None:
     args = parser.parse_args()
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     if not args.report_only:
-        jobs = tasks(args.out, backbone_steps=args.backbone_steps or (10 if args.smoke else 1800),
+        runs = specs(args.out, backbone_steps=args.backbone_steps or (10 if args.smoke else 1800),
                      parity_steps=args.parity_steps or (10 if args.smoke else 1200),
                      episodes=args.episodes or (3 if args.smoke else 100), smoke=args.smoke)
-        with ThreadPoolExecutor(max_workers=args.jobs) as pool:
-            list(pool.map(lambda job: job(), jobs))
+        try:
+            Study(args.out, jobs=args.jobs).run_all(runs)
+        except RunError as err:
+            parser.exit(1, f"{parser.prog}: error: {err}\n")
     write(collect(args.out), args.results)
 
 

@@ -6,7 +6,8 @@
     python tools/reproduce_flexibility.py --smoke --out /tmp/r --results /tmp/r   # CI: 1 seed, tiny budget
     python tools/reproduce_flexibility.py --finished-only       # interim report of the runs done so far
 
-For every seed it trains (``tools/flexibility_plan.py`` holds the plan and its arithmetic):
+For every seed it trains (``flexivit.experiments.flexibility`` holds the plan, ``flexivit.experiments.budget``
+its arithmetic):
 
 - a FlexiViT over all sizes (``recipes/fashion_mnist.py``, ``--steps`` steps);
 - plain fixed ViTs at a small and a large size: base kernel = the patch size and position grid at its own
@@ -20,13 +21,14 @@ For every seed it trains (``tools/flexibility_plan.py`` holds the plan and its a
 Each model is then evaluated at every patch size; a fixed ViT is reduced to what it is, its kernel and
 grid at its own size (``to_fixed``), and taken to the other sizes through PI-resize and, for comparison,
 plain bilinear resizing of the kernel. Every row reports its images seen, training FLOPs and
-training-loop wall time. Results: ``flexibility.{md,json,png}`` under ``--results``
-(``tools/flexibility_report.py`` writes them). ``--finished-only`` trains nothing and reports the runs that
-have finished, naming the others (JSON ``unfinished``; each curve lists its ``seeds``).
+training-loop wall time. Results: ``flexibility.{md,json,png}`` under ``--results``. ``--finished-only``
+trains nothing and reports the runs that have finished, naming the others (JSON ``unfinished``; each
+curve lists its ``seeds``).
 
-Resumable: a run whose ``eval.json`` exists is not trained again, an interrupted one continues from its
-last checkpoint, and evaluations are cached per run (``flexibility_eval.json``). A run directory made
-with other settings (an earlier protocol, other ``--set`` values) is refused before anything trains.
+Resumable (``flexivit.experiments.runner``): a finished run is not trained again, an interrupted one
+continues from its last checkpoint, and evaluations are cached per run (``flexibility_eval.json``). A run
+directory made with other settings (other ``--set`` values, a recipe changed since) is refused before
+anything trains. Each run's output goes to ``OUT/<run>.log``, each attempt to ``OUT/runs.jsonl``.
 """
 
 from __future__ import annotations
@@ -34,97 +36,40 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import subprocess
+import statistics
 import sys
-import time
-from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, Callable
 
 import torch
 import torch.nn.functional as F
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
+from flexivit.eval.evaluate import evaluate_schemes
+from flexivit.experiments.budget import ForwardCounter, GFlops, images_by_patch, run_gflops
+from flexivit.experiments.flexibility import Run, comparisons, plan
+from flexivit.experiments.results import maybe_results, read_results
+from flexivit.experiments.runner import RunError, Study
+from flexivit.model.patch_embed import PatchScheme
+from flexivit.model.vit import FlexiViT
+from flexivit.model.weights import load_model
+from flexivit.train.builders import build_data, eval_loader
+from flexivit.train.config import Config, config_from_dict, load_recipe
 
-# The sibling module: a script's own directory is on sys.path.
-from flexibility_plan import (  # noqa: E402
-    ForwardCounter, GFlops, Run, check_settings, comparisons, images_by_patch, plan, run_gflops)
-from flexibility_report import distill_vs_labels, summarise, target_checks, write_markdown, write_plot  # noqa: E402
-from flexivit.train.builders import build_data, eval_loader  # noqa: E402
-from flexivit.model.weights import load_model  # noqa: E402
-from flexivit.train.state import find_states  # noqa: E402
-from flexivit.train.config import Config, config_from_dict, load_recipe  # noqa: E402
-from flexivit.eval.evaluate import evaluate_schemes  # noqa: E402
-from flexivit.model.vit import FlexiViT  # noqa: E402
-from flexivit.model.patch_embed import PatchScheme  # noqa: E402
-
+ROOT = Path(__file__).resolve().parent.parent  # the checkout: default folders of runs and results
 SMOKE = ["train.steps=30", "train.log_every=10", "train.checkpoint_every=15", "optim.warmup_steps=5",
          "data.batch_size=64", "train.token_budget=3136"]
-
-
-def _say(line: str) -> None:
-    """One whole line per write, so that concurrent runs' messages do not interleave."""
-    sys.stdout.write(line + "\n")
-    sys.stdout.flush()
-
-
-def train_run(run: Run, out: Path, index: int, total: int, *, quiet: bool = False) -> None:
-    """Train ``run`` into ``out/run.dir_name`` unless it is done.
-
-    ``quiet`` sends the run's own output to ``train.log`` in its directory (for concurrent runs).
-    """
-    run_dir = out / run.dir_name
-    if (run_dir / "eval.json").exists():
-        _say(f"[{index}/{total}] {run.dir_name}: done already, skipped")
-        return
-    cmd = [sys.executable, "-m", "flexivit", "train", run.recipe, "--out", str(run_dir)]
-    cmd += [a for o in run.overrides for a in ("--set", o)]
-    if find_states(run_dir / "state"):
-        cmd.append("--resume")
-    _say(f"[{index}/{total}] {run.dir_name}: {' '.join(cmd[2:])}")
-    t0 = time.perf_counter()
-    env = {**os.environ, "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", "")}
-    if quiet:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        with open(run_dir / "train.log", "a") as log:
-            subprocess.run(cmd, cwd=ROOT, env=env, check=True, stdout=log, stderr=subprocess.STDOUT)
-    else:
-        subprocess.run(cmd, cwd=ROOT, env=env, check=True)
-    _say(f"[{index}/{total}] {run.dir_name}: trained in {(time.perf_counter() - t0) / 60:.1f} min")
-
-
-def train_all(runs: list[Run], out: Path, jobs: int) -> None:
-    """Train every run, ``jobs`` at a time; a distilled run starts once its teacher has finished."""
-    if jobs <= 1:
-        for i, run in enumerate(runs, 1):
-            train_run(run, out, i, len(runs))
-        return
-    # Concurrent runs share the cores: one torch thread each unless the caller chose otherwise.
-    os.environ.setdefault("OMP_NUM_THREADS", "1")
-    done: dict[str, Future] = {}
-
-    def job(i: int, run: Run) -> None:
-        if run.teacher:
-            done[f"{run.teacher}-seed{run.seed}"].result()  # submitted earlier, so running or finished
-        train_run(run, out, i, len(runs), quiet=True)
-
-    with ThreadPoolExecutor(max_workers=jobs) as pool:
-        for i, run in enumerate(runs, 1):
-            done[run.dir_name] = pool.submit(job, i, run)
-        for future in done.values():
-            future.result()  # re-raise the first failure
+BUDGET_KEYS = ("steps", "images_seen", "train_gflops", "train_seconds")
 
 
 def run_budget(run: Run, runs: dict[str, Run], out: Path, gflops: GFlops) -> dict[str, Any]:
     """What ``run`` spent: steps, images per size (sampler draws), images seen and training-loop seconds
-    (the trainer's ``eval.json``), training GFLOPs (``flexibility_plan.run_gflops``)."""
+    (its ``eval.json``), training GFLOPs (``flexivit.experiments.budget.run_gflops``)."""
     cfg = run.config()
     teacher = runs[f"{run.teacher}-seed{run.seed}"].config() if run.teacher else None
-    report = json.loads((out / run.dir_name / "eval.json").read_text())
+    report = read_results(out / run.dir_name)
     return {"steps": cfg.train.steps, "images_by_patch": {str(p): n for p, n in images_by_patch(cfg).items()},
-            "images_seen": report["images_seen"], "train_gflops": run_gflops(cfg, gflops, teacher),
-            "train_seconds": report["train_seconds"]}
+            "images_seen": report.images_seen, "train_gflops": run_gflops(cfg, gflops, teacher),
+            "train_seconds": report.train_seconds}
 
 
 # ---- evaluation -------------------------------------------------------------------------------------
@@ -175,6 +120,167 @@ def evaluate_run(run: Run, out: Path, sizes: list[int]) -> dict[str, dict[str, f
     return curves
 
 
+# ---- the report: every function takes the finished runs only, so a report can be made while other
+# runs still train (--finished-only): a curve whose run has not finished is absent, and a target or
+# comparison that needs it is left out rather than guessed.
+def summarise(runs: list[Run], per_run: dict[str, dict[str, dict[str, float]]], spent: dict[str, dict[str, Any]],
+              sizes: list[int], seeds: list[int]) -> dict[str, Any]:
+    """Curves (top-1 mean ± std over seeds per size) and budgets (per run name: what each seed spent and
+    the means); every curve carries its run's mean images seen, training GFLOPs and seconds."""
+    budgets: dict[str, Any] = {}
+    for run in runs:
+        entry = budgets.setdefault(run.name, {
+            "kind": run.kind, "train_patch_size": run.train_patch_size, "supervision": run.supervision,
+            "teacher": run.teacher, "budget": run.budget, "per_seed": []})
+        entry["per_seed"].append({"seed": run.seed, **spent[run.dir_name]})
+    for entry in budgets.values():
+        rows = entry["per_seed"]
+        entry.update({k: statistics.fmean(r[k] for r in rows) for k in BUDGET_KEYS})
+        entry["images_by_patch"] = {p: statistics.fmean(r["images_by_patch"].get(p, 0) for r in rows)
+                                    for p in sorted({p for r in rows for p in r["images_by_patch"]}, key=int)}
+    curves: dict[str, Any] = {}
+    for run in runs:
+        for name, top1 in per_run[run.dir_name].items():
+            entry = curves.setdefault(name, {
+                "kind": run.kind, "train_patch_size": run.train_patch_size,
+                "resize": name.split("/")[1] if "/" in name else None, "run": run.name,
+                **{k: budgets[run.name][k] for k in ("supervision", "teacher", "budget", *BUDGET_KEYS)},
+                "seeds": [], "_values": {str(p): [] for p in sizes}})
+            entry["seeds"].append(run.seed)  # the seeds behind this curve (fewer while runs still train)
+            for p in sizes:
+                entry["_values"][str(p)].append(top1[str(p)])
+    for entry in curves.values():
+        values = entry.pop("_values")
+        entry["top1_mean"] = {p: statistics.fmean(v) for p, v in values.items()}
+        # One seed has no spread: null, not a zero that reads as "no variance".
+        entry["top1_std"] = {p: statistics.stdev(v) if len(v) > 1 else None for p, v in values.items()}
+    return {"patch_sizes": sizes, "seeds": seeds, "curves": curves, "budgets": budgets}
+
+
+def target_checks(result: dict[str, Any]) -> list[dict[str, Any]]:
+    """The issue's two targets, for each FlexiViT against each fixed ViT trained on the same images with
+    the same supervision (labels with labels, distilled with distilled), through PI-resize."""
+    sizes, curves, checks = result["patch_sizes"], result["curves"], []
+    for flexi_name, flexi in curves.items():
+        if flexi["kind"].startswith("fixed") or flexi["budget"] != "images":
+            continue
+        for base_name, base in curves.items():
+            if (not base["kind"].startswith("fixed") or base["resize"] != "pi"
+                    or base["supervision"] != flexi["supervision"]):
+                continue
+            p = base["train_patch_size"]
+            gap = 100 * (base["top1_mean"][str(p)] - flexi["top1_mean"][str(p)])
+            checks.append({"flexi": flexi_name, "baseline": base_name, "target": f"within 1.0 point at p={p}",
+                           "value": -gap, "met": gap <= 1.0})
+            i = sizes.index(p)
+            for j in (i - 2, i + 2):
+                if 0 <= j < len(sizes):
+                    q = str(sizes[j])
+                    lead = 100 * (flexi["top1_mean"][q] - base["top1_mean"][q])
+                    checks.append({"flexi": flexi_name, "baseline": base_name,
+                                   "target": f">= 30 points above at p={q}", "value": lead, "met": lead >= 30})
+    return checks
+
+
+def distill_vs_labels(result: dict[str, Any], pairs: list[tuple[str, str, str]]) -> list[dict[str, Any]]:
+    """Top-1 gain (points) of each distilled model over its label-only counterpart, with what each spent."""
+    curves, rows = result["curves"], []
+    for distilled, labels, equal in pairs:
+        if distilled not in curves or labels not in curves:  # a run of the pair has not finished
+            continue
+        d, lab = curves[distilled], curves[labels]
+        rows.append({"distilled": distilled, "labels": labels, "equal": equal,
+                     "top1_gain": {p: 100 * (d["top1_mean"][p] - lab["top1_mean"][p]) for p in d["top1_mean"]},
+                     **{f"{k}_ratio": d[k] / lab[k] for k in ("images_seen", "train_gflops", "train_seconds")}})
+    return rows
+
+
+def _pm(mean: float, std: float | None) -> str:
+    return f"{100 * mean:.1f}" if std is None else f"{100 * mean:.1f} ± {100 * std:.1f}"
+
+
+def write_markdown(result: dict[str, Any], path: Path) -> None:
+    sizes = result["patch_sizes"]
+    spread = ("Mean ± sample std over seeds" if len(result["seeds"]) > 1
+              else "One seed (no spread measured; differences under ~2 points need more seeds)")
+    lines = [
+        "# Flexibility on Fashion-MNIST: top-1 (%) vs patch size",
+        "",
+        f"{spread} {result['seeds']} (`{result['command']}`); {result['eval_images']} test images. "
+        f"Each FlexiViT trains {result['steps']} steps of the quickstart recipe; each fixed ViT/p (base kernel p, "
+        "position grid at its own token grid) trains by the same recipe on as many images as its FlexiViT. "
+        "Distilled models learn from the label-trained small ViT and start from its weights; `flexi-equal-flops` "
+        "is a label-only FlexiViT given the distilled FlexiViT's training FLOPs. Images, training TFLOPs "
+        "(3 × forward FLOPs per image at its size, teacher forwards included) and training-loop minutes are "
+        f"means per run; all runs together trained for {result['train_minutes']:.1f} minutes (runs started "
+        "with --jobs overlap and share the cores).",
+        "",
+    ]
+    if result.get("unfinished"):
+        lines += [f"**Interim report** (`--finished-only`): not finished yet, so absent from every table: "
+                  f"{', '.join(result['unfinished'])}. A curve's mean is over its own finished seeds (column "
+                  "`seeds`); a target or comparison that needs an absent run is left out.", ""]
+    lines += ["| model | kind | trained at | resize | seeds | " + " | ".join(f"p={p}" for p in sizes)
+              + " | images | TFLOPs | minutes |", "|---|---|---:|---|---:|" + "---:|" * (len(sizes) + 3)]
+    for name, c in result["curves"].items():
+        cells = [_pm(c["top1_mean"][str(p)], c["top1_std"][str(p)]) for p in sizes]
+        lines.append(f"| {name} | {c['kind']} | {c['train_patch_size'] or 'all'} | {c['resize'] or '-'} | "
+                     f"{len(c['seeds'])} | "
+                     + " | ".join(cells) + f" | {c['images_seen'] / 1e3:.0f}k | {c['train_gflops'] / 1e3:.2f} | "
+                     f"{c['train_seconds'] / 60:.1f} |")
+    lines += ["", "Images per patch size (sampler draws; mean over seeds) and steps:", "",
+              "| run | supervision | teacher | steps | " + " | ".join(f"p={p}" for p in sizes) + " |",
+              "|---|---|---|---:|" + "---:|" * len(sizes)]
+    for name, b in result["budgets"].items():
+        cells = [f"{b['images_by_patch'][str(p)] / 1e3:.1f}k" if str(p) in b["images_by_patch"] else "-" for p in sizes]
+        lines.append(f"| {name} | {b['supervision']} | {b['teacher'] or '-'} | {b['steps']:.0f} | "
+                     + " | ".join(cells) + " |")
+    lines += ["", "Targets (FlexiViT vs each fixed ViT of the same supervision and images, through PI-resize; "
+              "value in points):", "", "| FlexiViT | baseline | target | value | met |", "|---|---|---|---:|---|"]
+    for c in result["targets"]:
+        lines.append(f"| {c['flexi']} | {c['baseline']} | {c['target']} | {c['value']:+.1f} | "
+                     f"{'yes' if c['met'] else 'no'} |")
+    lines += ["", "Distillation vs labels (top-1 gain in points; cost ratios distilled / labels; the teacher's own "
+              "training is its row above):", "",
+              "| distilled | labels | equal | " + " | ".join(f"p={p}" for p in sizes)
+              + " | images × | FLOPs × | time × |", "|---|---|---|" + "---:|" * (len(sizes) + 3)]
+    for r in result["distill_vs_labels"]:
+        cells = [f"{r['top1_gain'][str(p)]:+.1f}" for p in sizes]
+        lines.append(f"| {r['distilled']} | {r['labels']} | {r['equal']} | " + " | ".join(cells)
+                     + f" | {r['images_seen_ratio']:.2f} | {r['train_gflops_ratio']:.2f} | "
+                     f"{r['train_seconds_ratio']:.2f} |")
+    lines += ["", "![accuracy vs patch size](flexibility.png)", ""]
+    path.write_text("\n".join(lines))
+
+
+def write_plot(result: dict[str, Any], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    sizes = result["patch_sizes"]
+    fig, ax = plt.subplots(figsize=(7.2, 4.8))
+    for name, c in result["curves"].items():
+        mean = [100 * c["top1_mean"][str(p)] for p in sizes]
+        std = [100 * (c["top1_std"][str(p)] or 0.0) for p in sizes]  # one seed: no error bar
+        style = "--" if c["resize"] == "bilinear" else "-"
+        marker = "s" if c["supervision"] == "distilled" else "o"
+        ax.errorbar(sizes, mean, yerr=std, linestyle=style, marker=marker, capsize=3, label=name)
+    ax.set_xscale("log")
+    ax.set_xticks(sizes, [str(p) for p in sizes])
+    ax.minorticks_off()
+    ax.set_xlabel("patch size (pixels, 28 px images)")
+    ax.set_ylabel("top-1 (%)")
+    ax.set_title(f"Fashion-MNIST, FlexiViT {result['steps']} steps, fixed ViTs at equal images, "
+                 f"seeds {result['seeds']}", fontsize=9)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7, ncol=2)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--out", type=Path, default=ROOT / "runs" / "reproduce_flexibility", help="run directories")
@@ -201,7 +307,7 @@ def main(argv: list[str] | None = None) -> int:
     sizes = sorted(int(s) for s in args.sizes.split(",") if s.strip())
     if args.small not in sizes or args.large not in sizes or args.small == args.large:
         p.error(f"--small {args.small} and --large {args.large} must be two different sizes among --sizes {sizes}")
-    out, results = args.out.resolve(), args.results.resolve()  # the runs' subprocesses start in the repo root
+    out, results = args.out.resolve(), args.results.resolve()  # absolute: the teachers' paths go into configs
     extra = list(SMOKE) if args.smoke else []
     eval_limit = 300 if args.smoke and args.eval_limit is None else args.eval_limit
     if args.steps is not None:
@@ -213,17 +319,22 @@ def main(argv: list[str] | None = None) -> int:
     gflops = ForwardCounter(channels=data.channels, num_classes=data.num_classes)
     try:  # a config the recipe refuses, or run directories made with other settings
         runs = plan(seeds=seeds, small=args.small, large=args.large, sizes=sizes, extra=extra, out=out, gflops=gflops)
-        for run in runs:
-            check_settings(run, out)
-    except ValueError as e:
+        study = Study(out, jobs=args.jobs)
+        study.check([run.spec() for run in runs])
+    except ValueError as e:  # RunError too
         p.error(str(e))
     out.mkdir(parents=True, exist_ok=True)
     results.mkdir(parents=True, exist_ok=True)
 
     by_dir = {run.dir_name: run for run in runs}
+    if args.jobs > 1:  # concurrent runs share the cores: one torch thread each unless the caller chose otherwise
+        os.environ.setdefault("OMP_NUM_THREADS", "1")
     if not args.finished_only:
-        train_all(runs, out, args.jobs)
-    finished = [run for run in runs if (out / run.dir_name / "eval.json").exists()]
+        try:  # a distilled run starts once its teacher has finished
+            study.run_all([run.spec() for run in runs])
+        except RunError as e:
+            raise SystemExit(f"reproduce_flexibility: {e}") from None
+    finished = [run for run in runs if maybe_results(out / run.dir_name) is not None]
     if not finished:
         p.error(f"no run under {out} has finished yet; run without --finished-only to train them")
     per_run, spent = {}, {}
@@ -235,7 +346,8 @@ def main(argv: list[str] | None = None) -> int:
     result = summarise(finished, per_run, spent, sizes, seeds)
     flexi = next(run for run in runs if run.name == "flexi")  # the FlexiViTs' steps, from the plan
     command = " ".join(["python tools/reproduce_flexibility.py", *(sys.argv[1:] if argv is None else argv)])
-    result.update(steps=flexi.config().train.steps, eval_images=_eval_count(out, finished[0]),
+    eval_images = read_results(out / finished[0].dir_name).images("scored")
+    result.update(steps=flexi.config().train.steps, eval_images=eval_images,
                   train_minutes=sum(b["train_seconds"] for b in spent.values()) / 60, command=command,
                   unfinished=[run.dir_name for run in runs if run not in finished])
     result["targets"] = target_checks(result)
@@ -245,11 +357,6 @@ def main(argv: list[str] | None = None) -> int:
     write_plot(result, results / "flexibility.png")
     print((results / "flexibility.md").read_text())
     return 0
-
-
-def _eval_count(out: Path, run: Run) -> int:
-    report = json.loads((out / run.dir_name / "eval.json").read_text())
-    return int(report["results"][0]["n"])
 
 
 if __name__ == "__main__":

@@ -3,19 +3,21 @@
 from __future__ import annotations
 
 import argparse
+import importlib
 from pathlib import Path
+from typing import Any
 
 from flexivit.train.config import list_recipes
 
-__all__ = ["build_parser"]
+__all__ = ["build_parser", "add_run_args", "recipe_help", "option_commands"]
 
 
-def _recipe_help() -> str:
+def recipe_help() -> str:
     return "recipes: " + ", ".join(list_recipes()) + " (or a path to a recipe .py file); add :ARG, e.g. fashion_mnist:smoke"
 
 
-def _add_run_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("recipe", help="RECIPE[:ARG] — " + _recipe_help())
+def add_run_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("recipe", help="RECIPE[:ARG] — " + recipe_help())
     p.add_argument("--data", help="fashion-mnist (default), a local image folder, hf:NAME[:CONFIG], or a stream: "
                    "wds:SHARDS or hf-stream:NAME[:CONFIG] (docs/streaming.md)")
     p.add_argument("--out", type=Path, help="run directory (default: runs/<recipe>)")
@@ -23,47 +25,51 @@ def _add_run_args(p: argparse.ArgumentParser) -> None:
                    help="override a config field, e.g. --set optim.lr=3e-4 (repeatable)")
 
 
-def build_parser() -> argparse.ArgumentParser:
+CHECKPOINT_HELP = "a run directory, a model .safetensors file, or a folder written by `flexivit export`"
+
+
+def option_commands() -> dict[str, tuple[str, str]]:
+    """The option families' commands: name -> (driver module, one-line help) (``flexivit.ext.COMMANDS``)."""
+    return importlib.import_module("flexivit.ext").COMMANDS
+
+
+def build_parser(command: str | None = None, cli: Any = None) -> argparse.ArgumentParser:
+    """Every subcommand; an option command's arguments only when ``command`` is it, from its driver, which
+    gets ``cli`` (the CLI's shared pieces: ``run_args``, ``resolve``, ``device``)."""
     parser = argparse.ArgumentParser(
         prog="flexivit", description="Train and use FlexiViT models (one ViT, every patch size).",
-        epilog=_recipe_help(),
+        epilog=recipe_help(),
     )
     sub = parser.add_subparsers(dest="command", required=True)
-    p = sub.add_parser("train", help="train a recipe", epilog=_recipe_help())
-    _add_run_args(p)
+    p = sub.add_parser("train", help="train a recipe", epilog=recipe_help())
+    add_run_args(p)
     p.add_argument("--resume", action="store_true", help="continue from the newest good checkpoint in --out")
     p.add_argument("--overwrite", action="store_true", help="start over in an --out that holds a model or "
                    "checkpoints: they, the log and the report are removed first (refused without it)")
     p = sub.add_parser("finetune", help="fine-tune a trained FlexiViT on a recipe's task (stays flexible)",
-                       epilog=_recipe_help())
+                       epilog=recipe_help())
     p.add_argument("checkpoint", help="a run directory or a model .safetensors file")
-    _add_run_args(p)
+    add_run_args(p)
     p.add_argument("--patch-size", type=int, help="fine-tune at this one size (default: sample the recipe's sizes, "
                    "which keeps every size usable)")
     p.add_argument("--resume", action="store_true", help="continue from the newest good checkpoint in --out")
     p.add_argument("--overwrite", action="store_true", help="start over in an --out that holds a model or "
                    "checkpoints: they, the log and the report are removed first (refused without it)")
-    p = sub.add_parser("compress", help="a compact model derived from a trained FlexiViT (LUT-Q, least-squares "
-                       "bridges, trained on its quantised outputs)", epilog=_recipe_help())
-    p.add_argument("base", help="the trained FlexiViT: a run directory or a model .safetensors file")
-    _add_run_args(p)
-    p.add_argument("--resume", action="store_true", help="continue from the newest good checkpoint in --out")
-    p.add_argument("--overwrite", action="store_true", help="start over in an --out that holds a model or "
-                   "checkpoints: they, the log and the report are removed first (refused without it)")
     _add_search_parser(sub)
-    _add_evolve_parser(sub)
     _add_eval_parser(sub)
     _add_predict_parser(sub)
     _add_export_parser(sub)
-    _add_recalibrate_parser(sub)
-    _add_fewshot_parser(sub)
+    for name, (module, help) in option_commands().items():  # the option families' commands (flexivit.ext)
+        p = sub.add_parser(name, help=help, epilog=recipe_help())
+        if name == command:  # its arguments only when it runs: the driver's imports are heavy
+            importlib.import_module(module).add_arguments(p, cli)
     return parser
 
 
 def _add_search_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("search", help="choose settings on the validation split: a grid of trials, resumable",
-                       epilog=_recipe_help())
-    _add_run_args(p)
+                       epilog=recipe_help())
+    add_run_args(p)
     p.add_argument("--grid", action="append", default=[], metavar="KEY=V1,V2",
                    help="a config key and its values to try (repeatable: the grid is their product); a list "
                    "value goes in brackets, e.g. patch.sizes=[2,4],[4,8]; without --grid, the recipe's SEARCH_GRID")
@@ -76,34 +82,6 @@ def _add_search_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--init", help="a FlexiViT checkpoint: every trial fine-tunes from it (flexivit finetune)")
     p.add_argument("--then-train", action="store_true", help="train the winner at the recipe's budget into "
                    "OUT/final and report it on the test split")
-
-
-def _add_evolve_parser(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("evolve", help="evolve block graphs guided by their learned connection weights, scored on "
-                       "the validation split, resumable (docs/evolve.md)", epilog=_recipe_help())
-    _add_run_args(p)
-    p.add_argument("--population", type=int, default=8, help="candidates alive at once: the chain and random "
-                   "graphs at the start (default 8)")
-    p.add_argument("--iterations", type=int, default=16, help="children trained after the initial population, one "
-                   "per iteration (default 16)")
-    p.add_argument("--tournament", type=int, default=3, help="members drawn each iteration: the best is the parent, "
-                   "the worst leaves the population (default 3)")
-    p.add_argument("--threshold", default="0.5", help="a parent's edge is kept iff its trained weight exceeds this: a "
-                   "number in [0, 1] (default 0.5) or 'uniform' (drawn from U(0, 1) per edge)")
-    p.add_argument("--unguided", action="store_true", help="the control: keep each edge with probability "
-                   "--keep-rate whatever its weight")
-    p.add_argument("--keep-rate", type=float, default=0.5, help="the coin of --unguided, and of a guided parent "
-                   "with no untrained child (default 0.5; pass a guided run's mean keep-rate to compare with it)")
-    p.add_argument("--steps", type=int, help="training steps of each candidate (default: the recipe's)")
-    p.add_argument("--metric", default="worst", help="worst (default): the lowest validation top-1 over the "
-                   "evaluated sizes; mean: their mean")
-    p.add_argument("--seed", type=int, default=0, help="the search's seed (default 0); candidates train with the "
-                   "recipe's train.seed")
-    p.add_argument("--then-train", action="store_true", help="train the best graph at the recipe's budget into "
-                   "OUT/final and report it on the test split")
-
-
-CHECKPOINT_HELP = "a run directory, a model .safetensors file, or a folder written by `flexivit export`"
 
 
 def _add_eval_parser(sub: argparse._SubParsersAction) -> None:
@@ -155,7 +133,7 @@ def _add_predict_parser(sub: argparse._SubParsersAction) -> None:
 
 def _add_export_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("export", help="a plain timm VisionTransformer at one patch size (+ ONNX, torch.export); "
-                       "a model that is not a plain ViT (bridges) as ONNX / torch.export only")
+                       "a model that is not a plain ViT (an option timm cannot hold) as ONNX / torch.export only")
     p.add_argument("checkpoint", help="a run directory or a model .safetensors file")
     p.add_argument("--patch-size", type=int, required=True, help="the size to bake in")
     p.add_argument("--out", type=Path, required=True, help="folder for config.json + model.safetensors")
@@ -165,36 +143,3 @@ def _add_export_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--atol", type=float, default=1e-5, help="logit tolerance of the check (default 1e-5)")
     p.add_argument("--overwrite", action="store_true", help="replace the model files of an --out that already holds "
                    "a model or a training run (refused without it)")
-
-
-def _add_recalibrate_parser(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("recalibrate", help="running statistics of batch-statistics norms (model.norm=batchnorm|bgn) "
-                       "for new patch sizes, estimated on training images without gradients (docs/batchnorm.md)")
-    p.add_argument("checkpoint", help="a run directory or a model .safetensors file")
-    p.add_argument("--patch-sizes", required=True, help="comma-separated new sizes, e.g. 3,5")
-    p.add_argument("--data", help="where the training images come from (default: the run's dataset, else fashion-mnist)")
-    p.add_argument("--images", type=int, default=512, help="training images to estimate on (default 512)")
-    p.add_argument("--out", type=Path, help="model file or folder to write (default: over the checkpoint's model)")
-
-
-def _add_fewshot_parser(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("fewshot", help="few-shot accuracy of a frozen FlexiViT with class proxies built from each "
-                       "episode's support set, per method, shot count and patch size (docs/proxies.md)")
-    p.add_argument("checkpoint", help="a run directory or a model .safetensors file (its head is ignored)")
-    p.add_argument("--data", required=True, help="fashion-mnist, an image folder or hf:NAME[:CONFIG]; episodes come "
-                   "from its test split")
-    p.add_argument("--classes", help="comma-separated class names to draw episodes from (default: every class)")
-    p.add_argument("--ways", type=int, default=5, help="classes per episode (default 5)")
-    p.add_argument("--shots", default="1,5", help="support images per class, comma-separated (default 1,5)")
-    p.add_argument("--queries", type=int, default=15, help="query images per class and episode (default 15)")
-    p.add_argument("--episodes", type=int, default=100, help="episodes (default 100)")
-    p.add_argument("--patch-sizes", help="comma-separated sizes, or 'all' (default: the run's training sizes)")
-    p.add_argument("--methods", default="global,local,global+local", help="comma-separated, among global, local and "
-                   "global+local (default: all three)")
-    p.add_argument("--local", default="16", help="local proxies per class M (k-means of the support tokens), or 'all' "
-                   "(every support token); several comma-separated (4,16,all) score each M on the same episodes and "
-                   "share one backbone pass per patch size; default 16")
-    p.add_argument("--mix", type=float, default=0.5, help="weight of the global proxies in global+local (default 0.5)")
-    p.add_argument("--seed", type=int, default=0, help="episodes and k-means derive from it (default 0)")
-    p.add_argument("--device", help="cpu, cuda or cuda:N (default: cuda when available)")
-    p.add_argument("--out", type=Path, help="where fewshot.json/.md/.png go (default: the checkpoint's folder)")

@@ -20,10 +20,13 @@
 from __future__ import annotations
 
 import argparse
+import importlib
 import sys
+from types import SimpleNamespace
 from pathlib import Path
+from typing import Any
 
-from flexivit.cli.args import build_parser
+from flexivit.cli.args import add_run_args, build_parser, option_commands, recipe_help
 from flexivit.cli.errors import one_line, record_for_launcher
 from flexivit.outdir import check_folder_target
 
@@ -61,13 +64,6 @@ def _finetune(args: argparse.Namespace) -> None:
     finetune(args.checkpoint, cfg, out_dir=out, resume=args.resume, overwrite=args.overwrite)
 
 
-def _compress(args: argparse.Namespace) -> None:
-    from flexivit.ext.compress import compress
-
-    cfg, out = _resolve(args)
-    compress(args.base, cfg, out_dir=out, resume=args.resume, overwrite=args.overwrite)
-
-
 def _search(args: argparse.Namespace) -> None:
     from flexivit.experiments.search import SearchError, run_search
 
@@ -82,24 +78,6 @@ def _search(args: argparse.Namespace) -> None:
                       then_train=args.then_train)
     print(f"best on validation ({best['metric']} size): {best['setting']} -> {100 * best['score']:.2f} %; "
           f"wrote {out / 'search.md'}, {out / 'search.png'}, {out / 'best.json'}")
-    if "final" in best:
-        print(f"final run {best['final']['run']}, test top-1: " +
-              ", ".join(f"p={p} {100 * v:.2f}" for p, v in best["final"]["test"].items()))
-
-
-def _evolve(args: argparse.Namespace) -> None:
-    from flexivit.ext.evolve import Settings, parse_threshold, run_evolve
-
-    settings = Settings(population=args.population, iterations=args.iterations, tournament=args.tournament,
-                        threshold=parse_threshold(args.threshold), unguided=args.unguided, keep_rate=args.keep_rate,
-                        seed=args.seed, metric=args.metric)
-    overrides = ([f"data.source={args.data}"] if args.data else []) + list(args.overrides)
-    out = args.out or Path("runs") / ("evolve-" + args.recipe.replace(":", "-").replace("/", "_").removesuffix(".py"))
-    best = run_evolve(recipe=args.recipe, settings=settings, steps=args.steps, out=out, overrides=overrides,
-                      then_train=args.then_train)
-    print(f"best on validation ({best['metric']} size): candidate {best['id']}, {best['graph']} -> "
-          f"{100 * best['score']:.2f} %; wrote {out / 'evolve.md'}, {out / 'evolve.png'}, {out / 'best_graph.json'}")
-    print(f"train it: {best['command']}")
     if "final" in best:
         print(f"final run {best['final']['run']}, test top-1: " +
               ", ".join(f"p={p} {100 * v:.2f}" for p, v in best["final"]["test"].items()))
@@ -204,37 +182,10 @@ def _export(args: argparse.Namespace) -> None:
     print(f"exported patch size {args.patch_size} to {result.out_dir}: {', '.join(result.files)}")
     print(f"checked against the flexible model on a sample batch (max |logit diff|: {diffs})")
     if "model.safetensors" not in result.files:  # not a plain ViT: ONNX / torch.export only
-        print("not a timm model: run model.onnx, or torch.export.load('model.pt2').module(); see docs/compress.md")
+        print("not a timm model: run model.onnx, or torch.export.load('model.pt2').module(); see docs/deploy.md")
         return
     print("load with timm alone: VisionTransformer(**json.load(open('config.json'))['model_args']) + "
           "load_state_dict(safetensors.torch.load_file('model.safetensors')); see docs/deploy.md")
-
-
-def _recalibrate(args: argparse.Namespace) -> None:
-    from flexivit.ext.recalibrate import recalibrate_checkpoint
-
-    try:
-        sizes = [int(s) for s in args.patch_sizes.split(",") if s.strip()]
-    except ValueError:
-        raise ValueError(f"--patch-sizes takes comma-separated integers such as 3,5, got {args.patch_sizes!r}") from None
-    file, new, images = recalibrate_checkpoint(args.checkpoint, sizes, data=args.data, images=args.images, out=args.out)
-    print(f"running statistics for patch size(s) {', '.join(map(str, new))} from {images} training images; wrote {file}")
-
-
-def _fewshot(args: argparse.Namespace) -> None:
-    from flexivit.model.weights import run_dir
-    from flexivit.ext.fewshot import FewShotSettings, markdown, parse_list, parse_local, run_fewshot, write_fewshot
-
-    settings = FewShotSettings(ways=args.ways, shots=tuple(parse_list(args.shots, "--shots")), queries=args.queries,
-                               episodes=args.episodes, methods=tuple(m.strip() for m in args.methods.split(",")),
-                               local=parse_local(args.local), mix=args.mix, seed=args.seed)
-    classes = [c.strip() for c in args.classes.split(",")] if args.classes else None
-    out = check_folder_target(args.out or run_dir(args.checkpoint))
-    report = run_fewshot(args.checkpoint, data=args.data, settings=settings, classes=classes,
-                         patch_sizes=args.patch_sizes, device=_device(args.device))
-    files = write_fewshot(report, out)
-    print(markdown(report), end="")
-    print(f"wrote {', '.join(str(f) for f in files.values())}")
 
 
 def _user_errors(command: str) -> tuple[type[BaseException], ...]:
@@ -242,21 +193,38 @@ def _user_errors(command: str) -> tuple[type[BaseException], ...]:
     from flexivit.data.transforms import CorruptImageError
 
     errors: tuple[type[BaseException], ...] = (*USER_ERRORS, CheckpointError, CorruptImageError)
-    if command in ("train", "finetune", "compress"):
+    drivers = option_commands()
+    if command in ("train", "finetune") or (command in drivers and getattr(_driver(command), "TRAINS", False)):
         from flexivit.train.assemble import TrainingError
 
         errors += (TrainingError,)
     return errors
 
 
-COMMANDS = {"train": _train, "finetune": _finetune, "compress": _compress, "search": _search, "evolve": _evolve,
-            "eval": _eval, "predict": _predict, "export": _export, "recalibrate": _recalibrate, "fewshot": _fewshot}
+COMMANDS = {"train": _train, "finetune": _finetune, "search": _search, "eval": _eval, "predict": _predict,
+            "export": _export}
+
+
+def _driver(command: str) -> Any:
+    """The module of an option family's command (``flexivit.ext.COMMANDS``)."""
+    return importlib.import_module(option_commands()[command][0])
+
+
+def _cli() -> SimpleNamespace:
+    """What an option command's driver may use of the CLI."""
+    return SimpleNamespace(run_args=add_run_args, recipe_help=recipe_help, resolve=_resolve, device=_device)
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    argv = sys.argv[1:] if argv is None else list(argv)
+    command = next((a for a in argv if not a.startswith("-")), None)
+    cli = _cli()
+    args = build_parser(command, cli).parse_args(argv)
     try:
-        COMMANDS[args.command](args)
+        if args.command in COMMANDS:
+            COMMANDS[args.command](args)
+        else:
+            _driver(args.command).run(args, cli)
     except _user_errors(args.command) as err:
         message = f"flexivit {args.command}: error: {one_line(err)}"
         print(message, file=sys.stderr)

@@ -5,7 +5,8 @@ list of seeds (without ``--grid``, the recipe's module-level ``SEARCH_GRID``). E
 recipe, or ``flexivit finetune`` from ``--init``), trained for ``--steps`` and scored on the validation
 split only: trials never evaluate the test split. Every finished trial is one line of
 ``OUT/search.jsonl``; a rerun skips those (and says how many), and an interrupted trial resumes from its
-last checkpoint. ``search.md``/``search.png`` summarise the grid, ``best.json`` names the setting with
+last checkpoint (``flexivit.experiments.runner``: every attempt is a line of ``OUT/runs.jsonl``, its output
+``OUT/trials/<trial>.log``). ``search.md``/``search.png`` summarise the grid, ``best.json`` names the setting with
 the highest metric (mean over seeds), and ``--then-train`` trains it at the recipe's own budget into
 ``OUT/final`` and reports it on the test split.
 """
@@ -14,21 +15,20 @@ from __future__ import annotations
 
 import itertools
 import json
-import os
 import re
 import statistics
-import subprocess
-import sys
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
 
+from flexivit.experiments.results import read_results
+from flexivit.experiments.runner import Outcome, RunSpec, Study
 from flexivit.model.weights import atomic_write_text, read_model_meta
 from flexivit.train.config import ConfigError, apply_overrides, load_recipe, recipe_search_grid
 from flexivit.jsonl import read_jsonl
 
-__all__ = ["Trial", "SearchError", "parse_grid", "plan", "run_search", "train_run", "check_data", "score_of", "METRICS"]
+__all__ = ["Trial", "SearchError", "parse_grid", "plan", "run_search", "run_spec", "check_data", "score_of",
+           "METRICS"]
 
 METRICS = ("worst", "mean")
 
@@ -95,38 +95,24 @@ def score_of(val: dict[str, float], metric: str) -> float:
     return min(val.values()) if metric == "worst" else statistics.mean(val.values())
 
 
-def _read_done(path: Path, say=print) -> dict[str, dict[str, Any]]:
-    return {r["trial"]: r for r in read_jsonl(path, say) if r}
+def run_spec(name: str, sets: Sequence[str], *, recipe: str, init: str | None = None,
+             args: Sequence[str] = ()) -> RunSpec:
+    """A ``flexivit train`` (``finetune`` from ``init``) run of ``recipe`` with ``sets`` and the further
+    command-line ``args`` (e.g. ``--patch-size 7``), for ``flexivit.experiments.runner``."""
+    return RunSpec(name=name, command="finetune" if init else "train", recipe=recipe, inputs=(init,) if init else (),
+                   sets=tuple(sets), args=tuple(args))
 
 
-def train_run(run: Path, sets: Sequence[str], *, recipe: str, init: str | None = None,
-              log: Path | None = None, args: Sequence[str] = ()) -> int:
-    """``flexivit train`` (``finetune`` from ``init``) of ``recipe`` with ``sets`` and the further command-line
-    ``args`` (e.g. ``--patch-size 7``) into ``run``, in a subprocess, resuming from ``run``'s last checkpoint
-    if it was interrupted; its output goes to ``log`` (default: this terminal). Returns the exit code."""
-    command = [sys.executable, "-m", "flexivit", *(["finetune", init] if init else ["train"]), recipe, "--out", str(run)]
-    command += [a for s in sets for a in ("--set", s)] + list(args)
-    if (run / "state").is_dir():
-        command.append("--resume")
-    if log is None:
-        return subprocess.run(command).returncode
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    with open(log, "w") as f:
-        return subprocess.run(command, stdout=f, stderr=subprocess.STDOUT, env=env).returncode
-
-
-def _run_trial(trial: Trial, *, recipe: str, init: str | None, overrides: list[str], steps: int | None,
-               out: Path) -> dict[str, Any]:
-    """Train one trial in a subprocess (so several run at once), resuming if it was interrupted."""
-    run = out / "trials" / trial.name
+def _trial_spec(trial: Trial, *, recipe: str, init: str | None, overrides: list[str], steps: int | None) -> RunSpec:
     sets = [*overrides, *trial.overrides(), "train.test_eval=false", *([f"train.steps={steps}"] if steps else [])]
-    code = train_run(run, sets, recipe=recipe, init=init, log=out / "trials" / f"{trial.name}.log")
-    if code != 0:
-        return {"trial": trial.name, "failed": code, "log": str(out / "trials" / f"{trial.name}.log")}
-    report = json.loads((run / "eval.json").read_text())
-    val = {str(r["patch_size"]): r["top1"] for r in report["val"]}
+    return run_spec(f"trials/{trial.name}", sets, recipe=recipe, init=init)
+
+
+def _trial_record(trial: Trial, run: Path) -> dict[str, Any]:
+    """A finished trial's line of ``search.jsonl``: its setting and seed, validation top-1 and cost."""
+    report = read_results(run)
     return {"trial": trial.name, "setting": trial.setting, "values": dict(trial.values), "seed": trial.seed,
-            "val": val, "train_seconds": report["train_seconds"], "images_seen": report["images_seen"]}
+            "val": report.top1("val"), "train_seconds": report.train_seconds, "images_seen": report.images_seen}
 
 
 def summarise(records: list[dict[str, Any]], metric: str) -> list[dict[str, Any]]:
@@ -210,39 +196,42 @@ def run_search(*, recipe: str, grid_specs: Sequence[str], seeds: Sequence[int], 
     trials = plan(grid, seeds)
     (out / "trials").mkdir(parents=True, exist_ok=True)
     log_path = out / "search.jsonl"
-    done = _read_done(log_path, say)
-    todo = [t for t in trials if t.name not in done]
+    done = {r["trial"]: r for r in read_jsonl(log_path, say) if r}
+    todo = {f"trials/{t.name}": t for t in trials if t.name not in done}
     say(f"search: {len(trials)} trials, {len(trials) - len(todo)} already finished (skipped), {len(todo)} to run")
-    failed = []
-    with ThreadPoolExecutor(max_workers=jobs) as pool:
-        futures = [pool.submit(_run_trial, t, recipe=recipe, init=init, overrides=list(overrides), steps=steps, out=out)
-                   for t in todo]
-        for future in futures:
-            record = future.result()
-            if "failed" in record:
-                failed.append(record)
-                say(f"  {record['trial']}: FAILED (exit {record['failed']}), see {record['log']}")
-                continue
-            with open(log_path, "a") as f:
-                f.write(json.dumps(record) + "\n")
-            done[record["trial"]] = record
-            say(f"  {record['trial']}: validation {metric} {score_of(record['val'], metric):.4f}")
+    failed: list[Outcome] = []
+
+    def finished(outcome: Outcome) -> None:  # called once per trial as it ends, one at a time
+        if not outcome.ok:
+            failed.append(outcome)
+            return
+        trial = todo[outcome.name]
+        record = _trial_record(trial, out / outcome.name)
+        with open(log_path, "a") as f:
+            f.write(json.dumps(record) + "\n")
+        done[trial.name] = record
+        say(f"  {trial.name}: validation {metric} {score_of(record['val'], metric):.4f}")
+
+    specs = [_trial_spec(t, recipe=recipe, init=init, overrides=list(overrides), steps=steps) for t in todo.values()]
+    if specs:
+        Study(out, jobs=jobs, say=say).run_all(specs, on_done=finished, strict=False)
     records = [done[t.name] for t in trials if t.name in done]
     if not records:
-        raise SearchError(f"no trial finished ({len(failed)} failed; see {failed[0]['log'] if failed else out}), so "
+        raise SearchError(f"no trial finished ({len(failed)} failed; see {failed[0].log if failed else out}), so "
                           "there is no best setting" + (" and nothing for --then-train to train" if then_train else ""))
     rows = summarise(records, metric)
     best = {"setting": rows[0]["setting"], "values": rows[0]["values"], "metric": metric,
             "score": rows[0]["metric"], "val": rows[0]["val"], "seeds": rows[0]["seeds"], "steps": steps,
-            "recipe": recipe, "overrides": list(overrides), "trials": len(records), "failed": [f["trial"] for f in failed],
+            "recipe": recipe, "overrides": list(overrides), "trials": len(records),
+            "failed": [todo[f.name].name for f in failed],
             "train_seconds": sum(r["train_seconds"] for r in records),
             "images_seen": sum(r["images_seen"] for r in records)}
     write_report(rows, grid, out, metric=metric, title=f"flexivit search {recipe}")
     if then_train:
-        best["final"] = _final(best, recipe=recipe, init=init, overrides=list(overrides), out=out)
+        best["final"] = _final(best, recipe=recipe, init=init, overrides=list(overrides), out=out, say=say)
     atomic_write_text(out / "best.json", json.dumps(best, indent=2) + "\n")
     if failed:
-        raise SearchError(f"{len(failed)} of {len(trials)} trials failed ({', '.join(f['log'] for f in failed)}); "
+        raise SearchError(f"{len(failed)} of {len(trials)} trials failed ({', '.join(str(f.log) for f in failed)}); "
                           "the others are summarised in search.md; fix the cause and rerun to run only those")
     return best
 
@@ -255,11 +244,11 @@ def check_data(recipe: str, overrides: Sequence[str]) -> None:
     build_data(load_recipe(recipe, list(overrides)))
 
 
-def _final(best: dict[str, Any], *, recipe: str, init: str | None, overrides: list[str], out: Path) -> dict[str, Any]:
+def _final(best: dict[str, Any], *, recipe: str, init: str | None, overrides: list[str], out: Path,
+           say) -> dict[str, Any]:
     """Train the winning setting at the recipe's own budget and report it on the test split."""
-    run = out / "final"
     sets = [*overrides, *(f"{k}={v}" for k, v in best["values"].items())]
-    if train_run(run, sets, recipe=recipe, init=init) != 0:
-        raise SearchError(f"the final run of {best['setting']} failed; rerun the same command to resume it")
-    report = json.loads((run / "eval.json").read_text())
-    return {"run": str(run), "test": {str(r["patch_size"]): r["top1"] for r in report["results"]}}
+    outcome = Study(out, say=say).run(run_spec("final", sets, recipe=recipe, init=init))
+    if not outcome.ok:
+        raise SearchError(f"the final run of {best['setting']}: {outcome.error}")
+    return {"run": str(out / "final"), "test": read_results(out / "final").top1("scored")}

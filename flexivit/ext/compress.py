@@ -161,3 +161,21 @@ def compress(base: str | Path, cfg: Config, *, out_dir: str | Path, resume: bool
           + "/".join(f"{v:.2f}" for v in report["gflops_ratio"].values()) + f" at patch {'/'.join(map(str, sizes))}; "
           f"wrote {Path(out_dir) / COMPRESS_FILE}")
     return result
+
+
+# ---- the `flexivit compress` command (flexivit.ext.COMMANDS) -------------------------------------------
+TRAINS = True  # a TrainingError is the user's to fix here too
+
+
+def add_arguments(p: Any, cli: Any) -> None:
+    """``flexivit compress BASE RECIPE ...``: ``cli`` gives the CLI's shared arguments (``run_args``)."""
+    p.add_argument("base", help="the trained FlexiViT: a run directory or a model .safetensors file")
+    cli.run_args(p)
+    p.add_argument("--resume", action="store_true", help="continue from the newest good checkpoint in --out")
+    p.add_argument("--overwrite", action="store_true", help="start over in an --out that holds a model or "
+                   "checkpoints: they, the log and the report are removed first (refused without it)")
+
+
+def run(args: Any, cli: Any) -> None:
+    cfg, out = cli.resolve(args)
+    compress(args.base, cfg, out_dir=out, resume=args.resume, overwrite=args.overwrite)

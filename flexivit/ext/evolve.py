@@ -1,7 +1,7 @@
 """``flexivit evolve``: evolve block graphs (``flexivit.ext.graph``) guided by their learned connection weights.
 
 Every candidate is an ordinary run of the recipe with ``--set model.graph=<graph>`` trained for ``--steps``
-on the trial runner of ``flexivit search`` (a subprocess, validation split only, ``OUT/candidates/cNNN``),
+on the study runner (``flexivit.experiments.runner``: a subprocess, validation split only, ``OUT/candidates/cNNN``),
 scored by the worst (or mean) validation top-1 over the evaluated patch sizes. The initial population is
 the chain and ``population - 1`` random graphs; each iteration a tournament picks the parent (the best of
 those drawn) and removes the worst of them, and the child is ``evolution.mutate`` of the parent with the
@@ -28,7 +28,9 @@ from flexivit.model.weights import atomic_write_text
 from flexivit.train.config import load_recipe
 from flexivit.ext.evolution import Mutation, check_threshold, mutate, random_graph, tournament
 from flexivit.ext.graph import HEAD, BlockGraph, Edge, chain
-from flexivit.experiments.search import METRICS, check_data, score_of, train_run
+from flexivit.experiments.results import read_jsonl, read_results
+from flexivit.experiments.runner import Study
+from flexivit.experiments.search import METRICS, check_data, run_spec, score_of
 from flexivit.model.variants import VARIANTS
 
 __all__ = ["EvolveError", "Settings", "Child", "parse_threshold", "evolve_graphs", "run_evolve", "RETRIES"]
@@ -177,7 +179,7 @@ def _weights(run: Path) -> tuple[dict[Edge, float], dict[str, float]]:
     blocks = model.blocks
     is_graph = isinstance(blocks, GraphBlocks)
     weights = blocks.connection_weights() if is_graph else dict.fromkeys(chain(c.depth).edges, 1.0)
-    sizes = [int(r["patch_size"]) for r in json.loads((run / "eval.json").read_text())["val"]]
+    sizes = [int(p) for p in read_results(run).top1("val")]
     x = torch.zeros(1, c.in_chans, c.img_size, c.img_size)  # (B, C, H, W): FLOPs do not depend on pixels
     with torch.no_grad():
         gflops = {str(p): count_gflops(lambda inp, p=p: model(inp, p), x) for p in sizes}
@@ -186,8 +188,8 @@ def _weights(run: Path) -> tuple[dict[Edge, float], dict[str, float]]:
 
 def _record(child: Child, run: Path, metric: str) -> dict[str, Any]:
     depth = child.graph.depth
-    report = json.loads((run / "eval.json").read_text())
-    val = {str(r["patch_size"]): r["top1"] for r in report["val"]}
+    report = read_results(run)
+    val = report.top1("val")
     weights, gflops = _weights(run)
     m = child.mutation
     edges = {k: [_edge_text(e, depth) for e in getattr(m, k)] if m else None
@@ -198,7 +200,7 @@ def _record(child: Child, run: Path, metric: str) -> dict[str, Any]:
             "gflops": gflops, "weights": {_edge_text(e, depth): w for e, w in weights.items()}, **edges,
             "keep_rate": m.keep_rate if m else None, "population": list(child.population),
             "run": f"{run.parent.name}/{run.name}",
-            "train_seconds": report["train_seconds"], "images_seen": report["images_seen"]}
+            "train_seconds": report.train_seconds, "images_seen": report.images_seen}
 
 
 def _check_settings(out: Path, fixed: dict[str, Any]) -> None:
@@ -230,7 +232,7 @@ def _prepare(*, recipe: str, settings: Settings, steps: int | None, out: Path,
     (out / "candidates").mkdir(parents=True, exist_ok=True)
     atomic_write_text(out / "settings.json", json.dumps(fixed, indent=2) + "\n")
     log_path = out / "evolve.jsonl"
-    done = {r["id"]: r for r in map(json.loads, log_path.read_text().splitlines())} if log_path.is_file() else {}
+    done = {r["id"]: r for r in read_jsonl(log_path)}
     planned = settings.population + settings.iterations
     if len(done) > planned:
         raise EvolveError(f"{log_path} holds {len(done)} candidates, more than --population + --iterations = "
@@ -249,16 +251,14 @@ def _trainer(done: dict[int, dict[str, Any]], records: list[dict[str, Any]], *, 
                                   f"plans {child.graph}: {out} was written by another search; pass another --out")
             records.append(done[child.id])
             return done[child.id]
-        run, log = out / "candidates" / child.name, out / "candidates" / f"{child.name}.log"
         sets = [*overrides, f"model.graph={child.graph}", "train.test_eval=false",
                 *([f"train.steps={steps}"] if steps else [])]
-        code = train_run(run, sets, recipe=recipe, log=log)
-        if code != 0:
+        outcome = Study(out, say=say).run(run_spec(f"candidates/{child.name}", sets, recipe=recipe))
+        if not outcome.ok:
             nothing = "; nothing has finished, so --then-train has nothing to train" if then_train and not records \
                 else ""
-            raise EvolveError(f"candidate {child.id} ({child.graph}) failed (exit {code}), see {log}; fix the cause "
-                              f"and rerun the same command to continue{nothing}")
-        records.append(_record(child, run, metric))
+            raise EvolveError(f"candidate {child.id} ({child.graph}): {outcome.error}{nothing}")
+        records.append(_record(child, out / "candidates" / child.name, metric))
         atomic_write_text(out / "evolve.jsonl", "".join(json.dumps(r) + "\n" for r in records))  # whole lines only
         say(f"  {child.name} (iteration {child.iteration}, {child.operator}): {child.graph} -> validation "
             f"{metric} {records[-1]['score']:.4f}")
@@ -279,7 +279,7 @@ def run_evolve(*, recipe: str, settings: Settings, steps: int | None, out: Path,
     best = _best(records, recipe=recipe, overrides=overrides, steps=steps, settings=settings)
     write_report(records, out, settings=settings, title=f"flexivit evolve {recipe}", keep_rate=best["guided_keep_rate"])
     if then_train:
-        best["final"] = _final(best, recipe=recipe, overrides=list(overrides), out=out)
+        best["final"] = _final(best, recipe=recipe, overrides=list(overrides), out=out, say=say)
     atomic_write_text(out / "best_graph.json", json.dumps(best, indent=2) + "\n")
     return best
 
@@ -297,13 +297,12 @@ def _best(records: list[dict[str, Any]], *, recipe: str, overrides: Sequence[str
             "train_seconds": sum(r["train_seconds"] for r in records)}
 
 
-def _final(best: dict[str, Any], *, recipe: str, overrides: list[str], out: Path) -> dict[str, Any]:
+def _final(best: dict[str, Any], *, recipe: str, overrides: list[str], out: Path, say) -> dict[str, Any]:
     """Train the best graph at the recipe's own budget and report it on the test split."""
-    run = out / "final"
-    if train_run(run, [*overrides, best["set"]], recipe=recipe) != 0:
-        raise EvolveError(f"the final run of {best['graph']} failed; rerun the same command to resume it")
-    report = json.loads((run / "eval.json").read_text())
-    return {"run": str(run), "test": {str(r["patch_size"]): r["top1"] for r in report["results"]}}
+    outcome = Study(out, say=say).run(run_spec("final", [*overrides, best["set"]], recipe=recipe))
+    if not outcome.ok:
+        raise EvolveError(f"the final run of {best['graph']}: {outcome.error}")
+    return {"run": str(out / "final"), "test": read_results(out / "final").top1("scored")}
 
 
 def write_report(records: list[dict[str, Any]], out: Path, *, settings: Settings, title: str,
@@ -347,3 +346,45 @@ def write_report(records: list[dict[str, Any]], out: Path, *, settings: Settings
     fig.tight_layout()
     fig.savefig(out / "evolve.png", dpi=120)
     plt.close(fig)
+
+
+# ---- the `flexivit evolve` command (flexivit.ext.COMMANDS) ---------------------------------------------
+def add_arguments(p: Any, cli: Any) -> None:
+    """``flexivit evolve RECIPE ...``: ``cli`` gives the CLI's shared arguments (``run_args``)."""
+    cli.run_args(p)
+    p.add_argument("--population", type=int, default=8, help="candidates alive at once: the chain and random "
+                   "graphs at the start (default 8)")
+    p.add_argument("--iterations", type=int, default=16, help="children trained after the initial population, one "
+                   "per iteration (default 16)")
+    p.add_argument("--tournament", type=int, default=3, help="members drawn each iteration: the best is the parent, "
+                   "the worst leaves the population (default 3)")
+    p.add_argument("--threshold", default="0.5", help="a parent's edge is kept iff its trained weight exceeds this: a "
+                   "number in [0, 1] (default 0.5) or 'uniform' (drawn from U(0, 1) per edge)")
+    p.add_argument("--unguided", action="store_true", help="the control: keep each edge with probability "
+                   "--keep-rate whatever its weight")
+    p.add_argument("--keep-rate", type=float, default=0.5, help="the coin of --unguided, and of a guided parent "
+                   "with no untrained child (default 0.5; pass a guided run's mean keep-rate to compare with it)")
+    p.add_argument("--steps", type=int, help="training steps of each candidate (default: the recipe's)")
+    p.add_argument("--metric", default="worst", help="worst (default): the lowest validation top-1 over the "
+                   "evaluated sizes; mean: their mean")
+    p.add_argument("--seed", type=int, default=0, help="the search's seed (default 0); candidates train with the "
+                   "recipe's train.seed")
+    p.add_argument("--then-train", action="store_true", help="train the best graph at the recipe's budget into "
+                   "OUT/final and report it on the test split")
+
+
+
+def run(args: Any, cli: Any) -> None:
+    settings = Settings(population=args.population, iterations=args.iterations, tournament=args.tournament,
+                        threshold=parse_threshold(args.threshold), unguided=args.unguided, keep_rate=args.keep_rate,
+                        seed=args.seed, metric=args.metric)
+    overrides = ([f"data.source={args.data}"] if args.data else []) + list(args.overrides)
+    out = args.out or Path("runs") / ("evolve-" + args.recipe.replace(":", "-").replace("/", "_").removesuffix(".py"))
+    best = run_evolve(recipe=args.recipe, settings=settings, steps=args.steps, out=out, overrides=overrides,
+                      then_train=args.then_train)
+    print(f"best on validation ({best['metric']} size): candidate {best['id']}, {best['graph']} -> "
+          f"{100 * best['score']:.2f} %; wrote {out / 'evolve.md'}, {out / 'evolve.png'}, {out / 'best_graph.json'}")
+    print(f"train it: {best['command']}")
+    if "final" in best:
+        print(f"final run {best['final']['run']}, test top-1: " +
+              ", ".join(f"p={p} {100 * v:.2f}" for p, v in best["final"]["test"].items()))

@@ -36,7 +36,8 @@ import torch
 from tqdm.auto import tqdm
 
 from flexivit.train.builders import load_splits, preprocess_meta
-from flexivit.model.weights import atomic_write_text
+from flexivit.model.weights import atomic_write_text, run_dir
+from flexivit.outdir import check_folder_target
 from flexivit.train.config import Config
 from flexivit.data.sources import TransformedDataset, collate, select_classes
 from flexivit.eval.evaluate import default_device, load_eval_splits
@@ -336,3 +337,39 @@ def write_fewshot(report: dict[str, Any], out_dir: str | Path) -> dict[str, Path
     atomic_write_text(files["md"], markdown(report))
     save_plot(report, files["png"])
     return files
+
+
+# ---- the `flexivit fewshot` command (flexivit.ext.COMMANDS) --------------------------------------------
+def add_arguments(p: Any, cli: Any) -> None:
+    """``flexivit fewshot CHECKPOINT --data SRC ...``."""
+    p.add_argument("checkpoint", help="a run directory or a model .safetensors file (its head is ignored)")
+    p.add_argument("--data", required=True, help="fashion-mnist, an image folder or hf:NAME[:CONFIG]; episodes come "
+                   "from its test split")
+    p.add_argument("--classes", help="comma-separated class names to draw episodes from (default: every class)")
+    p.add_argument("--ways", type=int, default=5, help="classes per episode (default 5)")
+    p.add_argument("--shots", default="1,5", help="support images per class, comma-separated (default 1,5)")
+    p.add_argument("--queries", type=int, default=15, help="query images per class and episode (default 15)")
+    p.add_argument("--episodes", type=int, default=100, help="episodes (default 100)")
+    p.add_argument("--patch-sizes", help="comma-separated sizes, or 'all' (default: the run's training sizes)")
+    p.add_argument("--methods", default="global,local,global+local", help="comma-separated, among global, local and "
+                   "global+local (default: all three)")
+    p.add_argument("--local", default="16", help="local proxies per class M (k-means of the support tokens), or 'all' "
+                   "(every support token); several comma-separated (4,16,all) score each M on the same episodes and "
+                   "share one backbone pass per patch size; default 16")
+    p.add_argument("--mix", type=float, default=0.5, help="weight of the global proxies in global+local (default 0.5)")
+    p.add_argument("--seed", type=int, default=0, help="episodes and k-means derive from it (default 0)")
+    p.add_argument("--device", help="cpu, cuda or cuda:N (default: cuda when available)")
+    p.add_argument("--out", type=Path, help="where fewshot.json/.md/.png go (default: the checkpoint's folder)")
+
+
+def run(args: Any, cli: Any) -> None:
+    settings = FewShotSettings(ways=args.ways, shots=tuple(parse_list(args.shots, "--shots")), queries=args.queries,
+                               episodes=args.episodes, methods=tuple(m.strip() for m in args.methods.split(",")),
+                               local=parse_local(args.local), mix=args.mix, seed=args.seed)
+    classes = [c.strip() for c in args.classes.split(",")] if args.classes else None
+    out = check_folder_target(args.out or run_dir(args.checkpoint))
+    report = run_fewshot(args.checkpoint, data=args.data, settings=settings, classes=classes,
+                         patch_sizes=args.patch_sizes, device=cli.device(args.device))
+    files = write_fewshot(report, out)
+    print(markdown(report), end="")
+    print(f"wrote {', '.join(str(f) for f in files.values())}")

@@ -101,10 +101,13 @@ def local_similarity(tokens: torch.Tensor, proxies: torch.Tensor, *, max_element
     ``max_elements`` values, and under autograd each block is recomputed in the backward pass instead of kept
     (``torch.utils.checkpoint``), so memory stays bounded for many classes and tokens (on the ``imagenet``
     recipe one all-at-once intermediate took 7.4 GB). Each class's value is computed as it would be all at
-    once."""
+    once. A traced call (``torch.compile``, ``torch.export``) makes them all at once: the blocks would depend on
+    a symbolic batch size."""
     t, p = F.normalize(tokens, dim=-1), F.normalize(proxies, dim=-1)
     b, n, _ = t.shape
     k, m, _ = p.shape
+    if torch.compiler.is_compiling():  # traced (compile, torch.export): one block, the batch may be symbolic
+        return _local(t, p)
     step = max(1, max_elements // max(1, b * m * n))  # classes per block
     if step >= k:
         return _local(t, p)

@@ -4,7 +4,7 @@ saved model (the command's driver; the norms and ``recalibrate`` itself live in 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Iterable, Iterator, Sequence
+from typing import Any, Iterable, Iterator, Sequence
 
 import torch
 
@@ -55,3 +55,22 @@ def recalibrate_checkpoint(checkpoint: str | Path, patch_sizes: Sequence[int], *
     new = recalibrate(model, _Images(loader), patch_sizes)
     file = save_model(model.to("cpu"), target, class_names=meta.get("class_names") or [], preprocess=preprocess)
     return file, new, len(loader) * loader.batch_size
+
+
+# ---- the `flexivit recalibrate` command (flexivit.ext.COMMANDS) ----------------------------------------
+def add_arguments(p: Any, cli: Any) -> None:
+    """``flexivit recalibrate CHECKPOINT --patch-sizes 3,5 ...``."""
+    p.add_argument("checkpoint", help="a run directory or a model .safetensors file")
+    p.add_argument("--patch-sizes", required=True, help="comma-separated new sizes, e.g. 3,5")
+    p.add_argument("--data", help="where the training images come from (default: the run's dataset, else fashion-mnist)")
+    p.add_argument("--images", type=int, default=512, help="training images to estimate on (default 512)")
+    p.add_argument("--out", type=Path, help="model file or folder to write (default: over the checkpoint's model)")
+
+
+def run(args: Any, cli: Any) -> None:
+    try:
+        sizes = [int(s) for s in args.patch_sizes.split(",") if s.strip()]
+    except ValueError:
+        raise ValueError(f"--patch-sizes takes comma-separated integers such as 3,5, got {args.patch_sizes!r}") from None
+    file, new, images = recalibrate_checkpoint(args.checkpoint, sizes, data=args.data, images=args.images, out=args.out)
+    print(f"running statistics for patch size(s) {', '.join(map(str, new))} from {images} training images; wrote {file}")
