@@ -45,7 +45,7 @@ from typing import Any, Callable, Sequence
 import flexivit
 from flexivit.experiments.results import read_jsonl
 from flexivit.files import atomic_write_text
-from flexivit.train.config import Config, ConfigError, config_from_dict, load_recipe
+from flexivit.train.config import Config, ConfigError, config_from_dict, flat_keys, load_recipe
 from flexivit.train.state import find_states
 
 __all__ = ["RunSpec", "Outcome", "Study", "RunError", "raise_failures", "FLEXIVIT", "RECORD", "RUNS_LOG",
@@ -116,16 +116,6 @@ def _say(line: str) -> None:
     sys.stdout.flush()
 
 
-def _flat(values: dict[str, Any], prefix: str = "") -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for key, value in values.items():
-        if isinstance(value, dict):
-            out.update(_flat(value, f"{prefix}{key}."))
-        else:
-            out[prefix + key] = value
-    return out
-
-
 def _config(recipe: str, sets: Sequence[str]) -> dict[str, Any]:
     return json.loads(json.dumps(load_recipe(recipe, list(sets)).to_dict()))  # tuples as lists, as saved
 
@@ -142,7 +132,7 @@ def _changes(saved: dict[str, Any], now: dict[str, Any]) -> dict[str, tuple[Any,
             there = json.loads(json.dumps(config_from_dict(Config, saved["config"]).to_dict()))
         except ConfigError as err:
             return {**changed, "config": (f"unreadable today ({err})", "the planned one")}
-        a, b = _flat(there), _flat(now["config"])
+        a, b = flat_keys(there), flat_keys(now["config"])
         changed.update({k: (a.get(k), b.get(k)) for k in sorted(a.keys() | b.keys())
                         if a.get(k) != b.get(k) and k not in CADENCE})
     return changed

@@ -29,7 +29,7 @@ from flexivit.outdir import check_folder_target, clear_run, train_out_problem
 from flexivit.rng import seed_all
 from flexivit.train import state as ckpt
 from flexivit.train.builders import RunData, build_data, build_model, build_sampler, eval_loader, preprocess_meta, schemes_of
-from flexivit.train.config import Config, check_config, config_from_dict
+from flexivit.train.config import Config, check_config, config_from_dict, flat_keys
 from flexivit.train.distill import Teacher, ViewSpec, load_teacher, student_from_teacher
 from flexivit.train.hooks import Hooks, PostStepHook
 from flexivit.train.objective import LossTerm, Objective, build_objective, l2_sp_term
@@ -105,20 +105,10 @@ def _share_cores(accelerator: Accelerator, num_workers: int) -> int:
     return before
 
 
-def _flat(values: dict[str, Any], prefix: str = "") -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for key, value in values.items():
-        if isinstance(value, dict):
-            out.update(_flat(value, f"{prefix}{key}."))
-        else:
-            out[prefix + key] = value
-    return out
-
-
 def config_changes(saved: dict[str, Any], now: dict[str, Any]) -> dict[str, tuple[Any, Any]]:
     """Fields (dotted) whose values differ between a checkpoint's config and this run's, except those a
     resumed run may change."""
-    a, b = _flat(saved), _flat(now)
+    a, b = flat_keys(saved), flat_keys(now)
     return {k: (a.get(k), b.get(k)) for k in sorted(set(a) | set(b))
             if a.get(k) != b.get(k) and k not in RESUMABLE_CHANGES}
 

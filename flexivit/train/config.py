@@ -23,7 +23,7 @@ from flexivit.model.options import registered, run_fields
 __all__ = [
     "ConfigError", "Config", "ModelConfig", "DataConfig", "PatchConfig", "StageConfig", "OptimConfig", "TrainConfig",
     "DistillConfig", "FinetuneConfig", "load_recipe", "apply_overrides", "config_from_dict", "list_recipes", "RECIPES_DIR",
-    "recipe_search_grid", "check_config",
+    "recipe_search_grid", "check_config", "flat_keys",
 ]
 
 RECIPES_DIR = Path(__file__).resolve().parent.parent / "recipes"  # flexivit/recipes, shipped in the package
@@ -286,6 +286,17 @@ def check_config(config: Config) -> Config:
         except ValueError as err:
             raise ConfigError(str(err)) from None
     return config
+
+
+def flat_keys(values: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """A nested config dict (``Config.to_dict()``, a saved ``config.json``) as dotted keys: ``{"optim.lr": ...}``."""
+    out: dict[str, Any] = {}
+    for key, value in values.items():
+        if isinstance(value, dict):
+            out.update(flat_keys(value, f"{prefix}{key}."))
+        else:
+            out[prefix + key] = value
+    return out
 
 
 # ---- typed conversion ------------------------------------------------------------------------------
