@@ -26,7 +26,6 @@ docs/results/ holds ``python tools/bench.py`` on a shared 2-vCPU AMD EPYC VM (CP
 from __future__ import annotations
 
 import argparse
-import ctypes
 import json
 import math
 import os
@@ -34,24 +33,20 @@ import platform
 import statistics
 import sys
 import time
-from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import timm
 import torch
-import torch.nn.functional as F
 from timm.layers import use_fused_attn
 from timm.models.vision_transformer import VisionTransformer
-from torch import nn
-from torch.utils import flop_counter
 
 from flexivit.model import resize
 from flexivit.model.vit import FlexiViT, FlexiViTConfig
 from flexivit.model.timm_interop import timm_vit_kwargs
 from flexivit.model.variants import VARIANTS
-from flexivit.eval.timing import Settings, Step, autocast, count_flops, eval_step, peak_mem_mb, race, timed, train_step
+from flexivit.eval.timing import Settings, count_flops, eval_step, peak_mem_mb, race, timed, train_step
 
 TARGETS = {"train": 0.97, "eval": 0.99}
 
@@ -63,6 +58,22 @@ class Sweep:
     patch_sizes: tuple[int, ...]
     batch: int
 
+def build_sweeps(smoke: bool, tiny: bool, cuda: bool, batch: int | None) -> list[Sweep]:
+    """The sweep(s) to run; batches sized so one CPU step of the largest token count takes ~1 s."""
+    if smoke:
+        cfg = FlexiViTConfig(**{**VARIANTS["flexi_vit_micro"], "img_size": 16, "patch_size": 4, "base_patch_size": 8,
+                                "base_grid": 4, "embed_dim": 32, "depth": 1, "in_chans": 1, "num_classes": 10})
+        return [Sweep("smoke", cfg, (2, 4, 8), batch or 8)]
+    micro = FlexiViTConfig(**{**VARIANTS["flexi_vit_micro"], "in_chans": 1, "num_classes": 10})
+    sweeps = [Sweep("micro@28", micro, (2, 4, 7, 14), batch or (512 if cuda else 128))]
+    if tiny:
+        for img, sizes in ((32, (4, 8, 16)), (64, (8, 16, 32))):
+            cfg = FlexiViTConfig(**{**VARIANTS["flexi_vit_tiny"], "img_size": img, "num_classes": 10})
+            sweeps.append(Sweep(f"tiny@{img}", cfg, sizes, batch or (256 if cuda else 16)))
+    return sweeps
+
+
+# ---- timing primitives ---------------------------------------------------------------------------
 def time_pi_resize(kernel: torch.Tensor, sizes: tuple[int, ...], s: Settings) -> dict[str, Any]:
     """Milliseconds per ``pi_resize`` call with the pinv-factor cache cleared (cold) and warm (cached)."""
     per_size: dict[str, dict[str, float]] = {}

@@ -17,6 +17,7 @@ import argparse
 from pathlib import Path
 
 import torch
+import torch._dynamo
 import torch.nn.functional as F
 
 from flexivit import FlexiViT, FlexiViTConfig
@@ -40,8 +41,6 @@ OPTIONS = {  # the plain model, then each option as a recipe would switch it on
 
 def count(fields: dict) -> dict[str, int]:
     """Graphs after a training step at every size, then after evaluating every size."""
-    import torch._dynamo
-
     torch._dynamo.reset()
     torch.manual_seed(0)
     model = compile_model(FlexiViT(FlexiViTConfig(**BASE, **fields)), backend="aot_eager")

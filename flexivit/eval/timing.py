@@ -10,6 +10,7 @@ import ctypes
 import time
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Callable
 
 import torch
@@ -34,22 +35,6 @@ class Settings:
     warmup: int
 
 
-def build_sweeps(smoke: bool, tiny: bool, cuda: bool, batch: int | None) -> list[Sweep]:
-    """The sweep(s) to run; batches sized so one CPU step of the largest token count takes ~1 s."""
-    if smoke:
-        cfg = FlexiViTConfig(**{**VARIANTS["flexi_vit_micro"], "img_size": 16, "patch_size": 4, "base_patch_size": 8,
-                                "base_grid": 4, "embed_dim": 32, "depth": 1, "in_chans": 1, "num_classes": 10})
-        return [Sweep("smoke", cfg, (2, 4, 8), batch or 8)]
-    micro = FlexiViTConfig(**{**VARIANTS["flexi_vit_micro"], "in_chans": 1, "num_classes": 10})
-    sweeps = [Sweep("micro@28", micro, (2, 4, 7, 14), batch or (512 if cuda else 128))]
-    if tiny:
-        for img, sizes in ((32, (4, 8, 16)), (64, (8, 16, 32))):
-            cfg = FlexiViTConfig(**{**VARIANTS["flexi_vit_tiny"], "img_size": img, "num_classes": 10})
-            sweeps.append(Sweep(f"tiny@{img}", cfg, sizes, batch or (256 if cuda else 16)))
-    return sweeps
-
-
-# ---- timing primitives ---------------------------------------------------------------------------
 def timed(fn: Step, n: int, device: torch.device) -> float:
     """Seconds for ``n`` calls of ``fn``, device work included."""
     sync: Step = (lambda: torch.cuda.synchronize(device)) if device.type == "cuda" else (lambda: None)

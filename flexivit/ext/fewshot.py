@@ -35,10 +35,8 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from flexivit.train.builders import load_splits, preprocess_meta
 from flexivit.model.weights import atomic_write_text, run_dir
 from flexivit.outdir import check_folder_target
-from flexivit.train.config import Config
 from flexivit.data.sources import TransformedDataset, collate, select_classes
 from flexivit.eval.evaluate import default_device, load_eval_splits
 from flexivit.model.vit import FlexiViT

@@ -26,7 +26,7 @@ input uses it as it is, with no parameter: the chain has no edge parameters at a
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Callable, Iterable, Sequence
+from typing import Any, Iterable, Sequence
 
 import torch
 from timm.models import checkpoint
