@@ -1,5 +1,6 @@
-"""The `imagenet` recipe end to end on a generated stand-in (224-px JPEGs, 4 classes, train/val/test folders):
-train on two CPU ranks through `accelerate launch`, resume from a mid-run checkpoint, `flexivit eval`,
+"""The `imagenet` recipe end to end on a generated stand-in of 224-px JPEGs, 4 classes, as an image folder
+(train/val/test folders) and as a WebDataset shard set (`train-*.tar`, `validation-*.tar`, streamed): train
+on two CPU ranks through `accelerate launch`, resume from a mid-run checkpoint, `flexivit eval`,
 `flexivit export`.
 
 The run is `imagenet:smoke` (the S card's data path: 240-px random-resized crop, RandAugment, mixup 0.2, label
@@ -20,7 +21,7 @@ from timm.models.vision_transformer import VisionTransformer
 
 from flexivit.model.weights import load_model
 from flexivit.train.config import load_recipe
-from flexivit.data.standin import write_imagenet_standin
+from flexivit.data.standin import write_imagenet_standin, write_imagenet_standin_shards
 from test_train import ROOT, _env, _sets
 
 LAUNCH = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
@@ -41,12 +42,18 @@ def _log(run: Path) -> list[dict]:
 
 
 @pytest.mark.slow
-def test_imagenet_recipe_trains_resumes_evaluates_and_exports(tmp_path):
+@pytest.mark.parametrize("layout", ["folder", "shards"])
+def test_imagenet_recipe_trains_resumes_evaluates_and_exports(tmp_path, layout):
     data = tmp_path / "imagenet"
-    assert write_imagenet_standin(data) == {"train": 32, "val": 8, "test": 8}
+    if layout == "folder":
+        assert write_imagenet_standin(data) == {"train": 32, "val": 8, "test": 8}
+        source = str(data)
+    else:  # 6 train shards of 8 (one held out for validation: val_fraction 0.01 of 6 shards rounds up to 1)
+        assert write_imagenet_standin_shards(data) == {"train": 48, "validation": 8}
+        source = f"wds:{data}"
     cfg = load_recipe("imagenet:smoke", SMALL)
     straight, resumed = tmp_path / "straight", tmp_path / "resumed"
-    train = ["train", "imagenet:smoke", "--data", str(data), *_sets(SMALL)]
+    train = ["train", "imagenet:smoke", "--data", source, *_sets(SMALL)]
 
     _run([*train, "--out", str(straight)], tmp_path, ranks=True)
     windows = [r for r in _log(straight) if "per_patch" in r]
@@ -55,7 +62,7 @@ def test_imagenet_recipe_trains_resumes_evaluates_and_exports(tmp_path):
     report = json.loads((straight / "eval.json").read_text())
     assert report["images_seen"] == 8 * 8 * 2  # 8 steps x 8 images x 2 ranks
     assert [r["patch_size"] for r in report["results"]] == cfg.patch.eval_sizes
-    assert {r["n"] for r in report["results"]} == {8} and {r["n"] for r in report["val"]} == {8}  # shipped splits
+    assert {r["n"] for r in report["results"]} == {8} and {r["n"] for r in report["val"]} == {8}  # 8 images each
     saved = json.loads((straight / "config.json").read_text())
     assert (saved["data"]["randaugment"], saved["data"]["mixup"], saved["train"]["mixed_precision"]) == (
         "rand-m9-mstd0.5", 0.2, "bf16")

@@ -63,12 +63,20 @@ def split_fingerprint(ds: datasets.Dataset, class_names: list[str], root: Path |
             "digest": digest.hexdigest()}
 
 
+def stream_fingerprint(stream: Any) -> dict[str, Any]:
+    """A streamed split (``flexivit.data.streams.ShardStream``) by its shards: their names, record counts and
+    sizes in order (reading every record's label at each start would cost a pass over the data)."""
+    digest = hashlib.sha256("".join(f"{s.name}\t{s.records}\t{s.size}\n" for s in stream.shards).encode())
+    return {"images": len(stream), "per_class": {}, "digest": digest.hexdigest()}
+
+
 def data_fingerprint(splits: Splits, source: str) -> dict[str, Any]:
     """The fingerprint of a run's data: its source, class names, and every split's rows."""
     folder = Path(source).expanduser()
     root = folder.resolve() if folder.is_dir() else None
     return {"source": source, "class_names": list(splits.class_names),
-            "splits": {name: split_fingerprint(getattr(splits, name), splits.class_names, root) for name in SPLITS}}
+            "splits": {name: stream_fingerprint(ds) if hasattr(ds := getattr(splits, name), "shards")
+                       else split_fingerprint(ds, splits.class_names, root) for name in SPLITS}}
 
 
 def _split_changes(name: str, before: dict[str, Any], now: dict[str, Any]) -> str | None:

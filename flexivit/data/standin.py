@@ -12,12 +12,14 @@ direction, plus noise, so a few steps can already move the loss; the content is 
 
 from __future__ import annotations
 
+import io
+import tarfile
 from pathlib import Path
 
 import numpy as np
 from PIL import Image
 
-__all__ = ["SPLITS", "class_ids", "standin_image", "write_imagenet_standin"]
+__all__ = ["SPLITS", "class_ids", "standin_image", "write_imagenet_standin", "write_imagenet_standin_shards"]
 
 SPLITS = {"train": 8, "val": 2, "test": 2}  # images per class in each split
 SHAPES = ((224, 224), (280, 224), (224, 280))  # (W, H), cycled over an image's index
@@ -55,4 +57,36 @@ def write_imagenet_standin(root: str | Path, *, classes: int = 4, per_split: dic
                 standin_image(label, index, classes=classes, seed=seed).save(
                     folder / f"{name}_{index}.JPEG", quality=quality)
         counts[split] = classes * per_class
+    return counts
+
+
+def _add(tar: tarfile.TarFile, name: str, data: bytes) -> None:
+    info = tarfile.TarInfo(name)
+    info.size = len(data)
+    tar.addfile(info, io.BytesIO(data))
+
+
+def write_imagenet_standin_shards(root: str | Path, *, classes: int = 4, train_per_class: int = 12,
+                                  eval_per_class: int = 2, shards: int = 6, seed: int = 0,
+                                  quality: int = 90) -> dict[str, int]:
+    """The stand-in as WebDataset shards, laid out as HF names ImageNet's splits: ``root/train-NNNNN.tar``
+    (``shards`` of them, records shuffled by ``seed``) and ``root/validation-00000.tar``; each record is
+    ``KEY.jpg`` with ``KEY.cls`` (the class index). Returns the images written per split."""
+    root = Path(root)
+    root.mkdir(parents=True, exist_ok=True)
+    splits = {"train": (train_per_class, shards, 0), "validation": (eval_per_class, 1, 1)}
+    counts = {}
+    for split, (per_class, n_shards, offset) in splits.items():
+        records = [(label, offset * 1000 + i) for label in range(classes) for i in range(per_class)]
+        order = np.random.default_rng([seed, offset]).permutation(len(records))
+        for k in range(n_shards):
+            with tarfile.open(root / f"{split}-{k:05d}.tar", "w") as tar:
+                for j in order[k::n_shards]:
+                    label, index = records[j]
+                    buffer = io.BytesIO()
+                    standin_image(label, index, classes=classes, seed=seed).save(buffer, "JPEG", quality=quality)
+                    key = f"{class_ids(classes)[label]}_{index}"
+                    _add(tar, f"{key}.jpg", buffer.getvalue())
+                    _add(tar, f"{key}.cls", str(label).encode())
+        counts[split] = len(records)
     return counts
