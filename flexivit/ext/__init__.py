@@ -11,7 +11,7 @@ OPTION_MODULES = (
     "flexivit.ext.lutq",
     "flexivit.ext.graph",
     "flexivit.ext.bridge",
-    "flexivit.ext.bgn",
+    "flexivit.ext.norms",
     "flexivit.ext.proxies",
 )
 
