@@ -28,6 +28,7 @@ from flexivit.train.sampler import PatchSizeSampler, make_distribution
 from flexivit.data.shards import StreamError
 from flexivit.train.step_batches import StepBatches
 from flexivit.data.streams import RUN_RECORD, TrainStream, slot_order
+from flexivit.train.runlock import LOCK_FILE
 from flexivit.data.transforms import build_transform
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -357,7 +358,7 @@ def test_flexivit_train_on_shards_resumes_bit_identically_and_refuses_changed_sh
     after = sorted((p.relative_to(resumed), p.stat().st_mtime_ns) for p in resumed.rglob("*"))
     assert [p for p, _ in after] == [p for p, _ in before]
     changed = [p for (p, t), (_, u) in zip(before, after) if t != u]
-    assert changed == [Path("config.json")]  # written by every start, before the data is read
+    assert changed == [Path(LOCK_FILE), Path("config.json")]  # written by every start, before the data is read
 
 
 def test_select_reads_a_sample_of_the_stream_as_a_table(tmp_path):

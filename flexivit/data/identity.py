@@ -23,6 +23,7 @@ import datasets
 import pyarrow as pa
 
 from flexivit.data.sources import Splits
+from flexivit.data.streams import shard_changes
 
 __all__ = ["data_fingerprint", "data_changes", "SPLITS"]
 
@@ -66,8 +67,9 @@ def split_fingerprint(ds: datasets.Dataset, class_names: list[str], root: Path |
 def stream_fingerprint(stream: Any) -> dict[str, Any]:
     """A streamed split (``flexivit.data.streams.ShardStream``) by its shards: their names, record counts and
     sizes in order (reading every record's label at each start would cost a pass over the data)."""
-    digest = hashlib.sha256("".join(f"{s.name}\t{s.records}\t{s.size}\n" for s in stream.shards).encode())
-    return {"images": len(stream), "per_class": {}, "digest": digest.hexdigest()}
+    shards = [[s.name, s.records, s.size] for s in stream.shards]
+    digest = hashlib.sha256("".join(f"{n}\t{r}\t{b}\n" for n, r, b in shards).encode())
+    return {"images": len(stream), "per_class": {}, "digest": digest.hexdigest(), "shards": shards}
 
 
 def data_fingerprint(splits: Splits, source: str) -> dict[str, Any]:
@@ -82,6 +84,8 @@ def data_fingerprint(splits: Splits, source: str) -> dict[str, Any]:
 def _split_changes(name: str, before: dict[str, Any], now: dict[str, Any]) -> str | None:
     if before == now:
         return None
+    if "shards" in before and "shards" in now:  # a streamed split: say which shards changed
+        return "; ".join(shard_changes(name, before["shards"], now["shards"])) or None
     if before["images"] != now["images"]:
         classes = [f"{c} {before['per_class'].get(c, 0)} -> {now['per_class'].get(c, 0)}"
                    for c in sorted(set(before["per_class"]) | set(now["per_class"]))

@@ -349,16 +349,23 @@ def _changes(saved: dict[str, Any], now: dict[str, Any]) -> list[str]:
              (("ranks", "processes"), ("workers", "data workers per process (max(1, data.num_workers))"))
              if saved.get(key) != now[key]]
     for split in sorted(set(saved["splits"]) | set(now["splits"])):
-        a = {n: (r, b) for n, r, b in saved["splits"].get(split, [])}
-        b = {n: (r, b) for n, r, b in now["splits"].get(split, [])}
-        removed, added = [n for n in a if n not in b], [n for n in b if n not in a]
-        if removed:
-            found.append(f"{split} shards removed: {', '.join(removed[:5])}{' ...' if len(removed) > 5 else ''}")
-        if added:
-            found.append(f"{split} shards added: {', '.join(added[:5])}{' ...' if len(added) > 5 else ''}")
-        for name in (n for n in a if n in b and a[n] != b[n]):
-            (ra, sa), (rb, sb) = a[name], b[name]
-            found.append(f"{split} shard {name}: {ra} records / {sa} bytes -> {rb} / {sb}")
-        if not (removed or added) and list(a) != list(b):
-            found.append(f"{split} shards listed in another order")
+        found += shard_changes(split, saved["splits"].get(split, []), now["splits"].get(split, []))
+    return found
+
+
+def shard_changes(split: str, before: list[list[Any]], now: list[list[Any]]) -> list[str]:
+    """What differs between two lists of a split's shards (``[name, records, bytes]`` each), in words."""
+    a = {n: (r, b) for n, r, b in before}
+    b = {n: (r, b) for n, r, b in now}
+    removed, added = [n for n in a if n not in b], [n for n in b if n not in a]
+    found = []
+    if removed:
+        found.append(f"{split} shards removed: {', '.join(removed[:5])}{' ...' if len(removed) > 5 else ''}")
+    if added:
+        found.append(f"{split} shards added: {', '.join(added[:5])}{' ...' if len(added) > 5 else ''}")
+    for name in (n for n in a if n in b and a[n] != b[n]):
+        (ra, sa), (rb, sb) = a[name], b[name]
+        found.append(f"{split} shard {name}: {ra} records / {sa} bytes -> {rb} / {sb}")
+    if not (removed or added) and list(a) != list(b):
+        found.append(f"{split} shards listed in another order")
     return found
