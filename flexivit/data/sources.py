@@ -49,12 +49,11 @@ from flexivit.data import fashion_mnist
 from flexivit.data.arrays import from_arrays
 from flexivit.rng import mix
 from flexivit.data.transforms import (
-    GRAY_MODES,
     CorruptImageError,
     TransformedDataset,
     build_transform,
+    channels_of,
     collate,
-    open_image,
     undecoded,
 )
 
@@ -171,16 +170,8 @@ def _encode_labels(
 def _native_channels(ds: datasets.Dataset, probes: int = 8) -> int:
     """3 if any of ``probes`` evenly spaced images is in colour, else 1 (unreadable ones skipped)."""
     raw = undecoded(ds)
-    modes = []
-    for i in np.linspace(0, len(raw) - 1, num=min(probes, len(raw))).astype(int).tolist():
-        try:
-            with open_image(raw[i]["image"], load=False) as image:  # reads the header only
-                modes.append(image.mode)
-        except CorruptImageError:
-            continue
-    if not modes:
-        raise CorruptImageError(f"none of {probes} sampled images could be decoded")
-    return 1 if all(mode in GRAY_MODES for mode in modes) else 3
+    rows = np.linspace(0, len(raw) - 1, num=min(probes, len(raw))).astype(int).tolist()
+    return channels_of((raw[i]["image"] for i in rows), what=f"{probes} sampled images")
 
 
 def _finish(

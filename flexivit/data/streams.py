@@ -46,7 +46,7 @@ from flexivit.data.sources import VAL_NAMES, Splits
 from flexivit.files import atomic_write_text
 from flexivit.rng import mix, seed_all
 from flexivit.data.shards import HFStreamShards, Shard, StreamError, TarShards
-from flexivit.data.transforms import GRAY_MODES, CorruptImageError, collate, open_image
+from flexivit.data.transforms import CorruptImageError, channels_of, collate, open_image
 
 __all__ = ["STREAM_PREFIXES", "RUN_RECORD", "ShardStream", "TrainStream", "StreamError", "load_stream", "slot_order"]
 
@@ -143,16 +143,8 @@ class ShardStream:
 
     def channels(self, probes: int = 8) -> int:
         """3 if any of the first ``probes`` images is in colour, else 1 (unreadable ones skipped)."""
-        modes = []
-        for image, _ in islice(self.source.records(self.shards[0], 0), probes):
-            try:
-                with open_image(image, load=False) as pil:
-                    modes.append(pil.mode)
-            except CorruptImageError:
-                continue
-        if not modes:
-            raise CorruptImageError(f"none of the first {probes} images of {self.shards[0].path} could be decoded")
-        return 1 if all(m in GRAY_MODES for m in modes) else 3
+        images = (image for image, _ in islice(self.source.records(self.shards[0], 0), probes))
+        return channels_of(images, what=f"the first {probes} images of {self.shards[0].path}")
 
     def select(self, indices: Iterable[int]) -> datasets.Dataset:
         """Records ``indices`` (numbered through the shards in listed order) as an in-memory table, in that

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import io
 import logging
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
 import datasets
@@ -34,6 +34,7 @@ __all__ = [
     "DEFAULT_MEAN",
     "DEFAULT_STD",
     "GRAY_MODES",
+    "channels_of",
     "AtSize",
     "CorruptImageError",
     "ToMode",
@@ -58,6 +59,21 @@ DEFAULT_STD = 0.5
 GRAY_MODES = frozenset({"1", "L", "LA", "I", "I;16", "I;16B", "I;16L", "I;16N", "F"})
 
 Transform = Callable[[Image.Image], torch.Tensor]
+
+
+def channels_of(images: Iterable[Any], *, what: str) -> int:
+    """3 if any of ``images`` (raw: paths, bytes or dicts ``open_image`` reads) is in colour, else 1; only
+    headers are read and unreadable ones skipped. ``what`` names the images in the error when none reads."""
+    modes = []
+    for image in images:
+        try:
+            with open_image(image, load=False) as pil:  # reads the header only
+                modes.append(pil.mode)
+        except CorruptImageError:
+            continue
+    if not modes:
+        raise CorruptImageError(f"none of {what} could be decoded")
+    return 1 if all(mode in GRAY_MODES for mode in modes) else 3
 Sample = dict[str, Any]
 
 
