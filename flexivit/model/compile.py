@@ -10,7 +10,8 @@ one graph serves every patch size and batch. The stem, the final norm and the he
 Graphs built (dynamo's ``unique_graphs``, counted by ``graph_count``; ``tests/test_compile.py`` and
 ``tools/bench_compile.py`` measure them on the quickstart sizes): one for training (autograd on),
 one for evaluation (``no_grad``, a different grad mode), and one more for batch-1 calls, since dynamo
-specialises dimensions of size 1. Models of the same architecture share their graphs (parameters are
+specialises dimensions of size 1. Training with a patch size per image (``patch.per_image``) runs the
+packed trunk instead, compiled with static shapes: one graph for the run's row bucket. Models of the same architecture share their graphs (parameters are
 graph inputs), so a baseline of the same dims compiles nothing new.
 
 Compilation is in place (``nn.Module.compile``): parameter names and ``state_dict`` keys stay what they
@@ -61,6 +62,9 @@ def compile_model(model: nn.Module, *, backend: Backend = "inductor", mode: str 
     trunk.compile(backend=backend, mode=mode, dynamic=True)
     for block in trunk:
         block.compile(backend=backend, mode=mode, dynamic=True)
+    # The packed forward (a patch size per image) runs the blocks' submodules itself, so it compiles its own
+    # trunk with these settings (flexivit.model.packed.run_packed); a plain attribute, not in state_dict.
+    model.compile_options = (backend, mode)
     return model
 
 

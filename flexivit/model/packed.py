@@ -357,10 +357,26 @@ def _pool(model: FlexiViT, x: torch.Tensor, batch: PackedBatch) -> torch.Tensor:
     return sums / counts[:, None]
 
 
+@cache
+def _compiled_trunk(backend: object, mode: str | None) -> Callable[..., torch.Tensor]:
+    """``packed_trunk`` compiled once per process and settings; static shapes, since a run's rows keep one
+    ``(rows, row_tokens)`` bucket (``flexivit.model.packing``)."""
+    return torch.compile(packed_trunk, backend=backend, mode=mode, dynamic=False)
+
+
 def run_packed(model: FlexiViT, batch: PackedBatch, *, attention: str = "auto") -> torch.Tensor:
-    """Logits ``(n_images, num_classes)`` of a packed batch (features ``(n, D)`` for a model without head)."""
+    """Logits ``(n_images, num_classes)`` of a packed batch (features ``(n, D)`` for a model without head).
+
+    A model compiled by ``flexivit.model.compile.compile_model`` runs its rows through a compiled trunk
+    with ``sdpa`` attention (``auto`` on CPU), whose shapes depend on ``(rows, row_tokens)`` alone: one
+    graph per row bucket and grad mode, where ``grouped`` would build one per layout of runs."""
     check_packable(model)
-    x = packed_trunk(model, batch.tokens, batch.image_ids, attention=attention, runs=batch.runs)
+    compiled = getattr(model, "compile_options", None)
+    if compiled is not None and attention in ("auto", "sdpa") and not batch.tokens.is_cuda:
+        trunk = _compiled_trunk(*compiled)
+        x = trunk(model, batch.tokens, batch.image_ids, attention="sdpa")
+    else:
+        x = packed_trunk(model, batch.tokens, batch.image_ids, attention=attention, runs=batch.runs)
     return model.head(model.head_drop(model.fc_norm(_pool(model, x, batch))))
 
 

@@ -18,6 +18,12 @@ half a row per step, so padding shrinks as ``1 / rows``. ``patience=k`` keeps dr
 ``k`` misses in a row, and fills gaps with the small sizes that fit: less padding, a larger skew to small
 sizes. ``tests/test_packing.py`` measures both on the quickstart's mix.
 
+Training (``PackStream``): a draw that fits nowhere is not thrown away but waits, in order, at the head of
+the next plan of the same stream, as an online bin packer holds back an item for the next bin. Every
+draw is then taken, so the images' sizes follow the weights exactly (no skew), and a plan depends on the
+plans before it: ``PackStream.plan(i)`` replays the stream from its start (cheap: one seeded
+``random.Random`` per plan) and remembers what each plan carries forward.
+
 Buckets, for ``torch.compile``: a run packs every step into the same ``(rows, row_tokens)``, so the
 transformer blocks always see tokens ``(rows, row_tokens, D)`` and one attention mask shape; only the eager
 stem and pooling see the varying image count. One bucket per run, hence one graph per grad mode.
@@ -27,14 +33,14 @@ from __future__ import annotations
 
 import bisect
 import itertools
-from collections.abc import Sequence
+import random
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
 from flexivit.model.patch_embed import PatchScheme, check_patch_sizes
 from flexivit.rng import mix
 
-__all__ = ["check_lengths", "first_fit_decreasing", "tokens_per_image", "PackPlan", "RowPacker"]
-
+__all__ = ["check_lengths", "first_fit_decreasing", "tokens_per_image", "PackPlan", "RowPacker", "PackStream"]
 
 
 def tokens_per_image(image_hw: int | tuple[int, int], patch: int, *, prefix: int = 0) -> int:
@@ -94,6 +100,14 @@ class PackPlan:
         """The fraction of the rows' token slots that hold no image."""
         return 1.0 - sum(self.lengths) / (len(self.rows) * self.row_tokens)
 
+    def first(self, k: int) -> PackPlan:
+        """The plan of its first ``k`` images only (the others' slots become padding): a step whose stream
+        came short, e.g. corrupt images skipped by the loader."""
+        if not 0 <= k <= self.num_images:
+            raise ValueError(f"k must be in [0, {self.num_images}], got {k}")
+        rows = tuple(tuple(i for i in row if i < k) for row in self.rows)
+        return PackPlan(self.patch_sizes[:k], self.lengths[:k], rows, self.row_tokens, self.rejected)
+
 
 class RowPacker:
     """Plans each step's rows from ``(seed, step, rank)``: patch sizes drawn with ``weights`` (one per size
@@ -136,20 +150,38 @@ class RowPacker:
         """The step's images (sizes in stream order) and rows; the same on every call."""
         if step < 0 or rank < 0:
             raise ValueError(f"step and rank must be non-negative, got step={step}, rank={rank}")
+        plan, _ = self._place((), (self.draw(step, rank, k) for k in itertools.count()))
+        return plan
+
+    def stream(self, key: int = 0) -> PackStream:
+        """The plans of one stream, in order, with carried-over draws (``PackStream``); ``key`` tells streams
+        apart (a trainer uses its rank)."""
+        return PackStream(self, key=key)
+
+    def _place(self, queued: Sequence[int], fresh: Iterator[int]) -> tuple[PackPlan, tuple[int, ...]]:
+        """First fit of the ``queued`` size indices, then of ``fresh`` draws, into empty rows, until a draw
+        fits nowhere more than ``patience`` times in a row (or no row has room for the smallest size).
+        Returns the plan and the draws that did not fit, in order."""
         free = [self.row_tokens] * self.rows
         rows: list[list[int]] = [[] for _ in range(self.rows)]
         sizes: list[int] = []
         lengths: list[int] = []
+        left: list[int] = []
         smallest = min(n for n, w in zip(self.lengths, self.weights) if w > 0)
-        misses = rejected = 0
-        for k in itertools.count():
+        misses = 0
+        for k, i in enumerate(itertools.chain(queued, fresh)):
+            carried = k < len(queued)  # an earlier plan's draw: never dropped, never a miss
             if max(free) < smallest:
+                if carried:
+                    left.append(i)
+                    continue
                 break
-            i = self.draw(step, rank, k)
             n = self.lengths[i]
             row = next((r for r, room in enumerate(free) if room >= n), None)
             if row is None:
-                rejected += 1
+                left.append(i)
+                if carried:
+                    continue
                 misses += 1
                 if misses > self.patience:
                     break
@@ -159,8 +191,38 @@ class RowPacker:
             free[row] -= n
             sizes.append(self.sizes[i])
             lengths.append(n)
-        return PackPlan(tuple(sizes), tuple(lengths), tuple(map(tuple, rows)), self.row_tokens, rejected)
+        plan = PackPlan(tuple(sizes), tuple(lengths), tuple(map(tuple, rows)), self.row_tokens, len(left))
+        return plan, tuple(left)
 
     def __repr__(self) -> str:
         return (f"RowPacker(sizes={list(self.sizes)}, weights={list(self.weights)}, rows={self.rows}, "
                 f"row_tokens={self.row_tokens}, seed={self.seed}, patience={self.patience})")
+
+
+class PackStream:
+    """One stream's plans in order, for training: plan ``i`` first places the draws plan ``i - 1`` could not
+    (in order), then fresh draws from ``random.Random(mix(seed, key, i))`` (whose ``random()`` sequence
+    Python keeps stable across versions). Every draw is used, so the images follow the weights exactly.
+    ``plan(i)`` is a pure function of ``(seed, key, i)``: it replays from the last plan it remembers."""
+
+    def __init__(self, packer: RowPacker, *, key: int) -> None:
+        self.packer, self.key = packer, int(key)
+        self._carried: list[tuple[int, ...]] = [()]  # what each plan 0, 1, ... starts with
+
+    def _fresh(self, i: int) -> Iterator[int]:
+        rng = random.Random(mix(self.packer.seed, self.key, i))
+        cdf, last, count = self.packer._cdf, self.packer._last, len(self.packer.sizes)
+        while True:
+            j = bisect.bisect_right(cdf, rng.random())
+            yield j if j < count else last
+
+    def plan(self, i: int) -> PackPlan:
+        """Plan ``i`` of the stream; the same on every call and in every process."""
+        if i < 0:
+            raise ValueError(f"plan index must be non-negative, got {i}")
+        while len(self._carried) <= i:
+            j = len(self._carried) - 1
+            _, left = self.packer._place(self._carried[j], self._fresh(j))
+            self._carried.append(left)
+        plan, _ = self.packer._place(self._carried[i], self._fresh(i))
+        return plan

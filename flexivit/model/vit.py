@@ -28,6 +28,7 @@ from flexivit.model.patch_embed import FlexiPatchEmbed, PatchScheme
 from flexivit.model.resize import pi_resize, resample_posemb
 from flexivit.model.timm_interop import flexivit_to_timm, timm_to_flexivit
 from flexivit.model.packed import forward_packed
+from flexivit.model.packing import PackPlan
 
 __all__ = ["FlexiViT", "FlexiViTConfig"]
 
@@ -254,8 +255,16 @@ class FlexiViT(nn.Module, PyTorchModelHubMixin, library_name="flexivit", paper_u
         return self.head(pooled)
 
     def forward(
-        self, x: torch.Tensor, patch_size: int | PatchScheme | None = None, stride: int | None = None
+        self, x: torch.Tensor, patch_size: int | PatchScheme | PackPlan | None = None, stride: int | None = None
     ) -> torch.Tensor:
+        """Logits ``(B, classes)`` at one patch size; with a ``PackPlan`` (a patch size per image, training with
+        ``patch.per_image``), image ``i`` runs at ``plan.patch_sizes[i]`` in the plan's rows (``forward_packed``),
+        through ``forward`` so that DDP and hooks on the model see the call."""
+        if isinstance(patch_size, PackPlan):
+            if stride is not None:
+                raise ValueError("a PackPlan gives every image's patch size; do not pass a stride with it")
+            return forward_packed(self, x, patch_size.patch_sizes, row_tokens=patch_size.row_tokens,
+                                  rows=patch_size.rows)
         return self.forward_head(self.forward_features(x, patch_size, stride))
 
     def forward_packed(self, images: torch.Tensor | Sequence[torch.Tensor], patch_sizes: Sequence[int],

@@ -28,7 +28,7 @@ from flexivit.model.vit import FlexiViT
 from flexivit.outdir import check_folder_target, clear_run, train_out_problem
 from flexivit.rng import seed_all
 from flexivit.train import state as ckpt
-from flexivit.train.builders import RunData, build_data, build_model, build_sampler, eval_loader, preprocess_meta, schemes_of
+from flexivit.train.builders import RunData, build_data, build_model, build_sampler, build_step_batches, eval_loader, preprocess_meta, schemes_of
 from flexivit.train.config import Config, check_config, config_from_dict, flat_keys
 from flexivit.train.distill import Teacher, ViewSpec, load_teacher, student_from_teacher
 from flexivit.train.hooks import Hooks, PostStepHook
@@ -36,7 +36,7 @@ from flexivit.train.objective import LossTerm, Objective, build_objective, l2_sp
 from flexivit.train.optim import build_optimizer
 from flexivit.train.runlock import RunLock
 from flexivit.train.sampler import PatchSizeSampler
-from flexivit.train.step_batches import StepBatches
+from flexivit.train.step_batches import PackedStepBatches, StepBatches
 
 __all__ = ["Run", "TrainingError", "assemble", "RESUMABLE_CHANGES"]
 
@@ -62,7 +62,7 @@ class Run:
     model: nn.Module  # as prepared by Accelerate (DDP-wrapped on several ranks)
     teacher: Teacher | None
     sampler: PatchSizeSampler
-    batches: StepBatches
+    batches: StepBatches | PackedStepBatches
     optimizer: torch.optim.Optimizer
     scheduler: Any
     objective: Objective
@@ -229,9 +229,7 @@ def assemble(
     pre = preprocess_meta(cfg, data.channels)
     model_config = model.config.to_dict()
     sampler = build_sampler(cfg)
-    image_hw = (d.image_size, d.image_size)
-    batches = StepBatches(sampler=sampler, image_hw=image_hw, batch_size=d.batch_size,
-                          token_budget=cfg.train.token_budget, grad_accum=cfg.train.grad_accum)
+    batches = build_step_batches(cfg, sampler, model, rank=accelerator.process_index, ranks=accelerator.num_processes)
     stream = data.train if isinstance(data.train, TrainStream) else None  # each rank reads its own shards
     loader = None if stream is not None else make_loader(
         data.train, batch_size=d.batch_size, shuffle=True, seed=cfg.train.seed, num_workers=d.num_workers,

@@ -22,12 +22,15 @@ from flexivit.model.options import registered
 from flexivit.model.vit import FlexiViT
 from flexivit.model.patch_embed import PatchScheme
 from flexivit.train.sampler import Curriculum, Distribution, PatchSizeSampler, make_distribution
+from flexivit.train.step_batches import PackedStepBatches, StepBatches, loader_batches
+from flexivit.model.packed import check_packable
+from flexivit.model.packing import RowPacker, tokens_per_image
 from flexivit.data.streams import ShardStream, TrainStream
 from flexivit.data.transforms import eval_transform, preprocess_spec
 from flexivit.model.variants import VARIANTS, create_variant
 from flexivit.rng import mix
 
-__all__ = ["build_model", "build_sampler", "schemes_of", "default_patch", "RunData", "build_data", "eval_loader", "preprocess_meta",
+__all__ = ["build_model", "build_sampler", "build_step_batches", "schemes_of", "default_patch", "RunData", "build_data", "eval_loader", "preprocess_meta",
            "task_support"]
 
 
@@ -86,6 +89,49 @@ def build_sampler(cfg: Config) -> PatchSizeSampler:
     return PatchSizeSampler(
         schemes=schemes_of(patch), distribution=dist, seed=cfg.train.seed, image_size=cfg.data.image_size
     )
+
+
+def build_step_batches(cfg: Config, sampler: PatchSizeSampler, model: FlexiViT, *, rank: int,
+                       ranks: int) -> StepBatches | PackedStepBatches:
+    """The run's stream of step batches: one patch scheme per step, or with ``patch.per_image`` one per image.
+
+    Per image, a size's share of the images is what it gets under the per-step sampler with the same
+    settings: its step probability times the images such a step takes (the token budget's share). So a
+    per-image run sees the per-step run's mix of images (and tokens) at each size; only how the sizes
+    share a step differs. Rows: ``train.token_budget // row_tokens`` (``data.batch_size`` without a budget).
+    """
+    d, p, t = cfg.data, cfg.patch, cfg.train
+    hw = (d.image_size, d.image_size)
+    if not p.per_image:
+        return StepBatches(sampler=sampler, image_hw=hw, batch_size=d.batch_size, token_budget=t.token_budget,
+                           grad_accum=t.grad_accum)
+    if isinstance(sampler.distribution, Curriculum):
+        raise ValueError("patch.per_image draws every image from fixed weights, which a curriculum changes with the "
+                         "step; use patch.distribution=uniform, weighted or gaussian")
+    if any(s.stride != s.patch for s in sampler.schemes):
+        raise ValueError("patch.per_image packs non-overlapping patches only; unset patch.strides")
+    if d.mixup > 0 or d.cutmix > 0:
+        raise ValueError("patch.per_image gives steps a varying, possibly odd image count, which timm's Mixup "
+                         "refuses; set data.mixup=0 and data.cutmix=0")
+    try:
+        check_packable(model)
+    except ValueError as err:
+        raise ValueError(f"patch.per_image: {err}") from None
+    probs = sampler.probs(0).tolist()
+    weights = [q * loader_batches(s, hw, d.batch_size, t.token_budget) for q, s in zip(probs, sampler.schemes)]
+    sizes = [s.patch for s in sampler.schemes]
+    longest = max(tokens_per_image(hw, q, prefix=model.num_prefix_tokens) for q in sizes)
+    row_tokens = p.row_tokens or longest
+    if row_tokens < longest:
+        raise ValueError(f"patch.row_tokens={row_tokens} is shorter than an image at patch {min(sizes)} "
+                         f"({longest} tokens); raise it or unset it")
+    rows = t.token_budget // row_tokens if t.token_budget else d.batch_size
+    if rows < 1:
+        raise ValueError(f"train.token_budget={t.token_budget} holds no row of {row_tokens} tokens "
+                         "(patch.row_tokens); raise the budget or shorten the rows")
+    packer = RowPacker(sizes=sizes, weights=weights, image_size=hw, rows=rows, row_tokens=row_tokens,
+                       class_token=model.num_prefix_tokens > 0, seed=t.seed, patience=p.pack_patience)
+    return PackedStepBatches(packer=packer, batch_size=d.batch_size, grad_accum=t.grad_accum, rank=rank, ranks=ranks)
 
 
 @dataclass

@@ -145,6 +145,12 @@ class PatchConfig:
     curriculum: list[StageConfig] = field(default_factory=list)
     default: int | None = None  # the model's default (deployment) size; None: the median size
     eval_sizes: list[int] | None = None  # None: every training size
+    # A patch size per image instead of per step: each step packs images of mixed sizes into token rows
+    # (flexivit.train.step_batches.PackedStepBatches; docs/packed.md). Rows: train.token_budget // row_tokens
+    # (data.batch_size rows without a budget); row_tokens: None = the longest image's.
+    per_image: bool = False
+    row_tokens: int | None = None
+    pack_patience: int = 2  # draws that may miss in a row before a step's rows are closed (they wait, not lost)
 
 
 @dataclass(eq=False)
@@ -254,6 +260,8 @@ _RULES: dict[str, tuple[Callable[[Any], bool], str]] = {
     "data.label_smoothing": (lambda v: 0 <= v < 1, "in [0, 1)"),
     "data.on_corrupt": (lambda v: v in ("error", "skip"), "'error' or 'skip'"),
     "data.eval_limit": (lambda v: v is None or v >= 1, "unset (none) or a positive integer"),
+    "patch.row_tokens": (lambda v: v is None or v >= 1, "unset (none: the longest image) or a positive integer"),
+    "patch.pack_patience": _NOT_NEGATIVE,
     "train.steps": _NOT_NEGATIVE,  # 0: no training step (compress's training-free mode)
     "train.grad_accum": _POSITIVE,
     "train.token_budget": (lambda v: v >= 0, "0 (off) or a positive token count"),

@@ -47,7 +47,7 @@ class StepInfo:
     """
 
     step: int
-    scheme: PatchScheme
+    scheme: PatchScheme | None  # None with patch.per_image: the step's images have their own sizes
     loss: torch.Tensor
     metrics: dict[str, torch.Tensor]
     model: torch.nn.Module
@@ -116,7 +116,8 @@ def _loop(run: Run, on_step: Callable[[StepInfo], None] | None) -> Progress:
     model.train()
     while done.step < t.steps:
         step = done.step
-        scheme, t0 = run.sampler.at(step), time.perf_counter()
+        scheme, t0 = run.batches.scheme_at(step), time.perf_counter()
+        patch = scheme.patch if scheme is not None else 0  # 0: a patch size per image (logged as "mixed")
         metrics, images, wait = _accumulate(run, step, scheme, done)
         if cfg.optim.clip_grad:
             acc.clip_grad_norm_(model.parameters(), cfg.optim.clip_grad)
@@ -126,12 +127,11 @@ def _loop(run: Run, on_step: Callable[[StepInfo], None] | None) -> Progress:
         run.scheduler.step_update(step)
         run.hooks.after_step(run.raw_model, step)
         seconds = time.perf_counter() - t0
-        done.images_seen += images * acc.num_processes
+        done.images_seen += images
         done.train_seconds += seconds
-        window.add(step=step, patch=scheme.patch, metrics=metrics, images=images * acc.num_processes,
-                   seconds=seconds, wait=wait)
+        window.add(step=step, patch=patch, metrics=metrics, images=images, seconds=seconds, wait=wait)
         bar.update(1)
-        bar.set_postfix(patch=scheme.patch)
+        bar.set_postfix(patch=patch or "mixed")
         checkpoint_due = step % t.checkpoint_every == 0 or step == t.steps
         if step % t.log_every == 0 or checkpoint_due:  # never checkpoint an unchecked loss
             record, bad = window.summary(acc.gather)
@@ -151,9 +151,10 @@ def _loop(run: Run, on_step: Callable[[StepInfo], None] | None) -> Progress:
     return done
 
 
-def _accumulate(run: Run, step: int, scheme: PatchScheme, done: Progress) -> tuple[dict[str, torch.Tensor], int, float]:
-    """Forward and backward every micro-batch of ``step``; returns the step's metrics (device tensors), this
-    rank's image count and the seconds spent waiting for data."""
+def _accumulate(run: Run, step: int, scheme: PatchScheme | None,
+                done: Progress) -> tuple[dict[str, torch.Tensor], int, float]:
+    """Forward and backward every micro-batch of ``step``; returns the step's metrics (device tensors), the
+    step's images on all ranks and the seconds spent waiting for data."""
     acc, accum, seed = run.accelerator, run.cfg.train.grad_accum, run.cfg.train.seed
     metrics: dict[str, torch.Tensor] = {}
     images, wait = 0, 0.0
@@ -172,14 +173,14 @@ def _accumulate(run: Run, step: int, scheme: PatchScheme, done: Progress) -> tup
             acc.backward(loss / accum)
         for name, value in {"loss": loss.detach(), **micro_metrics}.items():
             metrics[name] = metrics.get(name, 0) + value.float() / accum
-        images += batch["label"].shape[0]
+        images += batch.get("world_images", batch["label"].shape[0] * acc.num_processes)
     return metrics, images, wait
 
 
 def _diverged(run: Run, step: int, patch: int) -> None:
     good = latest_good_state(run.out / "state", warn=lambda *_: None)
     raise TrainingError(
-        f"the loss became non-finite at step {step} (patch {patch}); stopping. The last good checkpoint is "
+        f"the loss became non-finite at step {step} ({f'patch {patch}' if patch else 'mixed patch sizes'}); stopping. The last good checkpoint is "
         f"{good or 'none (no checkpoint yet)'}; lower optim.lr, keep optim.clip_grad on, or use "
         "train.mixed_precision=no, then --resume"
     )

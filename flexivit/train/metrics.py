@@ -12,7 +12,9 @@ from typing import Any, Callable
 
 import torch
 
-__all__ = ["MetricWindow"]
+__all__ = ["MetricWindow", "MIXED"]
+
+MIXED = "mixed"  # the log key of steps with a patch size per image (patch 0 in ``add``)
 
 Gather = Callable[[torch.Tensor], torch.Tensor]  # (K,) on each rank -> (ranks * K,) on every rank
 
@@ -31,7 +33,8 @@ class MetricWindow:
 
     def add(self, *, step: int, patch: int, metrics: dict[str, torch.Tensor], images: int, seconds: float,
             wait: float) -> None:
-        """Record step ``step`` (1-based) at ``patch``; ``metrics`` are this rank's device scalars."""
+        """Record step ``step`` (1-based) at ``patch`` (0: a patch size per image); ``metrics`` are this rank's
+        device scalars."""
         sums = self.sums[patch]
         for name, value in metrics.items():
             value = value.detach().float()
@@ -55,12 +58,16 @@ class MetricWindow:
         per_patch: dict[str, dict[str, float]] = {}
         for i, (p, name) in enumerate(keys):
             mean = sum(r[i] for r in ranks) / len(ranks)
-            per_patch.setdefault(str(p), {})[name] = mean / self.counts[p]["steps"]
+            per_patch.setdefault(_key(p), {})[name] = mean / self.counts[p]["steps"]
         for p, c in self.counts.items():
-            row = per_patch.setdefault(str(p), {})
+            row = per_patch.setdefault(_key(p), {})
             row["img_s"] = c["images"] / max(c["seconds"], 1e-9)
             row["steps"] = int(c["steps"])
-        record = {"per_patch": dict(sorted(per_patch.items(), key=lambda kv: int(kv[0]))),
+        record = {"per_patch": dict(sorted(per_patch.items(), key=lambda kv: (kv[0] == MIXED, kv[0].zfill(8)))),
                   "data_wait_share": self.wait / max(self.total, 1e-9)}
         bad = sorted((int(r[-2]), int(r[-1])) for r in ranks if r[-2] > 0)
         return record, bad[0] if bad else None
+
+
+def _key(patch: int) -> str:
+    return str(patch) if patch else MIXED

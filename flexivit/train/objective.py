@@ -45,13 +45,14 @@ class Objective:
     label_weight: float = 0.0
     terms: list[LossTerm] = field(default_factory=list)
 
-    def __call__(self, model: nn.Module, batch: dict, scheme: PatchScheme) -> tuple[torch.Tensor, Metrics]:
-        """The loss of one micro-batch at ``scheme`` and its metrics (detached, on the device)."""
+    def __call__(self, model: nn.Module, batch: dict, scheme: PatchScheme | None) -> tuple[torch.Tensor, Metrics]:
+        """The loss of one micro-batch at ``scheme`` (``None``: a patch size per image, the batch's ``plan``) and its
+        metrics (detached, on the device)."""
         images, labels = batch["image"], batch["label"]
         targets = labels
         if self.mixup is not None:
             images, targets = self.mixup(images, labels)
-        logits = model(images, scheme.patch, scheme.stride)
+        logits = model(images, scheme.patch, scheme.stride) if scheme is not None else model(images, batch["plan"])
         metrics: Metrics = {}
         if targets.shape == labels.shape:  # hard labels (no mixup): training accuracy is meaningful
             metrics["acc"] = (logits.argmax(dim=1) == labels).float().mean().detach()

@@ -5,6 +5,9 @@ micro-batch joins ``loader_batches(s, …)`` loader batches into one forward, so
 images for about the same compute and memory. How many loader batches a step takes is a function of the
 step number alone (the sampler draws from ``(seed, step)``), so a resumed run skips exactly the batches
 the steps before it consumed and continues mid-epoch on the same images.
+
+With ``patch.per_image`` (``PackedStepBatches``) each image has its own patch size: a micro-batch is one
+plan of the rank's ``PackStream`` (``flexivit.model.packing``), its images packed into token rows.
 """
 
 from __future__ import annotations
@@ -13,10 +16,11 @@ from typing import Any, Callable, Iterator
 
 import torch
 
+from flexivit.model.packing import PackPlan, RowPacker
 from flexivit.model.patch_embed import PatchScheme
 from flexivit.train.sampler import PatchSizeSampler
 
-__all__ = ["loader_batches", "StepBatches"]
+__all__ = ["loader_batches", "StepBatches", "PackedStepBatches"]
 
 Batch = dict[str, Any]
 
@@ -75,6 +79,10 @@ class StepBatches:
         this process's batches from its ``n``-th on."""
         self._stream = open_at(self.consumed(step))
 
+    def scheme_at(self, step: int) -> PatchScheme:
+        """The patch scheme of every image of ``step``."""
+        return self.sampler.at(step)
+
     def joined(self, step: int) -> int:
         """Loader batches in each micro-batch of ``step``."""
         return loader_batches(self.sampler.at(step), self.image_hw, self.batch_size, self.token_budget)
@@ -96,6 +104,84 @@ class StepBatches:
         joined = self.joined(step)
         for _ in range(self.grad_accum):
             yield _join([next(self._stream) for _ in range(joined)])
+
+
+class PackedStepBatches:
+    """``micro_batches(step)`` → micro-batches whose images each have their own patch size (``patch.per_image``).
+
+    Micro-batch ``m`` of ``step`` is plan ``step * grad_accum + m`` of this rank's ``PackStream``: the next
+    ``plan.num_images`` images of the loader's batches, in order, with the plan as ``batch["plan"]`` and the
+    images of the same micro-batch on every rank as ``batch["world_images"]``. The loader's batches are read
+    as a stream of image positions (``batch_size`` per batch; an image the loader skipped as corrupt is a
+    position without an image, and the micro-batch runs without it), so how far a step has read is a
+    function of the step alone and a resumed run continues on the same images.
+    """
+
+    def __init__(self, *, packer: RowPacker, batch_size: int, grad_accum: int, rank: int, ranks: int) -> None:
+        self.packer, self.batch_size, self.grad_accum = packer, batch_size, grad_accum
+        self.streams = [packer.stream(key=r) for r in range(ranks)]  # every rank's, to count a step's images
+        self.stream = self.streams[rank]
+        self._source: Iterator[Batch] | None = None
+        self._held: list[Any] = []  # [images, labels, positions] of the batch being read; positions >= images
+
+    def scheme_at(self, step: int) -> None:
+        """``None``: the images of a step have their own sizes (each micro-batch's ``plan``)."""
+        return None
+
+    def consumed(self, step: int) -> int:
+        """Image positions this rank's steps before ``step`` read."""
+        return sum(self.stream.plan(i).num_images for i in range(step * self.grad_accum))
+
+    def most(self) -> int:
+        """Loader batches of the fullest possible step: how many the data workers should keep prefetched."""
+        images = self.packer.rows * (self.packer.row_tokens // min(self.packer.lengths))
+        return self.grad_accum * (-(-images // self.batch_size) + 1)
+
+    def attach(self, *, loader: Any, dataset: Any, skip: Callable[[Any, int], Any], step: int) -> None:
+        """Read from ``loader`` from the first image of ``step`` on."""
+        batches, offset = divmod(self.consumed(step), self.batch_size)
+        self._source = _epochs(loader, dataset, skip, len(loader), batches)
+        self._take(offset)
+
+    def attach_stream(self, open_at: Callable[[int], Iterator[Batch]], *, step: int) -> None:
+        """Read an endless stream (``flexivit.data.streams``) from the first image of ``step``."""
+        batches, offset = divmod(self.consumed(step), self.batch_size)
+        self._source = open_at(batches)
+        self._take(offset)
+
+    def _take(self, positions: int) -> tuple[list[torch.Tensor], list[torch.Tensor], int]:
+        """The images and labels at the next ``positions`` positions, and the loader's skipped count."""
+        if self._source is None:
+            raise RuntimeError("PackedStepBatches.attach(...) must be called before micro_batches(step)")
+        images, labels, skipped = [], [], 0
+        while positions > 0:
+            if not self._held:
+                batch = next(self._source)
+                skipped += int(batch.get("skipped", 0))
+                self._held = [batch["image"], batch["label"], self.batch_size]
+            held_images, held_labels, held = self._held
+            k = min(positions, held)
+            images.append(held_images[:k])
+            labels.append(held_labels[:k])
+            self._held = [held_images[k:], held_labels[k:], held - k] if held > k else []
+            positions -= k
+        return images, labels, skipped
+
+    def plan(self, step: int, micro: int) -> PackPlan:
+        """This rank's plan for micro-batch ``micro`` of ``step``."""
+        return self.stream.plan(step * self.grad_accum + micro)
+
+    def micro_batches(self, step: int) -> Iterator[Batch]:
+        """The ``train.grad_accum`` micro-batches of ``step``, read one at a time."""
+        for micro in range(self.grad_accum):
+            i = step * self.grad_accum + micro
+            plan = self.stream.plan(i)
+            images, labels, skipped = self._take(plan.num_images)
+            image, label = torch.cat(images), torch.cat(labels)
+            if image.shape[0] < plan.num_images:  # corrupt images skipped: the plan's last images are missing
+                plan = plan.first(image.shape[0])
+            yield {"image": image, "label": label, "skipped": skipped, "plan": plan,
+                   "world_images": sum(s.plan(i).num_images for s in self.streams)}
 
 
 def _epochs(loader: Any, dataset: Any, skip: Callable[[Any, int], Any], per_epoch: int, start: int) -> Iterator[Batch]:
