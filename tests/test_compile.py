@@ -113,6 +113,39 @@ def test_one_graph_trains_every_quickstart_size_and_one_more_evaluates_them(back
     assert _train_and_eval_graphs(model, eager) == [0, 0, 0]  # nothing new on a second pass
 
 
+@pytest.mark.parametrize("backend", ["aot_eager", pytest.param("inductor", marks=pytest.mark.slow)])
+def test_a_per_image_training_run_builds_at_most_eight_graphs(backend):
+    """``patch.per_image`` training: every step packs another mix of sizes and image count into the run's one
+    row bucket (quickstart: 16 rows of 196 tokens). Training steps, then evaluation at every size (batches
+    of 256 and 16, and 1), as a run does: the packed trunk's one graph, plus the blocks' eval graphs."""
+    from flexivit.model.packing import RowPacker
+
+    eager = _small(depth=1, class_token=False, global_pool="avg")
+    model = compile_model(_small(depth=1, class_token=False, global_pool="avg"), backend=backend)
+    model.load_state_dict(eager.state_dict())
+    weights = [0.4 / 196, 0.25 / 49, 0.25 / 16, 0.1 / 4]  # the quickstart's per-step mix, per image
+    stream = RowPacker(sizes=list(QUICKSTART_BATCH), weights=weights, image_size=28, rows=16, seed=0,
+                       patience=2).stream(0)
+    start = graph_count()
+    model.train(), eager.train()
+    for step in range(4):
+        plan = stream.plan(step)
+        x, y = torch.randn(plan.num_images, 1, 28, 28), torch.randint(0, 10, (plan.num_images,))
+        for m in (model, eager):
+            m.zero_grad()
+            F.cross_entropy(m(x, plan), y).backward()
+        for (name, p), q in zip(model.named_parameters(), eager.parameters()):
+            assert torch.allclose(p.grad, q.grad, atol=1e-5, rtol=1e-4), (step, name)
+    assert graph_count() - start == 1  # one bucket, one graph for every step's layout
+    model.eval(), eager.eval()
+    with torch.no_grad():
+        for patch in QUICKSTART_BATCH:
+            for batch in (256, 16, 1):
+                x = torch.randn(batch, 1, 28, 28)
+                assert torch.allclose(model(x, patch), eager(x, patch), atol=ATOL), (patch, batch)
+    assert graph_count() - start <= 8
+
+
 def test_blocks_stay_compiled_when_called_one_by_one():
     """Gradient checkpointing calls the blocks one at a time: each block is compiled too."""
     eager = _small(depth=3)

@@ -59,7 +59,7 @@ def record_drop_path(model):
 
 
 def probe(info: StepInfo) -> None:
-    schemes.append([info.step, info.scheme.patch])
+    schemes.append([info.step, info.scheme.patch if info.scheme is not None else None])  # None: per image
     masks[info.step] = forward_masks[:]
     forward_masks.clear()
     last["model"] = info.model

@@ -1,0 +1,36 @@
+"""tools/bench_per_image.py end to end in its smoke mode: both arms step, images are counted as the run's
+builders plan them, and the result files carry their provenance. No speed thresholds (shared machine)."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from flexivit.train.builders import build_model, build_sampler, build_step_batches
+from flexivit.train.config import load_recipe
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.mark.slow  # a subprocess importing torch: 5-25 s on 2 shared cores
+def test_bench_per_image_smoke_counts_each_arms_images_and_writes_results(tmp_path):
+    proc = subprocess.run([sys.executable, str(ROOT / "tools" / "bench_per_image.py"), "--smoke", "--out", str(tmp_path)],
+                          cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, f"bench_per_image.py --smoke failed:\n{proc.stdout}\n{proc.stderr}"
+    result = json.loads((tmp_path / "bench_per_image.json").read_text())
+    assert result["seeds"] == [] and "split" in result and "provenance" in result
+    sets = ["model.depth=1", "model.embed_dim=32"]
+    per_step = load_recipe("fashion_mnist", sets)
+    per_image = load_recipe("fashion_mnist", [*sets, "patch.per_image=true"])
+    model = build_model(per_step, channels=1, num_classes=10)
+    one_size = build_step_batches(per_step, build_sampler(per_step), model, rank=0, ranks=1)
+    packed = build_step_batches(per_image, build_sampler(per_image), model, rank=0, ranks=1)
+    for r, measured in enumerate(result["rounds"]):  # round r runs steps 2r and 2r + 1 of each arm
+        steps = (2 * r, 2 * r + 1)
+        assert measured["per step"]["images"] == sum(16 * one_size.joined(s) for s in steps)
+        assert measured["per image"]["images"] == sum(packed.plan(s, 0).num_images for s in steps)
+        assert all(measured[a]["wall_s"] > 0 for a in measured)
+    assert set(result["ratio_per_image_over_per_step"]) == {"wall_s", "cpu_s"}
+    assert "## How this file was made" in (tmp_path / "bench_per_image.md").read_text()
