@@ -141,6 +141,28 @@ def test_predict_text_output_and_budget(run, tmp_path, capsys):
     assert "cell-0" in out
 
 
+def test_per_image_budgets_choose_each_images_size_and_run_one_packed_call(run, tmp_path, capsys):
+    files = [str(p) for p, _ in _write_images(tmp_path)[:3]]
+    predictor = Predictor.from_checkpoint(run)
+    rows = [{**r, "top1": {2: 0.9, 4: 0.8, 8: 0.7}[r["patch_size"]]} for r in predictor.latency_profile([2, 4, 8])]
+    latency = {r["patch_size"]: r["latency_ms"] for r in rows}
+    (run / "eval.json").write_text(json.dumps({"device": "cpu", "results": rows}))
+    try:
+        budgets = [1e6, latency[8] * 1.0001 if latency[8] < latency[4] else 1e6, latency[4] * 1.0001]
+        choices, _ = predictor.choose_for_latencies(budgets)
+        expected = [min((p for p in (2, 4, 8) if latency[p] <= b), key=lambda p: p) for b in budgets]
+        assert [c.patch_size for c in choices] == expected  # the most accurate (smallest) size within each budget
+        assert main(["predict", str(run), *files, "--budgets-ms", ",".join(repr(b) for b in budgets), "--json"]) == 0
+        out = json.loads(capsys.readouterr().out)
+        assert [p["patch_size"] for p in out["predictions"]] == expected
+        alone = [predictor.predict([f], p, topk=1)[0].top[0][1] for f, p in zip(files, expected)]
+        assert [p["top"][0]["class"] for p in out["predictions"]] == alone
+        assert main(["predict", str(run), *files, "--budgets-ms", "5,5"]) == 2
+        assert "--budgets-ms gives 2 values for 3 images" in capsys.readouterr().err
+    finally:
+        (run / "eval.json").unlink()
+
+
 def test_budget_uses_the_runs_eval_json_when_it_has_latencies(run, tmp_path):
     predictor = Predictor.from_checkpoint(run)
     assert predictor.profile_for_latency()[1].startswith("latencies measured now")

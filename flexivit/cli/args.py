@@ -126,6 +126,8 @@ def _add_predict_parser(sub: argparse._SubParsersAction) -> None:
                        "the images run in one packed call (docs/packed.md)")
     which.add_argument("--budget-ms", type=float, help="use the most accurate patch size whose batch-1 latency "
                        "on this machine fits (from the run's eval.json, else measured now)")
+    which.add_argument("--budgets-ms", help="one latency budget per image, comma-separated in IMAGE order (5,20,2): "
+                       "each image at the most accurate size within its budget, all in one packed call")
     p.add_argument("--topk", type=int, default=5, help="classes to show per image (default 5)")
     p.add_argument("--json", action="store_true", help="print JSON instead of text")
     p.add_argument("--device", help="cpu, cuda or cuda:N (default: cuda when available)")

@@ -151,14 +151,15 @@ def _predict(args: argparse.Namespace) -> None:
     predictor = Predictor.from_checkpoint(args.checkpoint, _device(args.device))
     patch, note = args.patch_size, None
     if args.patch_sizes is not None:
-        try:
-            patch = [int(s) for s in args.patch_sizes.split(",")]
-        except ValueError:
-            raise ValueError(f"--patch-sizes takes one integer per image, comma-separated, such as 2,7,4; got "
-                             f"{args.patch_sizes!r}") from None
+        patch = _per_image(args.patch_sizes, int, "--patch-sizes", "2,7,4", None)
     if args.budget_ms is not None:
         choice, source = predictor.choose_for_latency(args.budget_ms)
         patch, note = choice.patch_size, f"{choice.reason} ({source})"
+    if args.budgets_ms is not None:
+        budgets = _per_image(args.budgets_ms, float, "--budgets-ms", "5,20,2", len(args.images))
+        choices, source = predictor.choose_for_latencies(budgets)
+        patch = [c.patch_size for c in choices]
+        note = f"per-image budgets {', '.join(f'{b:g} ms -> patch {c.patch_size}' for b, c in zip(budgets, choices))} ({source})"
     predictions = predictor.predict(args.images, patch, topk=args.topk)
     if args.json:
         mixed = len({p.patch_size for p in predictions}) > 1  # then each prediction names its own size
@@ -166,11 +167,23 @@ def _predict(args: argparse.Namespace) -> None:
                           "choice": note, "predictions": [p.to_dict() for p in predictions]}, indent=2))
         return
     if note:
-        print(f"patch size {patch} for {args.budget_ms:g} ms: {note}")
+        print(f"patch size {patch} for {args.budget_ms:g} ms: {note}" if args.budget_ms is not None else note)
     for p in predictions:
         print(f"{p.image} (patch {p.patch_size})")
         for _, name, prob in p.top:
             print(f"  {100 * prob:6.2f}%  {name}")
+
+
+def _per_image(text: str, kind: type, flag: str, example: str, images: int | None) -> list:
+    """``flag``'s comma-separated values, one per image (``images`` of them when given)."""
+    try:
+        values = [kind(v) for v in text.split(",")]
+    except ValueError:
+        raise ValueError(f"{flag} takes one {kind.__name__} per image, comma-separated, such as {example}; got "
+                         f"{text!r}") from None
+    if images is not None and len(values) != images:
+        raise ValueError(f"{flag} gives {len(values)} values for {images} images; give one per image, in order")
+    return values
 
 
 def _export(args: argparse.Namespace) -> None:

@@ -261,3 +261,9 @@ class Predictor:
     def choose_for_latency(self, budget_ms: float) -> tuple[Choice, str]:
         rows, source = self.profile_for_latency()
         return choose_patch_size(rows, max_latency_ms=budget_ms), source
+
+    def choose_for_latencies(self, budgets_ms: Sequence[float]) -> tuple[list[Choice], str]:
+        """One choice per budget (per image, for a packed call), all on one latency profile."""
+        rows, source = self.profile_for_latency()
+        chosen = {b: choose_patch_size(rows, max_latency_ms=b) for b in set(budgets_ms)}
+        return [chosen[b] for b in budgets_ms], source
