@@ -198,3 +198,94 @@ def test_one_seed_reports_no_spread_and_several_seeds_their_sample_std(tmp_path)
     assert two["top1_mean"]["4"] == pytest.approx(0.6) and two["top1_std"]["4"] == pytest.approx(0.02 ** 0.5)
     assert two["seeds"] == [0, 1]
     assert fr._pm(0.5, None) == "50.0" and fr._pm(0.6, 0.1414) == "60.0 ± 14.1"
+
+
+def _report(tmp_path, seeds=(0, 1)):
+    """A report made by the tool's own functions from made-up accuracies and the plan's (stub) budgets."""
+    from flexivit.experiments import flexibility_report as rep
+
+    runs = list(_plan(tmp_path, seeds=seeds).values())
+    by_dir = {r.dir_name: r for r in runs}
+    spent = {r.dir_name: {**rep.planned_budget(r, by_dir, _stub), "images_seen": 1000 + r.seed,
+                          "train_seconds": 60.0 + 7 * r.seed, **rep.run_record(r)} for r in runs}
+    per_run = {}
+    for i, r in enumerate(runs):  # distinct accuracies per run, seed and size
+        names = [r.name] if not r.kind.startswith("fixed") else [f"{r.name}/pi", f"{r.name}/bilinear"]
+        per_run[r.dir_name] = {n: {str(p): (i * 7 + j * 3 + r.seed * 11 + p) % 89 / 100 for p in (2, 4, 7, 14)}
+                               for j, n in enumerate(names)}
+    result = fr.summarise(runs, per_run, spent, [2, 4, 7, 14], list(seeds))
+    result.update(command="python tools/reproduce_flexibility.py --steps 400", steps=400, eval_images=10,
+                  unfinished=[], train_minutes=sum(s["train_seconds"] for s in spent.values()) / 60)
+    result["targets"] = fr.target_checks(result)
+    result["distill_vs_labels"] = fr.distill_vs_labels(result, fr.comparisons(4, 14))
+    return result, runs, per_run
+
+
+def test_a_report_records_each_base_and_rederives_from_its_per_seed_records(tmp_path):
+    from flexivit.experiments.flexibility_report import rederive
+
+    result, runs, per_run = _report(tmp_path)
+    for name, curve in result["curves"].items():  # every row names the base it trained
+        fixed = curve["kind"].startswith("fixed")
+        assert curve["base_patch_size"] == (curve["train_patch_size"] if fixed else 14), name
+        assert curve["base_grid"] == (28 // curve["base_patch_size"] if fixed else 7)  # a ViT/p's own token grid
+        assert (curve["kernel_resize"], curve["kernel_lr_scale"]) == (("bilinear", 1.0) if fixed else ("area", 0.02))
+    row = result["budgets"]["fixed-p14"]["per_seed"][1]
+    assert "model.base_patch_size=14" in row["overrides"] and row["recipe"] == "fashion_mnist"
+    # The target's value against an independent reading of the per-seed values.
+    seeds = {r.seed for r in runs}
+    mean = lambda run, curve, p: sum(per_run[f"{run}-seed{s}"][curve][p] for s in seeds) / len(seeds)  # noqa: E731
+    (check,) = [t for t in result["targets"] if t["baseline"] == "fixed-p4/pi" and t["flexi"] == "flexi"
+                and t["target"].startswith("within")]
+    assert check["value"] == pytest.approx(100 * (mean("flexi", "flexi", "4") - mean("fixed-p4", "fixed-p4/pi", "4")))
+    (dvl,) = [r for r in result["distill_vs_labels"] if r["labels"] == "flexi"]
+    teacher = result["budgets"]["fixed-p4"]["train_gflops"]
+    assert dvl["teacher_train_gflops"] == teacher
+    assert dvl["train_gflops_ratio_with_teacher"] == pytest.approx(
+        (result["budgets"]["flexi-distilled"]["train_gflops"] + teacher) / result["budgets"]["flexi"]["train_gflops"])
+
+    rebuilt, diffs = rederive(json.loads(json.dumps(result)), runs, _stub, 4, 14)
+    assert diffs == [] and json.loads(json.dumps(rebuilt)) == json.loads(json.dumps(result))
+
+    # A file written before the records existed (no per-seed top-1, no base): the base comes from the plan.
+    old = json.loads(json.dumps(result))
+    for curve in old["curves"].values():
+        for key in ("top1_per_seed", "base_patch_size", "base_grid", "kernel_resize", "kernel_lr_scale"):
+            curve.pop(key)
+    rebuilt, diffs = rederive(old, runs, _stub, 4, 14)
+    assert diffs == [] and rebuilt["curves"]["fixed-p14/pi"]["base_patch_size"] == 14
+
+    # Any stored value its records do not give is named.
+    bad = json.loads(json.dumps(result))
+    bad["curves"]["flexi"]["top1_per_seed"]["4"][0] += 0.05
+    bad["budgets"]["fixed-p4"]["per_seed"][0]["steps"] += 1
+    _, diffs = rederive(bad, runs, _stub, 4, 14)
+    named = {d.split(":")[0] for d in diffs}
+    assert {"curves.flexi.top1_mean.4", "budgets.fixed-p4.per_seed[0].steps"} <= named
+    assert any(d.startswith("targets[") for d in diffs)
+
+
+def test_the_committed_report_records_every_baselines_base():
+    report = json.loads((ROOT / "docs" / "results" / "flexibility.json").read_text())
+    for name, curve in report["curves"].items():
+        if curve["kind"].startswith("fixed"):
+            assert curve["base_patch_size"] == curve["train_patch_size"], name
+        for row in report["budgets"][curve["run"]]["per_seed"]:
+            assert f"model.base_patch_size={curve['base_patch_size']}" in row["overrides"] or (
+                not curve["kind"].startswith("fixed") and curve["base_patch_size"] == 14), name
+    assert report["split"] == "test" and "2fee273" in report["records_note"]
+
+
+@pytest.mark.slow
+def test_rederive_rebuilds_the_committed_report(tmp_path):
+    source = ROOT / "docs" / "results" / "flexibility.json"
+    (tmp_path / "flexibility.json").write_text(source.read_text())
+    done = _run("--rederive", "--results", str(tmp_path))
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+    assert json.loads((tmp_path / "flexibility.json").read_text()) == json.loads(source.read_text())
+    assert (tmp_path / "flexibility.md").read_text() == (ROOT / "docs" / "results" / "flexibility.md").read_text()
+    stored = json.loads(source.read_text())
+    stored["budgets"]["fixed-p14"]["per_seed"][2]["train_gflops"] *= 1.01
+    (tmp_path / "flexibility.json").write_text(json.dumps(stored))
+    done = _run("--rederive", "--results", str(tmp_path))
+    assert done.returncode == 1 and "budgets.fixed-p14.per_seed[2].train_gflops" in done.stdout

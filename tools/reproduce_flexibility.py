@@ -25,6 +25,13 @@ training-loop wall time. Results: ``flexibility.{md,json,png}`` under ``--result
 trains nothing and reports the runs that have finished, naming the others (JSON ``unfinished``; each
 curve lists its ``seeds``).
 
+Every row records what it was derived from: each seed's recipe and overrides (they resolve the run's whole
+config), the base it trained (kernel size, position grid, resize operator, kernel learning-rate scale),
+what it spent, and its top-1 per seed. ``--rederive`` trains and evaluates nothing: it re-plans every run
+from the command recorded in ``flexibility.json``, checks each seed's steps, images per size and GFLOPs
+against the plan, rebuilds every mean, target and comparison from the per-seed records, rewrites the
+report and exits 1 naming any value that differs.
+
 Resumable (``flexivit.experiments.runner``): a finished run is not trained again, an interrupted one
 continues from its last checkpoint, and evaluations are cached per run (``flexibility_eval.json``). A run
 directory made with other settings (other ``--set`` values, a recipe changed since) is refused before
@@ -36,7 +43,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import statistics
+import shlex
 import sys
 from pathlib import Path
 from typing import Any, Callable
@@ -45,8 +52,11 @@ import torch
 import torch.nn.functional as F
 
 from flexivit.eval.evaluate import evaluate_schemes
-from flexivit.experiments.budget import ForwardCounter, GFlops, images_by_patch, run_gflops
+from flexivit.files import atomic_write_text
+from flexivit.experiments.budget import ForwardCounter, GFlops
 from flexivit.experiments.flexibility import Run, comparisons, plan
+from flexivit.experiments.flexibility_report import (distill_vs_labels, planned_budget, rederive, run_record,
+                                                     summarise, target_checks)
 from flexivit.experiments.results import maybe_results, read_results
 from flexivit.experiments.runner import RunError, Study
 from flexivit.model.patch_embed import PatchScheme
@@ -58,18 +68,14 @@ from flexivit.train.config import Config, config_from_dict, load_recipe
 ROOT = Path(__file__).resolve().parent.parent  # the checkout: default folders of runs and results
 SMOKE = ["train.steps=30", "train.log_every=10", "train.checkpoint_every=15", "optim.warmup_steps=5",
          "data.batch_size=64", "train.token_budget=3136"]
-BUDGET_KEYS = ("steps", "images_seen", "train_gflops", "train_seconds")
 
 
 def run_budget(run: Run, runs: dict[str, Run], out: Path, gflops: GFlops) -> dict[str, Any]:
-    """What ``run`` spent: steps, images per size (sampler draws), images seen and training-loop seconds
-    (its ``eval.json``), training GFLOPs (``flexivit.experiments.budget.run_gflops``)."""
-    cfg = run.config()
-    teacher = runs[f"{run.teacher}-seed{run.seed}"].config() if run.teacher else None
+    """What ``run`` spent (the plan's budget; images seen and training-loop seconds from its ``eval.json``)
+    and what it was made from (``run_record``)."""
     report = read_results(out / run.dir_name)
-    return {"steps": cfg.train.steps, "images_by_patch": {str(p): n for p, n in images_by_patch(cfg).items()},
-            "images_seen": report.images_seen, "train_gflops": run_gflops(cfg, gflops, teacher),
-            "train_seconds": report.train_seconds}
+    return {**planned_budget(run, runs, gflops), "images_seen": report.images_seen,
+            "train_seconds": report.train_seconds, **run_record(run)}
 
 
 # ---- evaluation -------------------------------------------------------------------------------------
@@ -120,83 +126,15 @@ def evaluate_run(run: Run, out: Path, sizes: list[int]) -> dict[str, dict[str, f
     return curves
 
 
-# ---- the report: every function takes the finished runs only, so a report can be made while other
-# runs still train (--finished-only): a curve whose run has not finished is absent, and a target or
-# comparison that needs it is left out rather than guessed.
-def summarise(runs: list[Run], per_run: dict[str, dict[str, dict[str, float]]], spent: dict[str, dict[str, Any]],
-              sizes: list[int], seeds: list[int]) -> dict[str, Any]:
-    """Curves (top-1 mean ± std over seeds per size) and budgets (per run name: what each seed spent and
-    the means); every curve carries its run's mean images seen, training GFLOPs and seconds."""
-    budgets: dict[str, Any] = {}
-    for run in runs:
-        entry = budgets.setdefault(run.name, {
-            "kind": run.kind, "train_patch_size": run.train_patch_size, "supervision": run.supervision,
-            "teacher": run.teacher, "budget": run.budget, "per_seed": []})
-        entry["per_seed"].append({"seed": run.seed, **spent[run.dir_name]})
-    for entry in budgets.values():
-        rows = entry["per_seed"]
-        entry.update({k: statistics.fmean(r[k] for r in rows) for k in BUDGET_KEYS})
-        entry["images_by_patch"] = {p: statistics.fmean(r["images_by_patch"].get(p, 0) for r in rows)
-                                    for p in sorted({p for r in rows for p in r["images_by_patch"]}, key=int)}
-    curves: dict[str, Any] = {}
-    for run in runs:
-        for name, top1 in per_run[run.dir_name].items():
-            entry = curves.setdefault(name, {
-                "kind": run.kind, "train_patch_size": run.train_patch_size,
-                "resize": name.split("/")[1] if "/" in name else None, "run": run.name,
-                **{k: budgets[run.name][k] for k in ("supervision", "teacher", "budget", *BUDGET_KEYS)},
-                "seeds": [], "_values": {str(p): [] for p in sizes}})
-            entry["seeds"].append(run.seed)  # the seeds behind this curve (fewer while runs still train)
-            for p in sizes:
-                entry["_values"][str(p)].append(top1[str(p)])
-    for entry in curves.values():
-        values = entry.pop("_values")
-        entry["top1_mean"] = {p: statistics.fmean(v) for p, v in values.items()}
-        # One seed has no spread: null, not a zero that reads as "no variance".
-        entry["top1_std"] = {p: statistics.stdev(v) if len(v) > 1 else None for p, v in values.items()}
-    return {"patch_sizes": sizes, "seeds": seeds, "curves": curves, "budgets": budgets}
-
-
-def target_checks(result: dict[str, Any]) -> list[dict[str, Any]]:
-    """The issue's two targets, for each FlexiViT against each fixed ViT trained on the same images with
-    the same supervision (labels with labels, distilled with distilled), through PI-resize."""
-    sizes, curves, checks = result["patch_sizes"], result["curves"], []
-    for flexi_name, flexi in curves.items():
-        if flexi["kind"].startswith("fixed") or flexi["budget"] != "images":
-            continue
-        for base_name, base in curves.items():
-            if (not base["kind"].startswith("fixed") or base["resize"] != "pi"
-                    or base["supervision"] != flexi["supervision"]):
-                continue
-            p = base["train_patch_size"]
-            gap = 100 * (base["top1_mean"][str(p)] - flexi["top1_mean"][str(p)])
-            checks.append({"flexi": flexi_name, "baseline": base_name, "target": f"within 1.0 point at p={p}",
-                           "value": -gap, "met": gap <= 1.0})
-            i = sizes.index(p)
-            for j in (i - 2, i + 2):
-                if 0 <= j < len(sizes):
-                    q = str(sizes[j])
-                    lead = 100 * (flexi["top1_mean"][q] - base["top1_mean"][q])
-                    checks.append({"flexi": flexi_name, "baseline": base_name,
-                                   "target": f">= 30 points above at p={q}", "value": lead, "met": lead >= 30})
-    return checks
-
-
-def distill_vs_labels(result: dict[str, Any], pairs: list[tuple[str, str, str]]) -> list[dict[str, Any]]:
-    """Top-1 gain (points) of each distilled model over its label-only counterpart, with what each spent."""
-    curves, rows = result["curves"], []
-    for distilled, labels, equal in pairs:
-        if distilled not in curves or labels not in curves:  # a run of the pair has not finished
-            continue
-        d, lab = curves[distilled], curves[labels]
-        rows.append({"distilled": distilled, "labels": labels, "equal": equal,
-                     "top1_gain": {p: 100 * (d["top1_mean"][p] - lab["top1_mean"][p]) for p in d["top1_mean"]},
-                     **{f"{k}_ratio": d[k] / lab[k] for k in ("images_seen", "train_gflops", "train_seconds")}})
-    return rows
-
-
+# ---- the report (its arithmetic: flexivit.experiments.flexibility_report) ---------------------------
 def _pm(mean: float, std: float | None) -> str:
     return f"{100 * mean:.1f}" if std is None else f"{100 * mean:.1f} ± {100 * std:.1f}"
+
+
+def _teacher_cells(row: dict[str, Any]) -> str:
+    if row.get("teacher_train_gflops") is None:  # the teacher has not finished (or an older report)
+        return "- | -"
+    return f"{row['teacher_train_gflops'] / 1e3:.2f} | {row['train_gflops_ratio_with_teacher']:.2f}"
 
 
 def write_markdown(result: dict[str, Any], path: Path) -> None:
@@ -216,15 +154,21 @@ def write_markdown(result: dict[str, Any], path: Path) -> None:
         "with --jobs overlap and share the cores).",
         "",
     ]
+    if result.get("records_note"):
+        lines += [f"Records: {result['records_note']}", ""]
     if result.get("unfinished"):
         lines += [f"**Interim report** (`--finished-only`): not finished yet, so absent from every table: "
                   f"{', '.join(result['unfinished'])}. A curve's mean is over its own finished seeds (column "
                   "`seeds`); a target or comparison that needs an absent run is left out.", ""]
-    lines += ["| model | kind | trained at | resize | seeds | " + " | ".join(f"p={p}" for p in sizes)
-              + " | images | TFLOPs | minutes |", "|---|---|---:|---|---:|" + "---:|" * (len(sizes) + 3)]
+    lines += ["Base: the kernel size, position grid, the operator resizing the kernel while it trains and the "
+              "kernel's learning-rate scale (`flexibility.json` has each seed's recipe and overrides).", "",
+              "| model | kind | trained at | base | resize | seeds | " + " | ".join(f"p={p}" for p in sizes)
+              + " | images | TFLOPs | minutes |", "|---|---|---:|---|---|---:|" + "---:|" * (len(sizes) + 3)]
     for name, c in result["curves"].items():
         cells = [_pm(c["top1_mean"][str(p)], c["top1_std"][str(p)]) for p in sizes]
-        lines.append(f"| {name} | {c['kind']} | {c['train_patch_size'] or 'all'} | {c['resize'] or '-'} | "
+        base = (f"{c['base_patch_size']}×{c['base_patch_size']}, grid {c['base_grid']}, {c['kernel_resize']}, "
+                f"lr ×{c['kernel_lr_scale']:g}" if c.get("base_patch_size") else "not recorded")
+        lines.append(f"| {name} | {c['kind']} | {c['train_patch_size'] or 'all'} | {base} | {c['resize'] or '-'} | "
                      f"{len(c['seeds'])} | "
                      + " | ".join(cells) + f" | {c['images_seen'] / 1e3:.0f}k | {c['train_gflops'] / 1e3:.2f} | "
                      f"{c['train_seconds'] / 60:.1f} |")
@@ -240,17 +184,19 @@ def write_markdown(result: dict[str, Any], path: Path) -> None:
     for c in result["targets"]:
         lines.append(f"| {c['flexi']} | {c['baseline']} | {c['target']} | {c['value']:+.1f} | "
                      f"{'yes' if c['met'] else 'no'} |")
-    lines += ["", "Distillation vs labels (top-1 gain in points; cost ratios distilled / labels; the teacher's own "
-              "training is its row above):", "",
+    lines += ["", "Distillation vs labels (top-1 gain in points; cost ratios distilled / labels). FLOPs × counts "
+              "the teacher's forwards only; the last two columns count the teacher's own training too (its row "
+              "above), under which no pair below is at equal compute:", "",
               "| distilled | labels | equal | " + " | ".join(f"p={p}" for p in sizes)
-              + " | images × | FLOPs × | time × |", "|---|---|---|" + "---:|" * (len(sizes) + 3)]
+              + " | images × | FLOPs × | time × | teacher's training TFLOPs | FLOPs × with it |",
+              "|---|---|---|" + "---:|" * (len(sizes) + 5)]
     for r in result["distill_vs_labels"]:
         cells = [f"{r['top1_gain'][str(p)]:+.1f}" for p in sizes]
         lines.append(f"| {r['distilled']} | {r['labels']} | {r['equal']} | " + " | ".join(cells)
                      + f" | {r['images_seen_ratio']:.2f} | {r['train_gflops_ratio']:.2f} | "
-                     f"{r['train_seconds_ratio']:.2f} |")
+                     f"{r['train_seconds_ratio']:.2f} | " + _teacher_cells(r) + " |")
     lines += ["", "![accuracy vs patch size](flexibility.png)", ""]
-    path.write_text("\n".join(lines))
+    atomic_write_text(path, "\n".join(lines))
 
 
 def write_plot(result: dict[str, Any], path: Path) -> None:
@@ -281,7 +227,7 @@ def write_plot(result: dict[str, Any], path: Path) -> None:
     plt.close(fig)
 
 
-def main(argv: list[str] | None = None) -> int:
+def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--out", type=Path, default=ROOT / "runs" / "reproduce_flexibility", help="run directories")
     p.add_argument("--results", type=Path, default=ROOT / "docs" / "results", help="where flexibility.* go")
@@ -301,13 +247,19 @@ def main(argv: list[str] | None = None) -> int:
                                                         "300 test images")
     p.add_argument("--finished-only", action="store_true",
                    help="train nothing: report the runs that have finished, name the others (an interim report)")
-    args = p.parse_args(argv)
+    p.add_argument("--rederive", action="store_true",
+                   help="train and evaluate nothing: rebuild --results/flexibility.{json,md} from the per-run "
+                        "records it holds and the plan of its recorded command; exit 1 naming what differs")
+    return p
 
+
+def planned_runs(args: argparse.Namespace, p: argparse.ArgumentParser) -> tuple[list[Run], list[int], GFlops]:
+    """The runs ``args`` ask for, their patch sizes and the forward-FLOP counter their budgets use."""
     seeds = [0] if args.smoke else [int(s) for s in args.seeds.split(",") if s.strip()]
     sizes = sorted(int(s) for s in args.sizes.split(",") if s.strip())
     if args.small not in sizes or args.large not in sizes or args.small == args.large:
         p.error(f"--small {args.small} and --large {args.large} must be two different sizes among --sizes {sizes}")
-    out, results = args.out.resolve(), args.results.resolve()  # absolute: the teachers' paths go into configs
+    out = args.out.resolve()  # absolute: the teachers' paths go into configs
     extra = list(SMOKE) if args.smoke else []
     eval_limit = 300 if args.smoke and args.eval_limit is None else args.eval_limit
     if args.steps is not None:
@@ -317,8 +269,45 @@ def main(argv: list[str] | None = None) -> int:
     extra += args.overrides
     data = build_data(load_recipe("fashion_mnist", extra))
     gflops = ForwardCounter(channels=data.channels, num_classes=data.num_classes)
-    try:  # a config the recipe refuses, or run directories made with other settings
-        runs = plan(seeds=seeds, small=args.small, large=args.large, sizes=sizes, extra=extra, out=out, gflops=gflops)
+    try:  # a config the recipe refuses
+        return plan(seeds=seeds, small=args.small, large=args.large, sizes=sizes, extra=extra, out=out,
+                    gflops=gflops), sizes, gflops
+    except ValueError as e:
+        p.error(str(e))
+
+
+def rederive_files(results: Path, p: argparse.ArgumentParser) -> int:
+    """``--rederive``: check ``results/flexibility.json`` against its own records, then rewrite it and its
+    markdown (the records the plan adds included); nothing is written when a value differs."""
+    path = results / "flexibility.json"
+    if not path.exists():
+        p.error(f"{path} does not exist; point --results at the folder holding flexibility.json")
+    stored = json.loads(path.read_text())
+    recorded = p.parse_args(shlex.split(stored["command"])[2:])  # "python tools/reproduce_flexibility.py ARGS"
+    runs, _, gflops = planned_runs(recorded, p)
+    try:
+        result, diffs = rederive(stored, runs, gflops, recorded.small, recorded.large)
+    except ValueError as e:
+        p.error(str(e))
+    if diffs:
+        print(f"{path}: {len(diffs)} values differ from what its records re-derive:", *diffs, sep="\n  ")
+        return 1
+    atomic_write_text(path, json.dumps(result, indent=2) + "\n")
+    write_markdown(result, results / "flexibility.md")
+    print(f"{path}: every value re-derived from its per-run records ({len(runs)} runs re-planned); "
+          f"{results / 'flexibility.md'} rewritten")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = parser()
+    args = p.parse_args(argv)
+    results = args.results.resolve()
+    if args.rederive:
+        return rederive_files(results, p)
+    runs, sizes, gflops = planned_runs(args, p)
+    seeds, out = list(dict.fromkeys(run.seed for run in runs)), args.out.resolve()  # in --seeds order
+    try:  # run directories made with other settings
         study = Study(out, jobs=args.jobs)
         study.check([run.spec() for run in runs])
     except ValueError as e:  # RunError too
@@ -352,7 +341,7 @@ def main(argv: list[str] | None = None) -> int:
                   unfinished=[run.dir_name for run in runs if run not in finished])
     result["targets"] = target_checks(result)
     result["distill_vs_labels"] = distill_vs_labels(result, comparisons(args.small, args.large))
-    (results / "flexibility.json").write_text(json.dumps(result, indent=2) + "\n")
+    atomic_write_text(results / "flexibility.json", json.dumps(result, indent=2) + "\n")
     write_markdown(result, results / "flexibility.md")
     write_plot(result, results / "flexibility.png")
     print((results / "flexibility.md").read_text())
