@@ -150,3 +150,5 @@ def test_probe_command_end_to_end_on_fashion_mnist(tmp_path, capsys):
     assert "| 14 |" in md and "How this file was made" in md and "blocks.0" in md
     assert main(["probe", str(tmp_path / "ft"), "--data", "fashion-mnist", "--sizes", "5"]) == 2
     assert "tile" in capsys.readouterr().err
+    assert main(["probe", str(tmp_path / "ft"), "--data", "fashion-mnist", "--out", str(tmp_path / "lr0.075")]) == 2
+    assert "drop the dot" in capsys.readouterr().err

@@ -202,15 +202,18 @@ def _probe(args: argparse.Namespace) -> None:
     from flexivit.model.weights import run_dir
     from flexivit.provenance import write_result
 
+    stem = args.out or run_dir(args.checkpoint) / "probe"
+    if stem.suffix not in ("", ".json", ".md"):  # write_result would take ".075" of "scale0.075" for an extension
+        raise ValueError(f"--out {stem} is a file stem (OUT.json and OUT.md are written): drop the dot from its "
+                         f"last part, e.g. {stem.with_name(stem.name.replace('.', '_'))}")
     payload = probe_transfer(
         args.checkpoint, data=args.data, sizes=_ints(args.sizes, "--sizes"),
         fits=args.fit.split(",") if args.fit else None, classes=args.classes.split(",") if args.classes else None,
         layers=_ints(args.layers, "--layers"), train_limit=args.limit, val_limit=args.val_limit, seed=args.seed)
     if args.moved_from:
         payload.update(drift_from=args.moved_from, drift=parameter_drift(args.moved_from, args.checkpoint))
-    markdown = probe_markdown(payload)
-    files = write_result(args.out or run_dir(args.checkpoint) / "probe", payload, markdown)
-    print(markdown + f"\nwrote {', '.join(map(str, files))}")
+    files = write_result(stem.with_suffix(""), payload, probe_markdown(payload))
+    print(probe_markdown(payload) + f"\nwrote {', '.join(map(str, files))}")
 
 
 def _user_errors(command: str) -> tuple[type[BaseException], ...]:
