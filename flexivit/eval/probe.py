@@ -27,7 +27,8 @@ from flexivit.model.patch_embed import check_patch_sizes
 from flexivit.model.vit import FlexiViT
 from flexivit.model.weights import load_model
 
-__all__ = ["HEAD_INPUT", "block_name", "pooled_features", "linear_cka", "fit_probe", "probe_accuracy",
+__all__ = ["HEAD_INPUT", "Probe", "block_name", "pooled_features", "linear_cka", "head_space_cka", "fit_probe",
+           "probe_accuracy",
            "probe_transfer", "parameter_drift", "probe_markdown"]
 
 HEAD_INPUT = "head_input"  # the pooled, normed features the classifier reads
