@@ -59,6 +59,7 @@ def build_parser(command: str | None = None, cli: Any = None) -> argparse.Argume
     _add_eval_parser(sub)
     _add_predict_parser(sub)
     _add_export_parser(sub)
+    _add_probe_parser(sub)
     for name, (module, help) in option_commands().items():  # the option families' commands (flexivit.ext)
         p = sub.add_parser(name, help=help, epilog=recipe_help())
         if name == command:  # its arguments only when it runs: the driver's imports are heavy
@@ -145,3 +146,23 @@ def _add_export_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--atol", type=float, default=1e-5, help="logit tolerance of the check (default 1e-5)")
     p.add_argument("--overwrite", action="store_true", help="replace the model files of an --out that already holds "
                    "a model or a training run (refused without it)")
+
+
+def _add_probe_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("probe", help="do the features agree across patch sizes? linear probe fitted at one size and "
+                       "scored at each, CKA per layer, on a dataset's validation split (docs/flexible_finetune.md)")
+    p.add_argument("checkpoint", help="a run directory or a model .safetensors file")
+    p.add_argument("--data", required=True, help="fashion-mnist, an image folder or hf:NAME[:CONFIG]: its train "
+                   "split fits the probes, its validation split scores them")
+    p.add_argument("--classes", help="comma-separated class names: a subset of the source's classes")
+    p.add_argument("--sizes", help="comma-separated patch sizes (default: the run's evaluated sizes)")
+    p.add_argument("--fit", help="comma-separated sizes to fit a probe at, and/or 'all' (one probe on every size's "
+                   "features); default: each size and all")
+    p.add_argument("--layers", help="comma-separated block indices for the CKA (default: every block)")
+    p.add_argument("--limit", type=int, help="fit the probes on the first N training images only")
+    p.add_argument("--val-limit", type=int, help="score on the first N validation images only")
+    p.add_argument("--seed", type=int, default=0, help="the split's seed, as a fine-tune with train.seed=SEED "
+                   "draws it (default 0)")
+    p.add_argument("--moved-from", metavar="CKPT", help="also measure how far each part of the network moved from "
+                   "CKPT (the checkpoint this one was fine-tuned from)")
+    p.add_argument("--out", type=Path, help="result files OUT.json and OUT.md (default: CHECKPOINT's folder/probe)")

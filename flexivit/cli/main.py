@@ -10,6 +10,8 @@
     flexivit fewshot CHECKPOINT --data SRC [--classes a,b] [--ways N] [--shots 1,5] [--queries Q] [--episodes E]
                      [--patch-sizes 4,7] [--methods global,local,global+local] [--local M|all] [--mix A] [--seed S]
                      [--out DIR]
+    flexivit probe CHECKPOINT --data SRC [--classes a,b] [--sizes 2,4,7,14] [--fit 14,7,all] [--layers 0,1]
+                   [--limit N] [--val-limit N] [--moved-from START] [--out STEM]
     flexivit search RECIPE[:ARG] --grid KEY=V1,V2 [--grid ...] [--seeds 0,1,2] [--steps N] [--metric worst|mean]
                     [--jobs N] [--init CKPT] [--then-train] [--data SRC] [--out DIR] [--set k=v ...]
     flexivit evolve RECIPE[:ARG] [--population N] [--iterations N] [--tournament N] [--threshold 0.5|uniform]
@@ -201,6 +203,32 @@ def _export(args: argparse.Namespace) -> None:
           "load_state_dict(safetensors.torch.load_file('model.safetensors')); see docs/deploy.md")
 
 
+def _ints(text: str | None, flag: str) -> list[int] | None:
+    try:
+        return None if text is None else [int(s) for s in text.split(",") if s.strip()]
+    except ValueError:
+        raise ValueError(f"{flag} takes comma-separated integers, such as 2,4,7,14; got {text!r}") from None
+
+
+def _probe(args: argparse.Namespace) -> None:
+    from flexivit.eval.probe import parameter_drift, probe_markdown, probe_transfer
+    from flexivit.model.weights import run_dir
+    from flexivit.provenance import write_result
+
+    stem = args.out or run_dir(args.checkpoint) / "probe"
+    if stem.suffix not in ("", ".json", ".md"):  # write_result would take ".075" of "scale0.075" for an extension
+        raise ValueError(f"--out {stem} is a file stem (OUT.json and OUT.md are written): drop the dot from its "
+                         f"last part, e.g. {stem.with_name(stem.name.replace('.', '_'))}")
+    payload = probe_transfer(
+        args.checkpoint, data=args.data, sizes=_ints(args.sizes, "--sizes"),
+        fits=args.fit.split(",") if args.fit else None, classes=args.classes.split(",") if args.classes else None,
+        layers=_ints(args.layers, "--layers"), train_limit=args.limit, val_limit=args.val_limit, seed=args.seed)
+    if args.moved_from:
+        payload.update(drift_from=args.moved_from, drift=parameter_drift(args.moved_from, args.checkpoint))
+    files = write_result(stem.with_suffix(""), payload, probe_markdown(payload))
+    print(probe_markdown(payload) + f"\nwrote {', '.join(map(str, files))}")
+
+
 def _user_errors(command: str) -> tuple[type[BaseException], ...]:
     from flexivit.model.weights import CheckpointError
     from flexivit.data.transforms import CorruptImageError
@@ -215,7 +243,7 @@ def _user_errors(command: str) -> tuple[type[BaseException], ...]:
 
 
 COMMANDS = {"train": _train, "finetune": _finetune, "search": _search, "eval": _eval, "predict": _predict,
-            "export": _export}
+            "export": _export, "probe": _probe}
 
 
 def _driver(command: str) -> Any:
