@@ -4,7 +4,7 @@ The quickstart's run (``recipes/fashion_mnist.py``: ``flexi_vit_micro``, 28 px, 
 0.4 / 0.25 / 0.25 / 0.1 per step, 16 x 196 tokens a step) is stepped both ways in one process on random
 pixels (forward, backward, AdamW step): per step, each step's images at the step's size as the token budget
 joins them; per image, each step one ``PackStream`` plan of the same run's builder (``build_step_batches``).
-Timed in rounds of ``--steps`` steps of each, in alternating order, so drift from other processes on the
+Timed in rounds of the same ``--steps`` steps of each (steps 0 .. steps-1, the run's first), in alternating order, so drift from other processes on the
 shared cores hits both; the ratio is the median over rounds of the same round's images/s ratio, by wall
 time and by this process's CPU time.
 
@@ -72,7 +72,7 @@ def measure(*, rounds: int, steps: int, recipe_sets: list[str]) -> dict[str, Any
         measured = {}
         for arm in order:
             wall, cpu = time.perf_counter(), time.process_time()
-            images = sum(arms[arm](r * steps + i) for i in range(steps))
+            images = sum(arms[arm](i) for i in range(steps))  # the same steps every round: only the timing varies
             measured[arm] = {"images": images, "wall_s": time.perf_counter() - wall, "cpu_s": time.process_time() - cpu}
         per_round.append(measured)
     ratio = {clock: statistics.median((m["per image"]["images"] / m["per image"][clock])
