@@ -1,6 +1,7 @@
 """The packed forward (flexivit.model.packed): each image's logits in a packed row equal its logits alone."""
 
 import random
+from collections import Counter
 
 import pytest
 import torch
@@ -58,9 +59,12 @@ def test_packed_logits_equal_each_image_alone_at_every_size(name, attention):
         assert batch.num_rows < n  # several images share rows
         assert packed.shape == (n, 5)
         torch.testing.assert_close(packed, alone, atol=1e-5, rtol=0)
-        uniform += sum(end - first for first, end, _, _ in batch.runs)
-        mixed += batch.num_rows - sum(end - first for first, end, _, _ in batch.runs)
-    assert uniform and mixed  # grouped attention met both kinds of rows: one image length, and mixed
+        segments = Counter(first for first, end, *_ in batch.runs for first in range(first, end))  # per row
+        uniform += sum(1 for r in range(batch.num_rows) if segments[r] == 1)
+        mixed += sum(1 for r in range(batch.num_rows) if segments[r] > 1)
+        covered = sum((end - first) * n * c for first, end, _, n, c in batch.runs)
+        assert covered == sum(length for _, _, length in batch.slots)  # the runs cover every image token once
+    assert uniform and mixed  # grouped attention met rows of one image length and rows of several
 
 
 def test_images_of_different_resolutions_in_one_call():

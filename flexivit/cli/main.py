@@ -181,7 +181,8 @@ def _per_image(text: str, kind: type, flag: str, example: str, images: int | Non
     try:
         values = [kind(v) for v in text.split(",")]
     except ValueError:
-        raise ValueError(f"{flag} takes one {kind.__name__} per image, comma-separated, such as {example}; got "
+        noun = "integer" if kind is int else "number"
+        raise ValueError(f"{flag} takes one {noun} per image, comma-separated, such as {example}; got "
                          f"{text!r}") from None
     if images is not None and len(values) != images:
         raise ValueError(f"{flag} gives {len(values)} values for {images} images; give one per image, in order")

@@ -15,9 +15,9 @@
    ``fc_norm`` and the head.
 
 Attention (``attention=``), all exact:
-- ``grouped`` (``auto`` off CUDA): runs of rows holding images of one length (first-fit decreasing
-  makes most rows so) are viewed as one unmasked ``scaled_dot_product_attention`` call each, no gather and
-  no score between images; the remaining mixed rows go through the mask;
+- ``grouped`` (``auto`` off CUDA): a row's images lie longest first, so each row is a few segments of
+  equal-length images; a segment shared by consecutive rows (first-fit decreasing repeats rows) is viewed
+  as one unmasked ``scaled_dot_product_attention`` call: no mask, no gather, no score between images;
 - ``sdpa``: one call with an additive ``(R, 1, L, L)`` mask (same image id): every row's ``L x L`` scores
   are computed and those between images discarded; fixed shapes, so it is the one to compile on CPU;
 - ``flex`` (``auto`` on CUDA): ``flex_attention`` with a block mask, which skips the blocks between images;
@@ -31,6 +31,7 @@ patch tokens, blocks wired or replaced by the option).
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from functools import cache
@@ -53,7 +54,7 @@ __all__ = ["PackedBatch", "ATTENTION", "check_packable", "pack", "packed_trunk",
 
 ATTENTION = ("auto", "grouped", "sdpa", "flex")
 Attend = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, float], torch.Tensor]
-Run = tuple[int, int, int, int]  # (first, end, n, c): rows [first, end) each hold c images of n tokens from the start
+Run = tuple[int, int, int, int, int]  # (first, end, offset, n, c): rows [first, end) each hold c images of n tokens from token offset
 Images = torch.Tensor | Sequence[torch.Tensor]
 
 
@@ -67,7 +68,7 @@ class PackedBatch:
     slots: tuple[tuple[int, int, int], ...]
     patch_sizes: tuple[int, ...]
     num_prefix_tokens: int
-    runs: tuple[Run, ...] = ()  # consecutive rows of one image length, for the grouped attention
+    runs: tuple[Run, ...] = ()  # segments of equal-length images shared by consecutive rows, for the grouped attention
 
     @property
     def num_images(self) -> int:
@@ -168,6 +169,7 @@ def pack(model: FlexiViT, images: Images, patch_sizes: Sequence[int], *, row_tok
         rows = first_fit_decreasing(lengths, row_tokens)
     else:
         _check_rows(rows, lengths, row_tokens)
+    rows = [sorted(row, key=lambda i: -lengths[i]) for row in rows]  # a row's equal-length images side by side
     slots = _slots(rows, lengths)
     groups: dict[tuple[PatchScheme, tuple[int, ...]], list[int]] = {}  # images sharing a size and a resolution
     for i, (image, scheme) in enumerate(zip(images, schemes)):
@@ -203,18 +205,20 @@ def _slots(rows: Sequence[Sequence[int]], lengths: Sequence[int]) -> list[tuple[
 
 
 def _runs(rows: Sequence[Sequence[int]], lengths: Sequence[int]) -> tuple[Run, ...]:
-    """Maximal runs of consecutive rows whose images all have one length ``n``, ``c`` per row. First-fit
-    decreasing puts the longest images first, so its rows come mostly in such runs."""
+    """Segments of equal-length images, merged over consecutive rows with the same segment: ``(first, end,
+    offset, n, c)``. A row's images lie longest first (``pack``), so a row is a few segments; first-fit
+    decreasing layouts repeat the same rows, so a handful of runs cover a whole batch."""
     runs: list[Run] = []
     for r, row in enumerate(rows):
-        sizes = {lengths[i] for i in row}
-        if len(sizes) != 1:
-            continue
-        key = (sizes.pop(), len(row))
-        if runs and runs[-1][1] == r and runs[-1][2:] == key:
-            runs[-1] = (runs[-1][0], r + 1, *key)
-        else:
-            runs.append((r, r + 1, *key))
+        offset = 0
+        for n, members in itertools.groupby(lengths[i] for i in row):
+            key = (offset, n, len(list(members)))
+            same = next((k for k, run in enumerate(runs) if run[1] == r and run[2:] == key), None)
+            if same is None:
+                runs.append((r, r + 1, *key))
+            else:
+                runs[same] = (runs[same][0], r + 1, *key)
+            offset += key[1] * key[2]
     return tuple(runs)
 
 
@@ -251,23 +255,17 @@ def _masked(image_ids: torch.Tensor, dtype: torch.dtype) -> Attend:
 
 
 def _grouped(image_ids: torch.Tensor, runs: Sequence[Run], dtype: torch.dtype) -> Attend:
-    """Each run of rows holding ``c`` images of ``n`` tokens as ``c`` unmasked sequences of ``n`` per row:
-    views, no gather, no score between images. The other (mixed) rows go through the mask."""
-    uniform = torch.zeros(image_ids.shape[0], dtype=torch.bool, device=image_ids.device)
-    for first, end, _, _ in runs:
-        uniform[first:end] = True
-    mixed = (~uniform & (image_ids >= 0).any(dim=1)).nonzero().squeeze(1)  # (M,) rows left for the mask
-    rest = _masked(image_ids[mixed], dtype) if mixed.numel() else None
+    """Each run's segment (``c`` images of ``n`` tokens from token ``offset`` in each of rows ``[first, end)``)
+    as ``(end - first) * c`` unmasked sequences of ``n``: views, no gather, no score between images or with
+    padding. The runs cover every image token of the batch."""
 
     def grouped(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, p: float) -> torch.Tensor:
         out = q.new_zeros(q.shape)  # (R, L, H, hd); padding stays zero (garbage would reach the weight gradients)
-        for first, end, n, c in runs:
-            m = end - first
-            parts = (t[first:end, : c * n].reshape(m * c, n, *t.shape[2:]).transpose(1, 2) for t in (q, k, v))
+        for first, end, offset, n, c in runs:
+            m, span = end - first, slice(offset, offset + c * n)
+            parts = (t[first:end, span].reshape(m * c, n, *t.shape[2:]).transpose(1, 2) for t in (q, k, v))
             o = F.scaled_dot_product_attention(*parts, dropout_p=p)  # (m * c, H, n, hd)
-            out[first:end, : c * n] = o.transpose(1, 2).reshape(m, c * n, *q.shape[2:])
-        if rest is not None:
-            out[mixed] = rest(q[mixed], k[mixed], v[mixed], p)
+            out[first:end, span] = o.transpose(1, 2).reshape(m, c * n, *q.shape[2:])
         return out
 
     return grouped

@@ -191,6 +191,13 @@ class RowPacker:
             free[row] -= n
             sizes.append(self.sizes[i])
             lengths.append(n)
+        # Which images a step takes is settled above; their layout is free. First-fit decreasing repeats the
+        # same rows (four patch-4 images, twelve patch-7 ones and a patch 14...), which the grouped
+        # attention runs as a few unmasked calls (flexivit.model.packed); it keeps the draw-order layout in
+        # the rare case it would need more rows.
+        decreasing = first_fit_decreasing(lengths, self.row_tokens) if lengths else []
+        if len(decreasing) <= self.rows:
+            rows = decreasing + [[] for _ in range(self.rows - len(decreasing))]
         plan = PackPlan(tuple(sizes), tuple(lengths), tuple(map(tuple, rows)), self.row_tokens, len(left))
         return plan, tuple(left)
 
