@@ -10,6 +10,7 @@ import pytest
 
 from flexivit.train.builders import build_model, build_sampler, build_step_batches
 from flexivit.train.config import load_recipe
+from flexivit.train.step_batches import loader_batches
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -25,12 +26,13 @@ def test_bench_per_image_smoke_counts_each_arms_images_and_writes_results(tmp_pa
     per_step = load_recipe("fashion_mnist", sets)
     per_image = load_recipe("fashion_mnist", [*sets, "patch.per_image=true"])
     model = build_model(per_step, channels=1, num_classes=10)
-    one_size = build_step_batches(per_step, build_sampler(per_step), model, rank=0, ranks=1)
     packed = build_step_batches(per_image, build_sampler(per_image), model, rank=0, ranks=1)
-    for measured in result["rounds"]:  # every round runs steps 0 and 1 of each arm
-        steps = (0, 1)
-        assert measured["per step"]["images"] == sum(16 * one_size.joined(s) for s in steps)
-        assert measured["per image"]["images"] == sum(packed.plan(s, 0).num_images for s in steps)
-        assert all(measured[a]["wall_s"] > 0 for a in measured)
+    probs = build_sampler(per_step).probs(0).tolist()
+    for measured in result["rounds"]:  # every round: one step per size, and the per-image plans 0 and 1
+        counts = {str(s.patch): 16 * loader_batches(s, (28, 28), 16, per_step.train.token_budget) for s in build_sampler(per_step).schemes}
+        assert {p: m["images"] for p, m in measured["sizes"].items()} == counts
+        assert measured["per step"]["images"] == pytest.approx(sum(q * n for q, n in zip(probs, counts.values())))
+        assert measured["per image"]["images"] == sum(packed.plan(s, 0).num_images for s in (0, 1))
+        assert all(measured[a]["wall_s"] > 0 for a in ("per step", "per image"))
     assert set(result["ratio_per_image_over_per_step"]) == {"wall_s", "cpu_s"}
     assert "## How this file was made" in (tmp_path / "bench_per_image.md").read_text()
