@@ -64,8 +64,10 @@ def stage_search(args: argparse.Namespace) -> None:
 
 
 def best_values(args: argparse.Namespace, name: str) -> dict[str, str]:
-    """The winning setting of ``name``'s search: the best worst-size validation top-1 (first on a tie)."""
-    records = read_jsonl(args.out / f"search_{folder(name)}" / "search.jsonl")
+    """The winning setting of ``name``'s search: the best worst-size validation top-1 (on a tie the smaller
+    step size; ``search.jsonl`` lists trials in the order they finished)."""
+    key = METHODS[name][1]
+    records = sorted(read_jsonl(args.out / f"search_{folder(name)}" / "search.jsonl"), key=lambda r: float(r["values"][key]))
     if not records:
         raise SearchError(f"no finished trial of {name} in {args.out}; run the search stage first")
     return max(records, key=lambda r: min(r["val"].values()))["values"]
