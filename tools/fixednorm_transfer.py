@@ -147,8 +147,9 @@ def markdown(result: dict[str, Any]) -> str:
         grid = ", ".join(f"{t['value']}: {t['worst_val']:.1f}" for t in m["trials"])
         cpu = [t["cpu_seconds"] for t in m["trials"] if t["cpu_seconds"] is not None]
         images = m["trials"][0]["images_seen"] if m["trials"] else 0
+        unrecorded = f" ({len(cpu)} of {len(m['trials'])} trials recorded)" if len(cpu) < len(m["trials"]) else ""
         lines.append(f"| {name} | {grid} | {m['key']}={m['best']} | {len(m['trials'])} | {images} | "
-                     f"{sum(t['train_seconds'] or 0 for t in m['trials']):.0f} | {sum(cpu):.0f} |")
+                     f"{sum(t['train_seconds'] or 0 for t in m['trials']):.0f} | {sum(cpu):.0f}{unrecorded} |")
     sizes = next((list(s["test"]) for m in methods.values() for s in m["winner_seeds"]), [])
     for split in ("test", "val"):
         title = "Winners on the test split (reported)" if split == "test" else "Winners on the validation split"
