@@ -1,6 +1,7 @@
 """Training throughput of the flexible trainer vs the same trainer at one fixed patch size.
 
-    OMP_NUM_THREADS=1 python tools/bench_train.py      # writes docs/results/bench_train.{md,json}
+    OMP_NUM_THREADS=1 python tools/bench_train.py      # writes docs/results/bench_train.{md,json}; ~27 min
+    OMP_NUM_THREADS=1 python tools/bench_train.py --steps 12 --repeats 4   # ~10 min, the setting of the file
     python tools/bench_train.py --smoke --out /tmp/b
 
 For each patch size p of the quickstart recipe, the img/s of the steps that drew p in a run sampling
