@@ -50,7 +50,8 @@ def _study(out: Path) -> argparse.Namespace:
             with open(out / "runs.jsonl", "a") as f:
                 f.write(json.dumps({"run": f"winners/{ft.folder(name)}-seed{seed}", "status": "finished",
                                     "cpu_s": 100.0 + seed}) + "\n")
-    return argparse.Namespace(out=out, base="runs/quickstart", data="data/mnist5k", steps=None, seeds=[0, 1, 2])
+    return argparse.Namespace(out=out, base="runs/quickstart", data="data/mnist5k", steps=None, seeds=[0, 1, 2],
+                              note="The grid was widened once.")
 
 
 def test_each_method_takes_the_setting_with_the_best_worst_size_and_its_winners_score_test(tmp_path):
@@ -89,10 +90,12 @@ def test_the_report_holds_every_seed_and_its_means_are_the_seeds_means(tmp_path)
     assert f"{statistics.mean(worst):.1f} ± {statistics.stdev(worst):.1f}" in row
     assert f"{statistics.mean(p7):.1f} ± {statistics.stdev(p7):.1f}" in row
     assert "optim.lr=3e-3" in row and "| 500 |" in row
-    assert "1e-3: 80.0, 3e-3: 84.0, 1e-2: 80.0" in text
+    assert "1e-3: 80.0, 3e-3: 84.0, 1e-2: 80.0" in text and "The grid was widened once." in text
+    diffs = [100 * (min(f) - min(a)) for f, a in zip(TEST["fixed-norm"], TEST["AdamW"])]
+    assert ", ".join(f"{d:+.1f}" for d in diffs) + f" (mean {statistics.mean(diffs):+.1f})" in text
 
 
 def test_a_missing_search_is_one_clear_error(tmp_path):
-    args = argparse.Namespace(out=tmp_path, base="b", data="d", steps=None, seeds=[0])
+    args = argparse.Namespace(out=tmp_path, base="b", data="d", steps=None, seeds=[0], note="")
     with pytest.raises(ft.SearchError, match="run the search stage first"):
         ft.best_values(args, "AdamW")

@@ -120,7 +120,7 @@ def collect(args: argparse.Namespace) -> dict[str, Any]:
         methods[name] = {"recipe": recipe, "key": key, "trials": trials, "best": best and best["value"],
                          "winner_seeds": seeds}
     steps = {name: args.steps or load_recipe(recipe).train.steps for name, (recipe, _) in METHODS.items()}
-    return {"base": args.base, "data": args.data, "steps": steps, "methods": methods,
+    return {"base": args.base, "data": args.data, "steps": steps, "methods": methods, "note": args.note,
             "seeds": list(args.seeds), "split": "search: validation (seed 0); winners: validation and test"}
 
 
@@ -140,7 +140,8 @@ def markdown(result: dict[str, Any]) -> str:
              "the tensors outside the fixed norm, head S = 2). Step sizes chosen on the validation split by the worst "
              "size, seed 0; each winner then re-run with seeds "
              f"{', '.join(map(str, result['seeds']))} and scored on test. Runs two at a time, one thread each, on 2 "
-             "shared cores under load from other jobs: seconds are a rough cost, not a timing.", "",
+             "shared cores under load from other jobs: seconds are a rough cost, not a timing.",
+             *(["", result["note"]] if result.get("note") else []), "",
              "## Search (validation, seed 0, worst size %)", "",
              "| method | step size: worst-size val % | best | trials | images per trial | training s (sum) | CPU s (sum) |",
              "|---|---|---|---:|---:|---:|---:|"]
@@ -171,6 +172,12 @@ def markdown(result: dict[str, Any]) -> str:
     lines += ["", "Per seed (test, worst size %): " + "; ".join(
         f"{name} " + ", ".join(f"seed {r['seed']} {r['worst_test']:.1f}" for r in m["winner_seeds"])
         for name, m in methods.items() if m["winner_seeds"])]
+    worst = {name: {r["seed"]: r["worst_test"] for r in m["winner_seeds"]} for name, m in methods.items()}
+    both = sorted(set(worst["fixed-norm"]) & set(worst["AdamW"]))
+    if both:  # a seed draws the held-out splits too (data.val_fraction from train.seed): pairs share them
+        diffs = [worst["fixed-norm"][s] - worst["AdamW"][s] for s in both]
+        lines += ["", "Paired by seed (the same train / validation / test split, drawn from the seed), fixed-norm − "
+                  "AdamW at the worst test size: " + ", ".join(f"{d:+.1f}" for d in diffs) + f" (mean {statistics.mean(diffs):+.1f})."]
     return "\n".join(lines) + "\n"
 
 
@@ -187,6 +194,8 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=ROOT / "runs" / "fixednorm_transfer")
     parser.add_argument("--results", type=Path, default=ROOT / "docs" / "results" / "fixednorm_mnist5k")
     parser.add_argument("--report-only", action="store_true", help="aggregate finished work, train nothing")
+    parser.add_argument("--note", default="", help="a paragraph for the report: how the runs were made, if not "
+                                                   "by one command")
     args = parser.parse_args()
     try:
         args.seeds = [int(s) for s in args.seeds.split(",") if s]
