@@ -1,14 +1,18 @@
 """``torch.compile`` once for every patch size, measured on the quickstart model.
 
-For each of the quickstart's patch sizes (``flexi_vit_micro`` as ``recipes/fashion_mnist.py`` builds it:
-28 px, p = 2, 4, 7, 14, a step's batch from the recipe's token budget) this records, in one process:
+For each of the quickstart's patch sizes (``flexi_vit_micro`` as ``recipes/fashion_mnist.py`` builds it
+through the trainer's own builders: 28 px, a 14x14 base kernel resized by the area operator, p = 2, 4, 7, 14,
+a step's batch from the recipe's token budget) this records, in one process:
 - the graphs dynamo builds when that size first trains, then first evaluates (batch 64, then batch 1),
   and how long those first calls take (compile time = first call minus a steady call);
-- steady train-step time (forward + cross-entropy + backward + AdamW) and eval-forward time (``no_grad``,
+- steady train-step time (the trainer's step: the recipe's objective, backward, gradient clipping and its
+  AdamW with the recipe's parameter groups, the kernel's learning-rate scale included) and eval-forward time (``no_grad``,
   batch 64 and batch 1), compiled (``flexivit.model.compile.compile_model``) vs eager, as speedups
   (eager time / compiled time) from timed blocks that alternate (ABBA) between the compiled model, the
   eager one and a second eager model; the second one's ratio to the first is the noise floor (A/A).
 Compile times are cold: inductor gets a fresh cache directory unless ``TORCHINDUCTOR_CACHE_DIR`` is set.
+Inputs are random tensors of the recipe's shapes (no data is read). The result files go through
+``flexivit.provenance.write_result`` and keep every timed block's time, per model, beside the medians.
 
     OMP_NUM_THREADS=1 python tools/bench_compile.py                       # a few minutes on 2 shared cores
     python tools/bench_compile.py --smoke --backend aot_eager --out /tmp/bc   # seconds (tests)
@@ -26,8 +30,6 @@ if _CACHE:  # set before torch is imported, so that inductor reads it
 
 import argparse  # noqa: E402
 import copy  # noqa: E402
-import json  # noqa: E402
-import platform  # noqa: E402
 import statistics  # noqa: E402
 import sys  # noqa: E402
 import time  # noqa: E402
@@ -36,13 +38,16 @@ from typing import Any, Callable  # noqa: E402
 
 import torch  # noqa: E402
 import torch._dynamo  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
 from torch import nn  # noqa: E402
 
-from flexivit.train.builders import build_model  # noqa: E402
 from flexivit.model.compile import compile_model, graph_count  # noqa: E402
-from flexivit.train.config import load_recipe  # noqa: E402
 from flexivit.model.patch_embed import PatchScheme  # noqa: E402
+from flexivit.provenance import write_result  # noqa: E402
+from flexivit.train.builders import build_model  # noqa: E402
+from flexivit.train.config import Config, load_recipe  # noqa: E402
+from flexivit.train.distill import ViewSpec  # noqa: E402
+from flexivit.train.objective import Objective, build_objective  # noqa: E402
+from flexivit.train.optim import build_optimizer  # noqa: E402
 from flexivit.train.step_batches import loader_batches  # noqa: E402
 
 Step = Callable[[], None]
@@ -50,15 +55,15 @@ MODELS = ("compiled", "eager", "twin")  # twin: a second eager model, the A/A co
 EVAL_BATCHES = (64, 1)  # flexivit eval's throughput and latency batches
 
 
-def quickstart(smoke: bool) -> tuple[nn.Module, dict[int, int], int]:
-    """The model, ``{patch: images per training step}`` and the image size."""
+def quickstart(smoke: bool) -> tuple[Config, nn.Module, dict[int, int]]:
+    """The recipe, its model (built as ``flexivit train`` builds it) and ``{patch: images per training step}``."""
     overrides = ["data.image_size=16", "patch.sizes=2,4,8", "patch.distribution=uniform", "patch.weights=none",
                  "model.embed_dim=32", "model.depth=1", "model.base_grid=4", "train.token_budget=256"] if smoke else []
     cfg = load_recipe("fashion_mnist", overrides)
     hw = (cfg.data.image_size,) * 2
     batches = {p: cfg.data.batch_size * loader_batches(PatchScheme(p), hw, cfg.data.batch_size, cfg.train.token_budget)
                for p in cfg.patch.sizes}
-    return build_model(cfg, channels=1, num_classes=10), batches, cfg.data.image_size
+    return cfg, build_model(cfg, channels=1, num_classes=10), batches
 
 
 def seconds(fn: Step, n: int = 1) -> float:
@@ -68,15 +73,27 @@ def seconds(fn: Step, n: int = 1) -> float:
     return time.perf_counter() - start
 
 
-def train_step(model: nn.Module, x: torch.Tensor, y: torch.Tensor, patch: int) -> Step:
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+def train_step(cfg: Config, model: nn.Module, x: torch.Tensor, y: torch.Tensor, patch: int) -> Step:
+    """One optimizer step as ``flexivit.train.loop`` takes it (one micro-batch, no accelerator)."""
+    optimizer, _ = build_optimizer(cfg, model)
+    objective = objective_of(cfg, x)
+    batch, scheme = {"image": x, "label": y}, PatchScheme(patch)
 
     def step() -> None:
-        opt.zero_grad(set_to_none=True)
-        F.cross_entropy(model(x, patch), y).backward()
-        opt.step()
+        loss, _ = objective(model, batch, scheme)
+        loss.backward()
+        if cfg.optim.clip_grad:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.optim.clip_grad)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
 
     return step
+
+
+def objective_of(cfg: Config, x: torch.Tensor) -> Objective:
+    """The recipe's objective (no teacher, so the view only records the input's shape)."""
+    view = ViewSpec(cfg.data.image_size, x.shape[1], (0.0,), (1.0,))
+    return build_objective(cfg, num_classes=10, teacher=None, view=view, terms=[])
 
 
 def eval_step(model: nn.Module, x: torch.Tensor, patch: int) -> Step:
@@ -110,13 +127,14 @@ def race(steps: dict[str, Step], repeats: int, block_s: float) -> dict[str, floa
         **{f"{k}_ms": 1e3 * statistics.median(v) for k, v in times.items()},
         "speedup": statistics.median(speedups), "speedup_iqr": [quartiles[0], quartiles[2]],
         "aa": statistics.median(e / t for e, t in zip(times["eager"], times["twin"])), "blocks": repeats,
-        "calls_per_block": n,
+        "calls_per_block": n, "block_ms": {k: [1e3 * t for t in v] for k, v in times.items()},
     }
 
 
 def bench(args: argparse.Namespace) -> dict[str, Any]:
     torch.manual_seed(0)
-    eager, batches, img = quickstart(args.smoke)
+    cfg, eager, batches = quickstart(args.smoke)
+    img = cfg.data.image_size
     models = {"eager": eager, "twin": copy.deepcopy(eager),
               "compiled": compile_model(copy.deepcopy(eager), backend=args.backend)}
     data = {p: (torch.randn(b, 1, img, img), torch.randint(0, 10, (b,))) for p, b in batches.items()}
@@ -124,7 +142,7 @@ def bench(args: argparse.Namespace) -> dict[str, Any]:
                                        for p, b in batches.items()}
     for m in models.values():
         m.train()
-    train = {p: {k: train_step(m, *data[p], p) for k, m in models.items()} for p in batches}
+    train = {p: {k: train_step(cfg, m, *data[p], p) for k, m in models.items()} for p in batches}
     for p in batches:  # training first, every size, as a run does; then evaluation
         rows[p]["train_first"] = first_call(train[p])
     for m in models.values():
@@ -146,24 +164,18 @@ def bench(args: argparse.Namespace) -> dict[str, Any]:
             first["compile_s"] = first["compiled_first_s"] - rows[p][phase]["compiled_ms"] / 1e3
         print(f"p={p:>2}: train x{rows[p]['train']['speedup']:.2f} (A/A {rows[p]['train']['aa']:.2f}), eval64 "
               f"x{rows[p]['eval64']['speedup']:.2f}, eval1 x{rows[p]['eval1']['speedup']:.2f}", flush=True)
-    return {"rows": list(rows.values()), "config": models["eager"].config.to_dict()}
-
-
-def hardware(threads: int) -> str:
-    cpuinfo = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else ""
-    names = [line.split(":", 1)[1].strip() for line in cpuinfo.splitlines() if line.startswith("model name")]
-    name = names[0] if names else platform.processor() or platform.machine()
-    return f"CPU only: {name}, {os.cpu_count()} logical CPUs, torch threads = {threads}"
+    return {"rows": list(rows.values()), "config": {"variant": cfg.model.variant, **models["eager"].config.to_dict()}}
 
 
 def markdown(res: dict[str, Any]) -> str:
-    rows = res["rows"]
-    graphs = res["graphs"]
+    rows, graphs, cfg = res["rows"], res["graphs"], res["config"]
     lines = [
         "# torch.compile once for every patch size (quickstart model)", "",
-        f"Command: `{res['command']}`  ",
-        f"Hardware: {res['hardware']}; torch {res['torch']}, backend {res['backend']}, fp32; inductor cache "
-        f"{res['inductor_cache']}; wall time {res['wall_s']:.0f} s. No GPU was used.", "",
+        f"Model: `{cfg['variant']}` as the quickstart recipe builds it ({cfg['embed_dim']} wide, {cfg['depth']} blocks, "
+        f"{cfg['base_patch_size']}x{cfg['base_patch_size']} base kernel, `{cfg['kernel_resize']}` resize, "
+        f"{cfg['img_size']} px); inputs are random tensors of the recipe's shapes. Backend {res['backend']}, fp32; "
+        f"inductor cache {res['inductor_cache']}; {res['settings']['repeats']} timed blocks of about "
+        f"{res['settings']['block_s']} s per model and phase; wall time {res['wall_s']:.0f} s.", "",
         f"Graphs built (dynamo `unique_graphs`): training {graphs['train']} for all sizes, evaluation at batch 64 "
         f"{graphs['eval64']}, at batch 1 {graphs['eval1']}; total {graphs['total']}. Compile time (first calls "
         f"minus steady calls): {res['compile_s']:.1f} s in all.", "",
@@ -215,10 +227,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     rows = result["rows"]
     graphs = {k: sum(r[f"{k}_first"]["graphs"] for r in rows) for k in ("train", "eval64", "eval1")}
     result.update({
-        "command": " ".join(["python tools/bench_compile.py", *(sys.argv[1:] if argv is None else argv)]),
-        "hardware": hardware(torch.get_num_threads()), "cpu_only": True, "torch": torch.__version__,
-        "python": platform.python_version(), "backend": args.backend, "threads": torch.get_num_threads(),
-        "omp_num_threads": os.environ.get("OMP_NUM_THREADS"),
+        "seeds": [0], "split": "none: random inputs of the recipe's shapes, model initialised from torch seed 0",
+        "backend": args.backend, "omp_num_threads": os.environ.get("OMP_NUM_THREADS"),
         "inductor_cache": "cold (a fresh directory)" if _CACHE else f"as set, maybe warm: {os.environ['TORCHINDUCTOR_CACHE_DIR']}",
         "graphs": {**graphs, "total": sum(graphs.values())},
         "geomean_speedup": {k: statistics.geometric_mean(r[k]["speedup"] for r in rows)
@@ -228,10 +238,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "settings": {"repeats": args.repeats, "block_s": args.block_s, "eval_batches": list(EVAL_BATCHES)},
         "wall_s": time.perf_counter() - start,
     })
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "compile.json").write_text(json.dumps(result, indent=2) + "\n")
-    (args.out / "compile.md").write_text(markdown(result))
-    print(f"wrote {args.out / 'compile.json'} and {args.out / 'compile.md'} ({result['wall_s']:.0f} s)")
+    command = ["python", "tools/bench_compile.py", *(sys.argv[1:] if argv is None else argv)]
+    json_path, md_path = write_result(args.out / "compile", result, markdown(result), command=command)
+    print(f"wrote {json_path} and {md_path} ({result['wall_s']:.0f} s)")
     return result
 
 
