@@ -56,9 +56,14 @@ CANDIDATES = (
     Candidate("fixed", (), (0.075, 1.0)),
     Candidate("flexible", (), (1.0,), fixed=False, changes=1),
     Candidate("others0.25", ("finetune.fixed_others=0.25",), (0.25, 1.0), changes=1),
-    Candidate("others0.5", ("finetune.fixed_others=0.5",), (1.0,), changes=1),
+    Candidate("others0.5", ("finetune.fixed_others=0.5",), (0.25, 1.0), changes=1),
+    Candidate("others0.75", ("finetune.fixed_others=0.75",), (1.0,), changes=1),
     Candidate("consistency", ("finetune.consistency=1", "finetune.consistency_share=0.5"), (0.25, 1.0), changes=2),
     Candidate("probehead", ("finetune.head_init=probe",), (0.075, 1.0), changes=1),
+    # Second round, after the first showed mostly-P at 0.5 eligible with the best worst size: each other idea on top.
+    Candidate("others0.5-consistency", ("finetune.fixed_others=0.5", "finetune.consistency=1",
+                                        "finetune.consistency_share=0.5"), (1.0,), changes=3),
+    Candidate("others0.5-probehead", ("finetune.fixed_others=0.5", "finetune.head_init=probe"), (1.0,), changes=2),
 )
 
 
