@@ -4,7 +4,8 @@ By default patch schemes are sampled while fine-tuning, as in pretraining: measu
 fine-tuned at one size loses the others (see docs/distillation.md). ``patch_size`` selects the
 fixed-size fine-tuning of the FlexiViT patent instead, with the recipe's ``finetune.fixed_*``
 adjustments (lower learning rate and an L2-SP pull toward the pretrained weights), which keep the other
-sizes usable for longer.
+sizes usable for longer. ``flexivit.train.finetune_modes`` holds the off-by-default settings that keep them
+during a fixed-size fine-tune (docs/flexible_finetune.md, part 2).
 """
 
 from __future__ import annotations
