@@ -188,6 +188,11 @@ class FinetuneConfig:
 
     fixed_lr_scale: float = 1.0  # multiplies optim.lr
     fixed_pull: float = 0.0  # becomes optim.pull (L2-SP toward the pretrained weights)
+    # Keeping the other sizes (flexivit.train.finetune_modes, docs/flexible_finetune.md), each off by default:
+    fixed_others: float = 0.0  # share of steps at the recipe's other sizes (evenly), the rest at --patch-size
+    consistency: float = 0.0  # weight of KL(logits at the default size, stop-gradient || logits at another size)
+    consistency_share: float = 0.5  # share of the default-size steps that add the consistency term
+    head_init: str = "fresh"  # "fresh" (random) | "probe" (a linear probe on frozen features at every size)
 
 
 @dataclass
@@ -265,6 +270,10 @@ _RULES: dict[str, tuple[Callable[[Any], bool], str]] = {
     "train.steps": _NOT_NEGATIVE,  # 0: no training step (compress's training-free mode)
     "train.grad_accum": _POSITIVE,
     "train.token_budget": (lambda v: v >= 0, "0 (off) or a positive token count"),
+    "finetune.fixed_others": (lambda v: 0 <= v < 1, "a share in [0, 1)"),
+    "finetune.consistency": (lambda v: v >= 0, "0 (off) or a positive weight"),
+    "finetune.consistency_share": (lambda v: 0 < v <= 1, "a share in (0, 1]"),
+    "finetune.head_init": (lambda v: v in ("fresh", "probe"), "'fresh' or 'probe'"),
     "train.log_every": _POSITIVE,
     "train.checkpoint_every": _POSITIVE,
     "train.eval_every": (lambda v: v >= 0, "0 (at the end only) or a positive integer"),

@@ -4,7 +4,8 @@ By default patch schemes are sampled while fine-tuning, as in pretraining: measu
 fine-tuned at one size loses the others (see docs/distillation.md). ``patch_size`` selects the
 fixed-size fine-tuning of the FlexiViT patent instead, with the recipe's ``finetune.fixed_*``
 adjustments (lower learning rate and an L2-SP pull toward the pretrained weights), which keep the other
-sizes usable for longer.
+sizes usable for longer. ``flexivit.train.finetune_modes`` holds the off-by-default settings that keep them
+during a fixed-size fine-tune (docs/flexible_finetune.md, part 2).
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from flexivit.model.vit import FlexiViT, FlexiViTConfig
 from flexivit.model.weights import load_model
 from flexivit.train.builders import task_support
 from flexivit.train.config import Config
+from flexivit.train.finetune_modes import HEAD_PROBE_PER_CLASS, keep_other_sizes, probe_head
 from flexivit.train.loop import RunResult, train
 
 __all__ = ["finetune", "fixed_size", "from_pretrained"]
@@ -26,14 +28,15 @@ __all__ = ["finetune", "fixed_size", "from_pretrained"]
 
 def fixed_size(cfg: Config, patch_size: int) -> Config:
     """Fine-tune at one patch size (with ``cfg.finetune``'s adjustments) and still evaluate at every
-    size the recipe lists."""
+    size the recipe lists; with ``finetune.fixed_others`` the recipe's other sizes keep that share of the steps."""
     check_patch_sizes([patch_size], cfg.data.image_size)
+    others = [s for s in cfg.patch.sizes if s != patch_size]
     cfg.patch.eval_sizes = sorted(set(cfg.patch.eval_sizes or cfg.patch.sizes) | {patch_size})
     cfg.patch.sizes, cfg.patch.strides, cfg.patch.default = [patch_size], None, patch_size
     cfg.patch.distribution, cfg.patch.weights, cfg.patch.curriculum = "uniform", None, []
     cfg.optim.lr *= cfg.finetune.fixed_lr_scale
     cfg.optim.pull = cfg.finetune.fixed_pull
-    return cfg
+    return keep_other_sizes(cfg, patch_size, others) if cfg.finetune.fixed_others else cfg
 
 
 def from_pretrained(pretrained: FlexiViT, fresh: FlexiViT, *,
@@ -86,6 +89,9 @@ def finetune(checkpoint: str | Path, cfg: Config, *, out_dir: str | Path, resume
     def init(fresh: FlexiViT) -> FlexiViT:
         needs = any(o.from_recipe and o.needs_support for o, _ in fresh.config.active())
         support = (*task_support(cfg), list(cfg.patch.sizes)) if needs else None
-        return from_pretrained(pretrained, fresh, support=support, seed=cfg.train.seed, sizes=list(cfg.patch.sizes))
+        model = from_pretrained(pretrained, fresh, support=support, seed=cfg.train.seed, sizes=list(cfg.patch.sizes))
+        if cfg.finetune.head_init == "probe":
+            model = probe_head(model, *task_support(cfg, HEAD_PROBE_PER_CLASS), cfg.patch.eval_sizes or cfg.patch.sizes)
+        return model
 
     return train(cfg, out_dir=out_dir, resume=resume, overwrite=overwrite, init=init)

@@ -169,7 +169,7 @@ def _accumulate(run: Run, step: int, scheme: PatchScheme | None,
         # end-of-epoch sync would shift the update boundaries when epochs are not a multiple of accum.
         with acc.no_sync(run.model) if micro < accum - 1 else contextlib.nullcontext():
             with acc.autocast():
-                loss, micro_metrics = run.objective(run.model, batch, scheme)
+                loss, micro_metrics = run.objective(run.model, batch, scheme, step)
             acc.backward(loss / accum)
         for name, value in {"loss": loss.detach(), **micro_metrics}.items():
             metrics[name] = metrics.get(name, 0) + value.float() / accum

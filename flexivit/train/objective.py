@@ -18,6 +18,7 @@ from torch import nn
 
 from flexivit.train.config import Config
 from flexivit.train.distill import Teacher, ViewSpec, distill_loss
+from flexivit.train.finetune_modes import ConsistencyTerm, consistency_term
 from flexivit.model.patch_embed import PatchScheme
 
 __all__ = ["Objective", "LossTerm", "build_objective", "l2_sp_term"]
@@ -44,10 +45,12 @@ class Objective:
     quantize: str = "none"
     label_weight: float = 0.0
     terms: list[LossTerm] = field(default_factory=list)
+    consistency: ConsistencyTerm | None = None  # a second size's logits pulled toward this step's (finetune_modes)
 
-    def __call__(self, model: nn.Module, batch: dict, scheme: PatchScheme | None) -> tuple[torch.Tensor, Metrics]:
-        """The loss of one micro-batch at ``scheme`` (``None``: a patch size per image, the batch's ``plan``) and its
-        metrics (detached, on the device)."""
+    def __call__(self, model: nn.Module, batch: dict, scheme: PatchScheme | None,
+                 step: int = 0) -> tuple[torch.Tensor, Metrics]:
+        """The loss of one micro-batch of step ``step`` (0-based) at ``scheme`` (``None``: a patch size per image,
+        the batch's ``plan``) and its metrics (detached, on the device)."""
         images, labels = batch["image"], batch["label"]
         targets = labels
         if self.mixup is not None:
@@ -64,6 +67,10 @@ class Objective:
             metrics["distill"] = kd.detach()
             metrics["agree"] = (logits.argmax(dim=1) == teacher_logits.argmax(dim=1)).float().mean().detach()
             loss = kd + self.label_weight * self.criterion(logits, targets) if self.label_weight else kd
+        if self.consistency is not None:
+            value = self.consistency(model, images, logits, scheme, step) if scheme is not None else None
+            metrics["consistency"] = logits.new_zeros(()) if value is None else value.detach()
+            loss = loss if value is None else loss + value
         for term in self.terms:
             value = term.fn(model)
             metrics[term.name] = value.detach()
@@ -93,4 +100,4 @@ def build_objective(cfg: Config, *, num_classes: int, teacher: Teacher | None, v
     )
     criterion = SoftTargetCrossEntropy() if mixup else nn.CrossEntropyLoss(label_smoothing=d.label_smoothing)
     return Objective(criterion=criterion, mixup=mixup, teacher=teacher, view=view, temperature=k.temperature,
-                     quantize=k.quantize, label_weight=k.label_weight, terms=terms)
+                     quantize=k.quantize, label_weight=k.label_weight, terms=terms, consistency=consistency_term(cfg))
