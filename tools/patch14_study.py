@@ -22,7 +22,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from flexivit.experiments.results import read_results
+from flexivit.experiments.results import arms_over_seeds
 from flexivit.experiments.runner import RunSpec, Study
 from flexivit.provenance import write_result
 
@@ -38,14 +38,8 @@ def specs(seeds: list[int]) -> list[RunSpec]:
 
 
 def collect(out: Path, seeds: list[int]) -> dict[str, Any]:
-    arms = {}
-    for arm in ARMS:
-        arms[arm] = {}
-        for seed in seeds:
-            result = read_results(out / arm / f"seed{seed}")
-            arms[arm][str(seed)] = {"val": result.percent("val"), "test": result.percent("test"),
-                                    "images_seen": result.images_seen, "train_seconds": result.train_seconds}
-    return arms
+    """Per arm and seed: validation and test top-1 per size, images, steps and training time."""
+    return arms_over_seeds(out, list(ARMS), seeds)
 
 
 def _cell(values: list[float]) -> str:

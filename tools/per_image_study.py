@@ -25,7 +25,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from flexivit.experiments.results import read_results
+from flexivit.experiments.results import arms_over_seeds
 from flexivit.experiments.runner import RunSpec, Study
 from flexivit.provenance import write_result
 from flexivit.train.builders import build_model, build_sampler, build_step_batches
@@ -64,17 +64,8 @@ def specs(seeds: list[int]) -> list[RunSpec]:
 
 
 def collect(out: Path, seeds: list[int]) -> dict[str, Any]:
-    """Per arm and seed: validation and test top-1 per size, images, steps and wall time."""
-    arms: dict[str, dict[str, Any]] = {}
-    for arm in ARMS:
-        per_seed = {}
-        for seed in seeds:
-            result = read_results(out / arm / f"seed{seed}")
-            per_seed[str(seed)] = {"val": result.percent("val"), "test": result.percent("test"),
-                                   "images_seen": result.images_seen, "train_seconds": result.train_seconds,
-                                   "steps": result.steps}
-        arms[arm] = per_seed
-    return arms
+    """Per arm and seed: validation and test top-1 per size, images, steps and training time."""
+    return arms_over_seeds(out, list(ARMS), seeds)
 
 
 def _stats(values: list[float]) -> tuple[float, float]:

@@ -23,7 +23,7 @@ from typing import Any, Sequence
 from flexivit.jsonl import read_jsonl  # one reader of JSON lines (a torn last line is dropped with a message)
 
 __all__ = ["RunResults", "ResultsError", "EVAL_FILE", "read_results", "maybe_results", "read_jsonl",
-           "eval_by_step", "summarise"]
+           "eval_by_step", "summarise", "arms_over_seeds"]
 
 EVAL_FILE = "eval.json"
 SPLITS = ("val", "test", "scored")  # "scored": the split eval.json's "results" holds
@@ -122,3 +122,18 @@ def summarise(results: Sequence[RunResults], split: str) -> dict[str, dict[int, 
             per.setdefault(int(p), []).append(value)
     return {"mean": {p: statistics.mean(v) for p, v in per.items()},
             "std": {p: statistics.stdev(v) if len(v) > 1 else 0.0 for p, v in per.items()}}
+
+
+def arms_over_seeds(out: str | Path, arms: Sequence[str], seeds: Sequence[int]) -> dict[str, dict[str, dict[str, Any]]]:
+    """``arm -> seed -> {val, test (top-1 % per size), images_seen, train_seconds, steps}`` of the finished runs
+    ``out/ARM/seedS`` of a study that runs every arm once per seed."""
+    table: dict[str, dict[str, dict[str, Any]]] = {}
+    for arm in arms:
+        table[arm] = {}
+        for seed in seeds:
+            result = read_results(Path(out) / arm / f"seed{seed}")
+            table[arm][str(seed)] = {"val": result.percent("val"), "test": result.percent("test"),
+                                     "images_seen": result.images_seen, "train_seconds": result.train_seconds,
+                                     "steps": result.steps}
+    return table
+
