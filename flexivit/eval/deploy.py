@@ -259,8 +259,8 @@ class Predictor:
         return measured, f"latencies measured now on {self.device.type}"
 
     def choose_for_latency(self, budget_ms: float) -> tuple[Choice, str]:
-        rows, source = self.profile_for_latency()
-        return choose_patch_size(rows, max_latency_ms=budget_ms), source
+        (choice,), source = self.choose_for_latencies([budget_ms])
+        return choice, source
 
     def choose_for_latencies(self, budgets_ms: Sequence[float]) -> tuple[list[Choice], str]:
         """One choice per budget (per image, for a packed call), all on one latency profile."""

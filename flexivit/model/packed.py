@@ -209,16 +209,20 @@ def _runs(rows: Sequence[Sequence[int]], lengths: Sequence[int]) -> tuple[Run, .
     offset, n, c)``. A row's images lie longest first (``pack``), so a row is a few segments; first-fit
     decreasing layouts repeat the same rows, so a handful of runs cover a whole batch."""
     runs: list[Run] = []
+    open_runs: dict[tuple[int, int, int], int] = {}  # (offset, n, c) -> index in runs of the run ending at row r
     for r, row in enumerate(rows):
-        offset = 0
+        offset, extended = 0, {}
         for n, members in itertools.groupby(lengths[i] for i in row):
             key = (offset, n, len(list(members)))
-            same = next((k for k, run in enumerate(runs) if run[1] == r and run[2:] == key), None)
-            if same is None:
+            k = open_runs.get(key)
+            if k is None:
                 runs.append((r, r + 1, *key))
+                k = len(runs) - 1
             else:
-                runs[same] = (runs[same][0], r + 1, *key)
-            offset += key[1] * key[2]
+                runs[k] = (runs[k][0], r + 1, *key)
+            extended[key] = k
+            offset += n * key[2]
+        open_runs = extended  # a run continues only into the next row
     return tuple(runs)
 
 
@@ -254,7 +258,7 @@ def _masked(image_ids: torch.Tensor, dtype: torch.dtype) -> Attend:
     return masked
 
 
-def _grouped(image_ids: torch.Tensor, runs: Sequence[Run], dtype: torch.dtype) -> Attend:
+def _grouped(runs: Sequence[Run]) -> Attend:
     """Each run's segment (``c`` images of ``n`` tokens from token ``offset`` in each of rows ``[first, end)``)
     as ``(end - first) * c`` unmasked sequences of ``n``: views, no gather, no score between images or with
     padding. The runs cover every image token of the batch."""
@@ -282,7 +286,7 @@ def _attend_fn(image_ids: torch.Tensor, attention: str, dropout: bool, dtype: to
     if attention == "grouped":
         if runs is None:
             raise ValueError("attention='grouped' needs the rows' runs (PackedBatch.runs); pass runs=, or use 'sdpa'")
-        return _grouped(image_ids, runs, dtype)
+        return _grouped(runs)
     if attention == "sdpa":
         return _masked(image_ids, dtype)
     if dropout:

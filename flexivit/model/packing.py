@@ -142,7 +142,10 @@ class RowPacker:
 
     def draw(self, step: int, rank: int, k: int) -> int:
         """The index into ``sizes`` of draw ``k`` of ``step`` on ``rank``."""
-        u = (mix(self.seed, step, rank, k) >> 10) / float(1 << 53)  # 53 of mix's 63 bits: exact, in [0, 1)
+        return self._index((mix(self.seed, step, rank, k) >> 10) / float(1 << 53))  # 53 of mix's 63 bits, in [0, 1)
+
+    def _index(self, u: float) -> int:
+        """The size (an index into ``sizes``) a uniform ``u`` in [0, 1) draws: the inverse CDF."""
         i = bisect.bisect_right(self._cdf, u)  # never a zero-weight size: its CDF step is empty
         return i if i < len(self.sizes) else self._last  # u above a CDF that rounded to just under 1
 
@@ -215,21 +218,23 @@ class PackStream:
     def __init__(self, packer: RowPacker, *, key: int) -> None:
         self.packer, self.key = packer, int(key)
         self._carried: list[tuple[int, ...]] = [()]  # what each plan 0, 1, ... starts with
+        self._last: tuple[int, PackPlan] | None = None
 
     def _fresh(self, i: int) -> Iterator[int]:
         rng = random.Random(mix(self.packer.seed, self.key, i))
-        cdf, last, count = self.packer._cdf, self.packer._last, len(self.packer.sizes)
         while True:
-            j = bisect.bisect_right(cdf, rng.random())
-            yield j if j < count else last
+            yield self.packer._index(rng.random())
 
     def plan(self, i: int) -> PackPlan:
-        """Plan ``i`` of the stream; the same on every call and in every process."""
+        """Plan ``i`` of the stream; the same on every call and in every process. Plans read in order are
+        placed once each (the last one is kept; each placement records what the next plan starts with)."""
         if i < 0:
             raise ValueError(f"plan index must be non-negative, got {i}")
-        while len(self._carried) <= i:
-            j = len(self._carried) - 1
-            _, left = self.packer._place(self._carried[j], self._fresh(j))
-            self._carried.append(left)
-        plan, _ = self.packer._place(self._carried[i], self._fresh(i))
+        if self._last is not None and self._last[0] == i:
+            return self._last[1]
+        for j in range(min(i, len(self._carried) - 1), i + 1):
+            plan, left = self.packer._place(self._carried[j], self._fresh(j))
+            if len(self._carried) == j + 1:
+                self._carried.append(left)
+        self._last = (i, plan)
         return plan

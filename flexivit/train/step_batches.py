@@ -175,13 +175,13 @@ class PackedStepBatches:
         """The ``train.grad_accum`` micro-batches of ``step``, read one at a time."""
         for micro in range(self.grad_accum):
             i = step * self.grad_accum + micro
-            plan = self.stream.plan(i)
+            world = sum(s.plan(i).num_images for s in self.streams)
+            plan = self.stream.plan(i)  # kept by the stream from the line above
             images, labels, skipped = self._take(plan.num_images)
             image, label = torch.cat(images), torch.cat(labels)
             if image.shape[0] < plan.num_images:  # corrupt images skipped: the plan's last images are missing
                 plan = plan.first(image.shape[0])
-            yield {"image": image, "label": label, "skipped": skipped, "plan": plan,
-                   "world_images": sum(s.plan(i).num_images for s in self.streams)}
+            yield {"image": image, "label": label, "skipped": skipped, "plan": plan, "world_images": world}
 
 
 def _epochs(loader: Any, dataset: Any, skip: Callable[[Any, int], Any], per_epoch: int, start: int) -> Iterator[Batch]:
