@@ -22,6 +22,7 @@ import torch
 from torch import nn
 
 from flexivit.eval.probe import fit_probe
+from flexivit.model.packing import tokens_per_image
 from flexivit.model.patch_embed import PatchScheme
 from flexivit.rng import mix
 from flexivit.train.builders import build_sampler, default_patch
@@ -49,10 +50,6 @@ def keep_other_sizes(cfg: Config, patch_size: int, others: Sequence[int]) -> Con
     return cfg
 
 
-def _tokens(image_size: int, patch: int) -> int:
-    return (image_size // patch) ** 2
-
-
 class ConsistencyTerm:
     """``weight × KL(p_P ‖ p_q)`` on a ``share`` of the steps at the anchor size ``P``: ``p_P`` the softmax of the
     step's own logits (stop-gradient), ``p_q`` that of the first images of the batch at another size ``q``."""
@@ -75,8 +72,8 @@ class ConsistencyTerm:
     def images(self, batch: int, size: int) -> int:
         """Images of a ``batch``-image step at the anchor size that the second forward at ``size`` takes: as many
         as the step's tokens allow (the token budget, or the batch's own tokens without one)."""
-        budget = self.token_budget or batch * _tokens(self.image_size, self.anchor)
-        return max(1, min(batch, budget // _tokens(self.image_size, size)))
+        budget = self.token_budget or batch * tokens_per_image(self.image_size, self.anchor)
+        return max(1, min(batch, budget // tokens_per_image(self.image_size, size)))
 
     def __call__(self, model: nn.Module, images: torch.Tensor, logits: torch.Tensor, scheme: PatchScheme,
                  step: int) -> torch.Tensor | None:
