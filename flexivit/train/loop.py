@@ -32,7 +32,7 @@ from flexivit.rng import mix, seed_all
 from flexivit.train.assemble import Run, TrainingError, assemble
 from flexivit.train.config import Config
 from flexivit.train.hooks import PostStepHook
-from flexivit.train.metrics import MetricWindow
+from flexivit.train.metrics import MIXED, MetricWindow
 from flexivit.train.runlock import RunLock
 from flexivit.train.state import finalize_state_dir, latest_good_state, prune_states
 
@@ -131,7 +131,7 @@ def _loop(run: Run, on_step: Callable[[StepInfo], None] | None) -> Progress:
         done.train_seconds += seconds
         window.add(step=step, patch=patch, metrics=metrics, images=images, seconds=seconds, wait=wait)
         bar.update(1)
-        bar.set_postfix(patch=patch or "mixed")
+        bar.set_postfix(patch=patch or MIXED)
         checkpoint_due = step % t.checkpoint_every == 0 or step == t.steps
         if step % t.log_every == 0 or checkpoint_due:  # never checkpoint an unchecked loss
             record, bad = window.summary(acc.gather)
@@ -180,7 +180,7 @@ def _accumulate(run: Run, step: int, scheme: PatchScheme | None,
 def _diverged(run: Run, step: int, patch: int) -> None:
     good = latest_good_state(run.out / "state", warn=lambda *_: None)
     raise TrainingError(
-        f"the loss became non-finite at step {step} ({f'patch {patch}' if patch else 'mixed patch sizes'}); stopping. The last good checkpoint is "
+        f"the loss became non-finite at step {step} ({f'patch {patch}' if patch else f'{MIXED} patch sizes'}); stopping. The last good checkpoint is "
         f"{good or 'none (no checkpoint yet)'}; lower optim.lr, keep optim.clip_grad on, or use "
         "train.mixed_precision=no, then --resume"
     )
