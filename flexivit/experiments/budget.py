@@ -28,10 +28,12 @@ from flexivit.eval.measure import count_gflops
 from flexivit.model.patch_embed import PatchScheme
 from flexivit.train.builders import build_model, build_sampler, default_patch
 from flexivit.train.config import Config, config_from_dict
+from flexivit.train.finetune_modes import consistency_images_by_patch
 from flexivit.train.step_batches import loader_batches
 
 __all__ = ["FWD_BWD", "GFlops", "images_per_step", "step_images", "images_by_patch", "equal_image_steps",
-           "train_gflops", "equal_gflops_steps", "ForwardCounter", "teacher_gflops", "run_gflops", "trained_gflops"]
+           "train_gflops", "equal_gflops_steps", "ForwardCounter", "teacher_gflops", "run_gflops", "trained_gflops",
+           "finetune_gflops"]
 
 FWD_BWD = 3  # a backward pass costs about twice its forward
 GFlops = Callable[[Config, int], float]  # (config, patch size) -> forward GFLOPs per image
@@ -108,6 +110,12 @@ def run_gflops(cfg: Config, gflops: GFlops, teacher: Config | None = None) -> fl
     """Training GFLOPs of a run of ``cfg`` (distilled from a run of ``teacher``, when given)."""
     extra = teacher_gflops(cfg, teacher, gflops) if teacher is not None else 0.0
     return train_gflops(images_by_patch(cfg), lambda p: gflops(cfg, p), extra)
+
+
+def finetune_gflops(cfg: Config, forward: Callable[[int], float]) -> float:
+    """Training GFLOPs of a fine-tune of ``cfg``: its trained images, plus the images the consistency term
+    (``finetune.consistency``, ``flexivit.train.finetune_modes``) sends through a second forward and backward."""
+    return train_gflops(images_by_patch(cfg), forward) + train_gflops(consistency_images_by_patch(cfg), forward)
 
 
 def trained_gflops(run: str | Path) -> float:
