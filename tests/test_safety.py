@@ -203,6 +203,49 @@ def test_a_bad_setting_on_two_ranks_is_the_launchers_named_root_cause(tmp_path):
     assert "To enable traceback" not in root_cause
 
 
+@pytest.mark.slow
+def test_flexivit_launch_exits_2_with_the_ranks_line_and_no_launcher_traceback(tmp_path):
+    """``flexivit launch OPTIONS train ...`` is ``accelerate launch OPTIONS -m flexivit train ...`` whose own status
+    is the ranks': a bad setting on two ranks prints each rank's one line, then exits 2 with nothing else."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_DATASETS_OFFLINE": "1", "HF_HUB_OFFLINE": "1",
+           "PYTHONPATH": str(ROOT), "ACCELERATE_USE_CPU": "1"}
+    result = subprocess.run([sys.executable, "-m", "flexivit", "launch", "--multi_gpu", "--num_processes", "2",
+                             "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+                             "train", "fashion_mnist:smoke", "--out", str(tmp_path / "run"), "--set", "optim.lrr=3"],
+                            capture_output=True, text=True, cwd=ROOT, env=env, timeout=300)
+    line = "flexivit train: error: unknown config key 'optim.lrr'; did you mean optim.lr"
+    assert result.returncode == 2, result.stderr[-3000:]
+    assert result.stderr.count(line) == 2, result.stderr[-3000:]  # one per rank
+    assert [t for t in result.stderr.splitlines() if t.strip() and line not in t] == [], result.stderr[-3000:]
+
+
+@pytest.mark.slow
+def test_flexivit_launch_one_process_trains_and_exits_0(tmp_path):
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_DATASETS_OFFLINE": "1", "HF_HUB_OFFLINE": "1",
+           "PYTHONPATH": str(ROOT)}
+    out = tmp_path / "run"
+    result = subprocess.run([sys.executable, "-m", "flexivit", "launch", "--cpu", "--num_processes", "1",
+                             "--mixed_precision", "no", "--dynamo_backend", "no", "train", "fashion_mnist:smoke",
+                             "--out", str(out), "--data", str(_folder(tmp_path / "imgs")), *_sets(TINY)],
+                            capture_output=True, text=True, cwd=ROOT, env=env, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert (out / "model.safetensors").is_file() and (out / "eval.json").is_file()
+
+
+def test_flexivit_launch_names_a_missing_command_and_a_failed_rank_in_one_line(capsys):
+    from flexivit.cli.launch import _report, split_command
+
+    assert split_command(["--num_processes", "2", "train", "r", "--out", "o"], ["train", "eval"]) == (
+        ["--num_processes", "2"], ["train", "r", "--out", "o"])
+    code, err = _cli(capsys, "launch", "--num_processes", "2")
+    assert code == 2 and err.count("\n") == 1 and "needs a flexivit command after the launcher's options" in err
+    assert _report(2, "rank 1", "flexivit train: error: x") == 2 and capsys.readouterr().err == ""  # rank said it
+    assert _report(1, "rank 0", "RuntimeError: boom") == 1
+    assert capsys.readouterr().err == "flexivit launch: error: rank 0 exited with status 1: RuntimeError: boom\n"
+    assert _report(-9, "rank 0", "Traceback...\n  File x\nKilled") == 1  # a signal; a traceback is not repeated
+    assert capsys.readouterr().err == "flexivit launch: error: rank 0 exited with status -9: see its output above\n"
+
+
 # ---- export ------------------------------------------------------------------------------------------
 def test_export_into_a_run_folder_is_refused_unless_overwrite(trained, tmp_path, capsys):
     run = tmp_path / "run"

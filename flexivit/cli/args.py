@@ -60,6 +60,8 @@ def build_parser(command: str | None = None, cli: Any = None) -> argparse.Argume
     _add_predict_parser(sub)
     _add_export_parser(sub)
     _add_probe_parser(sub)
+    sub.add_parser("launch", help="accelerate launch -m flexivit COMMAND, exiting with the ranks' status "
+                   "(2 for a user error): flexivit launch [accelerate launch options] COMMAND ...")
     for name, (module, help) in option_commands().items():  # the option families' commands (flexivit.ext)
         p = sub.add_parser(name, help=help, epilog=recipe_help())
         if name == command:  # its arguments only when it runs: the driver's imports are heavy

@@ -259,6 +259,10 @@ def _cli() -> SimpleNamespace:
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["launch"]:  # the launcher's own options follow: not parsed here (flexivit.cli.launch)
+        from flexivit.cli.launch import launch
+
+        return launch(argv[1:], [*COMMANDS, *option_commands()])
     command = next((a for a in argv if not a.startswith("-")), None)
     cli = _cli()
     args = build_parser(command, cli).parse_args(argv)
