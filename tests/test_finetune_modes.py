@@ -133,9 +133,12 @@ def test_the_run_builds_the_term_from_its_settings_and_counts_its_images():
         if (size := t.size_at(step)) is not None:
             expected[size] += {2: 16, 4: 64, 7: 196}[size]
     assert consistency_images_by_patch(cfg) == dict(sorted(expected.items()))
-    with pytest.raises(ValueError, match="needs another trained size than patch 14"):
-        consistency_term(load_recipe(RECIPE, ["patch.sizes=[14]", "patch.weights=null", "patch.default=14",
-                                              "finetune.consistency=1"]))
+    # Only a fine-tune fixed at one size (--patch-size) anchors the term: not pretraining nor the sampled fine-tune,
+    assert consistency_term(load_recipe(RECIPE, ["finetune.consistency=1"])) is None
+    assert consistency_term(load_recipe("fashion_mnist", ["finetune.consistency=1"])) is None
+    # and a fixed fine-tune of a recipe that evaluates no other size has nothing to keep.
+    one = ["patch.sizes=[14]", "patch.weights=null", "patch.default=14", "patch.eval_sizes=null", "finetune.consistency=1"]
+    assert consistency_term(fixed_size(load_recipe(RECIPE, one), 14)) is None
 
 
 # ---- probe head -------------------------------------------------------------------------------------

@@ -193,6 +193,7 @@ class FinetuneConfig:
     consistency: float = 0.0  # weight of KL(logits at the default size, stop-gradient || logits at another size)
     consistency_share: float = 0.5  # share of the default-size steps that add the consistency term
     head_init: str = "fresh"  # "fresh" (random) | "probe" (a linear probe on frozen features at every size)
+    fixed_at: int | None = None  # set by --patch-size: the fine-tune's size, where the consistency term anchors
 
 
 @dataclass
@@ -274,6 +275,7 @@ _RULES: dict[str, tuple[Callable[[Any], bool], str]] = {
     "finetune.consistency": (lambda v: v >= 0, "0 (off) or a positive weight"),
     "finetune.consistency_share": (lambda v: 0 < v <= 1, "a share in (0, 1]"),
     "finetune.head_init": (lambda v: v in ("fresh", "probe"), "'fresh' or 'probe'"),
+    "finetune.fixed_at": (lambda v: v is None or v >= 1, "unset (set by --patch-size) or a patch size"),
     "train.log_every": _POSITIVE,
     "train.checkpoint_every": _POSITIVE,
     "train.eval_every": (lambda v: v >= 0, "0 (at the end only) or a positive integer"),

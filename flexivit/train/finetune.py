@@ -36,6 +36,7 @@ def fixed_size(cfg: Config, patch_size: int) -> Config:
     cfg.patch.distribution, cfg.patch.weights, cfg.patch.curriculum = "uniform", None, []
     cfg.optim.lr *= cfg.finetune.fixed_lr_scale
     cfg.optim.pull = cfg.finetune.fixed_pull
+    cfg.finetune.fixed_at = patch_size
     return keep_other_sizes(cfg, patch_size, others) if cfg.finetune.fixed_others else cfg
 
 

@@ -25,7 +25,7 @@ from flexivit.eval.probe import fit_probe
 from flexivit.model.packing import tokens_per_image
 from flexivit.model.patch_embed import PatchScheme
 from flexivit.rng import mix
-from flexivit.train.builders import build_sampler, default_patch
+from flexivit.train.builders import build_sampler
 from flexivit.train.config import Config
 from flexivit.train.distill import distill_loss
 from flexivit.train.step_batches import loader_batches
@@ -88,15 +88,17 @@ class ConsistencyTerm:
 
 
 def consistency_term(cfg: Config) -> ConsistencyTerm | None:
-    """The run's consistency term (``None`` when ``finetune.consistency`` is 0): anchored at the default size,
-    toward the other sizes the run evaluates."""
+    """The run's consistency term: anchored at the size ``--patch-size`` fixed (``finetune.fixed_at``), toward the
+    other sizes the run evaluates. ``None`` when ``finetune.consistency`` is 0, in a run not fixed at one size
+    (pretraining, the sampled fine-tune) and when the run evaluates no other size (nothing to keep)."""
     f = cfg.finetune
-    if not f.consistency:
+    anchor = f.fixed_at
+    others = [s for s in (cfg.patch.eval_sizes or cfg.patch.sizes) if s != anchor]
+    if not f.consistency or anchor is None or not others:
         return None
     if cfg.patch.per_image:
-        raise ValueError("finetune.consistency works with one patch size per step; unset patch.per_image")
-    anchor = default_patch(cfg.patch)
-    others = [s for s in (cfg.patch.eval_sizes or cfg.patch.sizes) if s != anchor]
+        raise ValueError("finetune.consistency works with one patch size per step: unset patch.per_image, or set "
+                         "finetune.consistency=0")
     return ConsistencyTerm(weight=f.consistency, share=f.consistency_share, anchor=anchor, others=others,
                            seed=cfg.train.seed, image_size=cfg.data.image_size, token_budget=cfg.train.token_budget)
 
