@@ -12,7 +12,7 @@ from huggingface_hub import HfApi
 from safetensors.torch import save_file
 
 from flexivit import FlexiViT, FlexiViTConfig
-from flexivit.model.weights import CheckpointError, load_model, read_model_meta, save_model
+from flexivit.model.weights import CheckpointError, load_model, read_model_meta
 from flexivit.cli.main import main
 from flexivit.eval.export import default_preprocess, export_checkpoint
 from flexivit.model.hub import HUB_FORMAT

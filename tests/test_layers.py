@@ -25,8 +25,6 @@ import subprocess
 import sys
 from pathlib import Path
 
-import pytest
-
 PACKAGE = Path(__file__).resolve().parent.parent / "flexivit"
 DRIVERS = ("flexivit.ext.compress", "flexivit.ext.evolve", "flexivit.ext.fewshot", "flexivit.ext.recalibrate")
 LAYERS: list[tuple[str, tuple[str, ...]]] = [

@@ -20,8 +20,7 @@ from flexivit.eval.export import ExportError, export_model
 from flexivit.ext.fewshot import FewShotSettings, draw_episodes, run_fewshot, score_episode
 from flexivit.train.builders import task_support
 from flexivit.train.finetune import from_pretrained
-from flexivit.ext.proxies import (ProxyHead, init_from_support, pooled_and_tokens, soft_max_over_tokens, spherical_kmeans,
-                              support_proxies)
+from flexivit.ext.proxies import ProxyHead, init_from_support, pooled_and_tokens, soft_max_over_tokens, spherical_kmeans
 from tiny_run import CLASSES, PREPROCESS, make_run, synthetic
 
 TINY = dict(img_size=28, patch_size=7, base_patch_size=14, base_grid=4, in_chans=1, num_classes=3, embed_dim=16,

@@ -25,7 +25,6 @@ from __future__ import annotations
 
 from typing import Callable
 
-import torch
 import torch.fx.experimental._config as fx_config
 from torch import nn
 from torch._dynamo.utils import counters
