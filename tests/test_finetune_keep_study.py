@@ -50,3 +50,24 @@ def test_every_candidate_resolves_to_the_config_it_names(candidate):
     assert cfg.patch.sizes == ([2, 4, 7, 14] if others else [14])
     assert (f.consistency > 0) == ("consistency" in candidate.name)
     assert (f.head_init == "probe") == ("probehead" in candidate.name)
+
+
+def test_combined_seeds_score_the_mean_of_each_seeds_worst_size_and_drop_runs_not_on_every_seed():
+    def screen(fixed14, keep, extra=()):
+        rows = [row("fixed", "f", (10, 10, 10, fixed14)), row("others0.5-consistency", "k", keep, gflops=200), *extra]
+        for r in rows:
+            r.update(scale=1.0, lr=4e-3, sets=[], images={}, consistency_images={}, probe_images_per_size=0,
+                     train_seconds=60.0)
+        return {"pretrained": "p", "task": "t", "patch_size": 14, "steps": 400, "gflops_forward": {},
+                "fixed_gflops_at": {}, "seeds": [0], "runs": rows}
+
+    only0 = row("consistency", "c", (99, 99, 99, 99))
+    only0.update(scale=1.0, lr=4e-3, sets=[], images={}, consistency_images={}, probe_images_per_size=0,
+                 train_seconds=1.0)
+    payload = ks.combine([screen(95, (80, 90, 90, 94.5), [only0]), screen(94, (90, 80, 90, 93.5))], margin=1.0, tie=1.0)
+    keep = next(r for r in payload["runs"] if r["run"] == "k")
+    assert keep["val"]["14"] == pytest.approx(94.0) and keep["val"]["2"] == pytest.approx(85.0)
+    assert keep["worst"] == pytest.approx(80.0)  # mean of the seeds' worst (80, 80), not the worst of means (85)
+    assert payload["selection"]["reference_top1_at_p"] == pytest.approx(94.5) and keep["eligible"]
+    assert payload["left_out"] == ["c"] and payload["selection"]["winner"] == "k"
+    assert "80.0" in ks.combined_markdown(payload)

@@ -5,6 +5,7 @@ GFLOPs, training seconds) and applies the selection rule written in docs/flexibl
 
     python tools/finetune_keep_study.py --pretrained runs/quickstart --mnist5k data/mnist5k --patch-size 14 \\
         --steps 400 --out runs/keep --results docs/results/finetune_keep
+    python tools/finetune_keep_study.py --combine keep_seed0.json keep_seed1.json keep_seed2.json --results STEM
 
 Candidates (``CANDIDATES``): the plain fixed fine-tune (the reference), the flexible default (sizes sampled,
 no ``--patch-size``), mostly-P sampling (``finetune.fixed_others``), a consistency term toward the logits at P
@@ -19,6 +20,8 @@ from __future__ import annotations
 
 import argparse
 import functools
+import json
+import statistics
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
@@ -116,8 +119,8 @@ def select(rows: list[dict[str, Any]], *, patch_size: int, margin: float, tie: f
     """The rule of docs/flexible_finetune.md over ``rows`` (top-1 in percent per size)."""
     p = str(patch_size)
     reference = max(r["val"][p] for r in rows if r["candidate"] == "fixed")
-    for r in rows:
-        r["worst"] = min(r["val"].values())
+    for r in rows:  # a row combined over pretrained seeds (``combine``) scores the mean of each seed's worst size
+        r["worst"] = statistics.fmean(r["seed_worst"]) if "seed_worst" in r else min(r["val"].values())
         r["eligible"] = r["val"][p] >= reference - margin
     best: dict[str, dict[str, Any]] = {}
     for r in rows:
@@ -163,9 +166,66 @@ def markdown(payload: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def combine(payloads: list[dict[str, Any]], *, margin: float, tie: float) -> dict[str, Any]:
+    """The screens of several pretrained seeds as one (same candidates, task and steps): each run that every seed
+    has becomes one row of mean top-1 per size (its std and per-seed values beside), scored by the mean of each
+    seed's worst size; the rule of ``select`` then applies to those rows (docs/LOG.md, round 4)."""
+    names = [r["run"] for r in payloads[0]["runs"]]
+    common = [n for n in names if all(any(r["run"] == n for r in pl["runs"]) for pl in payloads)]
+    rows = []
+    for name in common:
+        per = [next(r for r in pl["runs"] if r["run"] == name) for pl in payloads]
+        sizes = list(per[0]["val"])
+        rows.append({**{k: per[0][k] for k in ("candidate", "run", "scale", "lr", "sets", "images",
+                                                "consistency_images", "probe_images_per_size")},
+                     "val": {s: statistics.fmean(r["val"][s] for r in per) for s in sizes},
+                     "val_std": {s: statistics.stdev([r["val"][s] for r in per]) for s in sizes},
+                     "per_seed": [r["val"] for r in per], "seed_worst": [min(r["val"].values()) for r in per],
+                     "gflops": statistics.fmean(r["gflops"] for r in per),
+                     "train_seconds": statistics.fmean(r["train_seconds"] for r in per)})
+    first = payloads[0]
+    payload = {"pretrained": [pl["pretrained"] for pl in payloads], "task": first["task"],
+               "patch_size": first["patch_size"], "steps": first["steps"], "margin": margin, "tie": tie,
+               "gflops_forward": first["gflops_forward"], "fixed_gflops_at": first["fixed_gflops_at"],
+               "seeds": first["seeds"], "split": "val", "runs": rows,
+               "left_out": sorted(set(names) - set(common))}
+    payload["selection"] = select(rows, patch_size=first["patch_size"], margin=margin, tie=tie)
+    return payload
+
+
+def combined_markdown(payload: dict[str, Any]) -> str:
+    rows, sel, p = payload["runs"], payload["selection"], payload["patch_size"]
+    sizes = list(rows[0]["val"])
+    base = next(r["gflops"] for r in rows if r["run"] == sel["per_candidate"]["fixed"])
+    lines = [f"# A fine-tune at patch {p} that keeps every size: {len(payload['pretrained'])} pretrained seeds "
+             f"({payload['task']}, validation)", "",
+             f"Pretrained runs {', '.join(payload['pretrained'])}; each fine-tuned {payload['steps']} steps with "
+             "fine-tune seed 0. Validation top-1 (%), mean ± sample std over the pretrained seeds; worst: the mean of "
+             f"each seed's worst size. Reference at {p} (plain fixed, best lr, mean): "
+             f"{sel['reference_top1_at_p']:.2f}; eligible: mean at {p} within {payload['margin']:g} point of it. "
+             "GFLOPs: fine-tuning compute (3 × forward per trained image, plus the consistency term's forwards); "
+             "× fixed: ratio to the plain fixed run.", "",
+             "| candidate | lr | " + " | ".join(f"p={s}" for s in sizes) + " | worst | eligible | GFLOPs | × fixed |",
+             "|---|---:|" + "---:|" * len(sizes) + "---:|:-:|---:|---:|"]
+    for r in rows:
+        mark = "**" if r["run"] == sel["winner"] else ""
+        lines.append(f"| {mark}{r['candidate']}{mark} | {r['lr']:g} | "
+                     + " | ".join(f"{r['val'][s]:.1f} ± {r['val_std'][s]:.1f}" for s in sizes)
+                     + f" | {r['worst']:.1f} | {'yes' if r['eligible'] else 'no'} | {r['gflops']:.0f} | "
+                     f"{r['gflops'] / base:.2f} |")
+    lines += ["", "Per seed (p = " + " / ".join(sizes) + "):", ""]
+    lines += [f"- {r['run']}: " + "; ".join(" / ".join(f"{v[s]:.1f}" for s in sizes) for v in r["per_seed"])
+              for r in rows]
+    lines += ["", f"Each candidate's chosen lr: {', '.join(f'{c}: {n}' for c, n in sel['per_candidate'].items())}. "
+              f"Not eligible at any lr: {', '.join(sel['out']) or 'none'}. Tied within {payload['tie']:g} point of the "
+              f"best: {', '.join(sel['tied'])}. Winner (fixed-size candidates; tie to fewer GFLOPs): {sel['winner']}."
+              + (f" Runs not on every seed, left out: {', '.join(payload['left_out'])}." if payload["left_out"] else "")]
+    return "\n".join(lines) + "\n"
+
+
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--pretrained", type=Path, required=True, help="the pretrained run to fine-tune")
+    ap.add_argument("--pretrained", type=Path, help="the pretrained run to fine-tune")
     ap.add_argument("--mnist5k", type=Path, help="the digits task's image folder (default: the recipe's tops task)")
     ap.add_argument("--patch-size", type=int, default=14)
     ap.add_argument("--steps", type=int, default=400)
@@ -174,11 +234,20 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--margin", type=float, default=1.0, help="points the fine-tune size may lose (eligibility)")
     ap.add_argument("--tie", type=float, default=1.0, help="scores within this many points tie")
     ap.add_argument("--jobs", type=int, default=1)
-    ap.add_argument("--out", type=Path, required=True, help="study folder: one run folder per candidate and lr")
+    ap.add_argument("--out", type=Path, help="study folder: one run folder per candidate and lr")
+    ap.add_argument("--combine", type=Path, nargs="+", metavar="JSON",
+                    help="instead of running: combine these screens' result files (one per pretrained seed)")
     ap.add_argument("--set", dest="sets", action="append", default=[], metavar="KEY=VALUE",
                     help="another recipe override for every run (repeatable)")
     ap.add_argument("--results", type=Path, required=True, help="result stem: writes STEM.json and STEM.md")
     args = ap.parse_args(argv)
+    if args.combine:
+        payload = combine([json.loads(f.read_text()) for f in args.combine], margin=args.margin, tie=args.tie)
+        files = write_result(args.results, payload, combined_markdown(payload))
+        print(f"wrote {', '.join(map(str, files))}")
+        return
+    if args.pretrained is None or args.out is None:
+        ap.error("--pretrained and --out are needed (or --combine)")
     base = [*task_sets(args.mnist5k), *args.sets]
     plan = []
     for cand in CANDIDATES:
