@@ -122,7 +122,9 @@ def test_the_objective_adds_the_term_and_logs_it():
 
 
 def test_the_run_builds_the_term_from_its_settings_and_counts_its_images():
-    assert consistency_term(fixed_size(load_recipe(RECIPE), 14)) is None
+    default = consistency_term(fixed_size(load_recipe(RECIPE), 14))  # --patch-size's default: every step, weight 1
+    assert (default.weight, default.share, default.anchor, default.others) == (1, 1, 14, [2, 4, 7])
+    assert consistency_term(fixed_size(load_recipe(RECIPE, ["finetune.consistency=0"]), 14)) is None  # plain
     cfg = fixed_size(load_recipe(RECIPE, ["finetune.consistency=2", "finetune.consistency_share=0.25",
                                           "train.steps=200"]), 14)
     t = consistency_term(cfg)

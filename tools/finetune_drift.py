@@ -8,7 +8,7 @@ weights (``flexivit.eval.probe.parameter_drift``: ||w - w0|| / ||w0|| per part).
 
 The task is ``fashion_mnist_finetune`` (four upper-body garments), or with ``--mnist5k DIR`` the MNIST-5k digits
 (``tools/make_mnist5k.py``), all ten classes. ``--lr-scales`` multiply the recipe's learning rate
-(``finetune.fixed_lr_scale``; the recipe's own ``--patch-size`` setting is 0.075, i.e. 3e-4); the L2-SP pull is
+(``finetune.fixed_lr_scale``; 0.075, i.e. 3e-4, was the recipe's plain `--patch-size` setting when it ran); the pull is
 the recipe's. Validation split only (``train.test_eval=false``). Runs go through ``flexivit.experiments.runner``:
 a finished run is skipped, an interrupted one resumed.
 """
@@ -35,7 +35,8 @@ def task_sets(mnist5k: Path | None) -> list[str]:
 
 
 def run_sets(base: list[str], scale: float, steps: int, eval_every: int) -> list[str]:
-    return [*base, f"finetune.fixed_lr_scale={scale:g}", f"train.steps={steps}", f"train.eval_every={eval_every}",
+    # consistency=0: the plain fixed fine-tune this tool measures (the consistency term became --patch-size's default)
+    return [*base, "finetune.consistency=0", f"finetune.fixed_lr_scale={scale:g}", f"train.steps={steps}", f"train.eval_every={eval_every}",
             "train.checkpoint_every=1000000", "train.test_eval=false"]
 
 

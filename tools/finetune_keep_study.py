@@ -41,6 +41,7 @@ from flexivit.train.finetune import fixed_size
 from flexivit.train.finetune_modes import HEAD_PROBE_PER_CLASS, consistency_images_by_patch
 
 RECIPE = "fashion_mnist_finetune"
+PLAIN_BEFORE = ("finetune.consistency=0", "finetune.consistency_share=0.5")
 
 
 @dataclass(frozen=True)
@@ -84,7 +85,9 @@ def task_sets(mnist5k: Path | None) -> list[str]:
 
 def run_sets(base: Sequence[str], candidate: Candidate, scale: float, steps: int, eval_every: int) -> list[str]:
     lr = [f"finetune.fixed_lr_scale={scale:g}"] if candidate.fixed else []
-    return [*base, *candidate.sets, *lr, f"train.steps={steps}", f"train.eval_every={eval_every}",
+    # The screen's settings as they were before the consistency term became --patch-size's default: a candidate
+    # without the term is a fine-tune without it, and the share is 0.5 unless the candidate names its own.
+    return [*base, *PLAIN_BEFORE, *candidate.sets, *lr, f"train.steps={steps}", f"train.eval_every={eval_every}",
             "train.checkpoint_every=1000000", "train.test_eval=false"]
 
 

@@ -49,7 +49,7 @@ ROOT = Path(__file__).resolve().parent.parent  # the checkout: default folders o
 RECIPE = "fashion_mnist_finetune"
 TASKS = {"tops": "the recipe's task, 4 upper-body Fashion-MNIST classes",
          "digits": "the same recipe on the MNIST-5k image folder, all 10 digit classes"}
-PLAIN = ("finetune.fixed_lr_scale=1", "finetune.fixed_pull=0")  # a fixed fine-tune without adjustments
+PLAIN = ("finetune.fixed_lr_scale=1", "finetune.fixed_pull=0", "finetune.consistency=0")  # no adjustments
 CHOSEN_GAP, OTHER_GAP = 2.0, 5.0  # points the default may trail the fixed fine-tune: at --size, elsewhere
 KEEP = 0.3  # validation points another learning rate must gain over the incumbent's margin to replace it
 SMOKE = ["train.steps=20", "train.log_every=10", "train.checkpoint_every=10", "optim.warmup_steps=5",

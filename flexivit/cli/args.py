@@ -50,8 +50,8 @@ def build_parser(command: str | None = None, cli: Any = None) -> argparse.Argume
                        epilog=recipe_help())
     p.add_argument("checkpoint", help="a run directory or a model .safetensors file")
     add_run_args(p)
-    p.add_argument("--patch-size", type=int, help="fine-tune at this one size (default: sample the recipe's sizes, "
-                   "which keeps every size usable)")
+    p.add_argument("--patch-size", type=int, help="fine-tune at this one size, keeping the others with a consistency "
+                   "term (--set finetune.consistency=0: the plain fixed fine-tune); default: sample the recipe's sizes")
     p.add_argument("--resume", action="store_true", help="continue from the newest good checkpoint in --out")
     p.add_argument("--overwrite", action="store_true", help="start over in an --out that holds a model or "
                    "checkpoints: they, the log and the report are removed first (refused without it)")

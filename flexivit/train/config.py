@@ -188,10 +188,12 @@ class FinetuneConfig:
 
     fixed_lr_scale: float = 1.0  # multiplies optim.lr
     fixed_pull: float = 0.0  # becomes optim.pull (L2-SP toward the pretrained weights)
-    # Keeping the other sizes (flexivit.train.finetune_modes, docs/flexible_finetune.md), each off by default:
+    # Keeping the other sizes (flexivit.train.finetune_modes, docs/flexible_finetune.md). The default, chosen on
+    # validation over three pretrained seeds (docs/results/finetune_keep_round4.md): the consistency term on every
+    # step, which keeps every evaluated size at about 2x the compute; finetune.consistency=0 is the plain fine-tune.
     fixed_others: float = 0.0  # share of steps at the recipe's other sizes (evenly), the rest at --patch-size
-    consistency: float = 0.0  # weight of KL(logits at the default size, stop-gradient || logits at another size)
-    consistency_share: float = 0.5  # share of the default-size steps that add the consistency term
+    consistency: float = 1.0  # weight of KL(logits at --patch-size, stop-gradient || logits at another size)
+    consistency_share: float = 1.0  # share of the --patch-size steps that add the consistency term
     head_init: str = "fresh"  # "fresh" (random) | "probe" (a linear probe on frozen features at every size)
     fixed_at: int | None = None  # set by --patch-size: the fine-tune's size, where the consistency term anchors
 

@@ -1,11 +1,9 @@
 """Fine-tuning a pretrained FlexiViT on a new task, keeping the patch size a deployment choice.
 
-By default patch schemes are sampled while fine-tuning, as in pretraining: measured here, a FlexiViT
-fine-tuned at one size loses the others (see docs/distillation.md). ``patch_size`` selects the
-fixed-size fine-tuning of the FlexiViT patent instead, with the recipe's ``finetune.fixed_*``
-adjustments (lower learning rate and an L2-SP pull toward the pretrained weights), which keep the other
-sizes usable for longer. ``flexivit.train.finetune_modes`` holds the off-by-default settings that keep them
-during a fixed-size fine-tune (docs/flexible_finetune.md, part 2).
+By default patch schemes are sampled while fine-tuning, as in pretraining. ``patch_size`` fine-tunes at one
+size instead, with the recipe's ``finetune.fixed_*`` adjustments (learning-rate scale, L2-SP pull) and the
+settings of ``flexivit.train.finetune_modes`` that keep the other sizes: by default the consistency term on every
+step, without which a fine-tune at one size loses the others (docs/flexible_finetune.md).
 """
 
 from __future__ import annotations
@@ -34,6 +32,7 @@ def fixed_size(cfg: Config, patch_size: int) -> Config:
     cfg.patch.eval_sizes = sorted(set(cfg.patch.eval_sizes or cfg.patch.sizes) | {patch_size})
     cfg.patch.sizes, cfg.patch.strides, cfg.patch.default = [patch_size], None, patch_size
     cfg.patch.distribution, cfg.patch.weights, cfg.patch.curriculum = "uniform", None, []
+    cfg.patch.per_image = False  # one size per step (a pack of one size is a batch), as the consistency term needs
     cfg.optim.lr *= cfg.finetune.fixed_lr_scale
     cfg.optim.pull = cfg.finetune.fixed_pull
     cfg.finetune.fixed_at = patch_size

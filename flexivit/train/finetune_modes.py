@@ -1,6 +1,7 @@
 """Ways a fine-tune at one patch size may keep the other sizes (issue 27, part 2; docs/flexible_finetune.md).
 
-Three settings of ``flexivit finetune CKPT RECIPE --patch-size P``, each off by default:
+Three settings of ``flexivit finetune CKPT RECIPE --patch-size P``; the consistency term is on by default (weight 1,
+every step: chosen over three pretrained seeds, docs/results/finetune_keep_round4.md), the others are off:
 
 - **mostly P** (``finetune.fixed_others = s``): the fine-tune keeps the recipe's sizes and draws the other
   sizes on a share ``s`` of the steps (split evenly), patch ``P`` on the rest (``keep_other_sizes``).
