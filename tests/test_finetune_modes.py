@@ -5,7 +5,11 @@ one fine-tune with all three that resumes bit-identically."""
 import copy
 import functools
 import json
+import os
+import subprocess
+import sys
 from collections import Counter
+from pathlib import Path
 
 import pytest
 import torch
@@ -198,3 +202,25 @@ def test_a_fine_tune_with_every_setting_resumes_bit_identically(tmp_path, monkey
     at14 = [r["per_patch"]["14"]["consistency"] for r in logged if "per_patch" in r and "14" in r["per_patch"]]
     assert at14 and all(v > 0 for v in at14)  # share 1: every step at 14 adds the term
     assert {p for r in logged if "per_patch" in r for p in r["per_patch"]} - {"14"}  # other sizes drawn too
+
+
+@pytest.mark.slow
+def test_the_default_fixed_fine_tune_trains_on_two_ranks(tmp_path):
+    """--patch-size's default (the consistency term: a second forward before the backward) under DDP on two CPU
+    ranks, through `flexivit launch`."""
+    root = Path(__file__).resolve().parent.parent
+    save_model(tiny(num_classes=10), tmp_path / "pre", class_names=[str(i) for i in range(10)],
+               preprocess={"image_size": 28, "channels": 1, "crop_pct": 1.0, "mean": [0.5], "std": [0.5],
+                           "interpolation": "bilinear"})
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_DATASETS_OFFLINE": "1", "HF_HUB_OFFLINE": "1",
+           "PYTHONPATH": str(root), "ACCELERATE_USE_CPU": "1"}
+    sets = [a for s in ["train.steps=4", "train.checkpoint_every=2", "train.log_every=1", "data.eval_limit=32",
+                        "data.num_workers=0", "data.batch_size=4", "train.test_eval=false"] for a in ("--set", s)]
+    result = subprocess.run([sys.executable, "-m", "flexivit", "launch", "--multi_gpu", "--num_processes", "2",
+                             "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "finetune",
+                             str(tmp_path / "pre"), RECIPE, "--patch-size", "14", "--out", str(tmp_path / "ft"), *sets],
+                            capture_output=True, text=True, cwd=root, env=env, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    logged = [json.loads(line) for line in (tmp_path / "ft" / "log.jsonl").read_text().splitlines()]
+    terms = [r["per_patch"]["14"]["consistency"] for r in logged if "per_patch" in r]
+    assert len(terms) == 4 and all(v > 0 for v in terms)
