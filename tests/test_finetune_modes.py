@@ -224,3 +224,23 @@ def test_the_default_fixed_fine_tune_trains_on_two_ranks(tmp_path):
     logged = [json.loads(line) for line in (tmp_path / "ft" / "log.jsonl").read_text().splitlines()]
     terms = [r["per_patch"]["14"]["consistency"] for r in logged if "per_patch" in r]
     assert len(terms) == 4 and all(v > 0 for v in terms)
+
+
+def test_a_fine_tune_saved_before_the_term_existed_reads_and_resumes_as_it_ran():
+    from flexivit.train.assemble import config_changes
+    from flexivit.train.config import Config, config_from_dict
+
+    plain_now = fixed_size(load_recipe(RECIPE, ["finetune.consistency=0"]), 7).to_dict()
+    old = json.loads(json.dumps(plain_now))
+    del old["finetune"]["consistency"], old["finetune"]["consistency_share"], old["finetune"]["fixed_at"]
+    read = config_from_dict(Config, old)
+    assert read.finetune.consistency == 0 and read.finetune.fixed_at is None  # no term then, none now
+    assert consistency_term(read) is None
+    assert config_changes(read.to_dict(), plain_now) == {}  # resumes with --set finetune.consistency=0
+    # Today's default (the term on) is a change a resume refuses, naming the setting.
+    default_now = fixed_size(load_recipe(RECIPE), 7).to_dict()
+    assert "finetune.consistency" in config_changes(read.to_dict(), default_now)
+    # A run of this week with the term on, saved before fixed_at: the term anchored at the default patch.
+    week = json.loads(json.dumps(fixed_size(load_recipe(RECIPE, ["finetune.consistency=1"]), 14).to_dict()))
+    del week["finetune"]["fixed_at"]
+    assert config_from_dict(Config, week).finetune.fixed_at == 14

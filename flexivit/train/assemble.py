@@ -107,8 +107,12 @@ def _share_cores(accelerator: Accelerator, num_workers: int) -> int:
 
 def config_changes(saved: dict[str, Any], now: dict[str, Any]) -> dict[str, tuple[Any, Any]]:
     """Fields (dotted) whose values differ between a checkpoint's config and this run's, except those a
-    resumed run may change."""
+    resumed run may change. ``finetune.fixed_at`` only anchors the consistency term: without the term on
+    either side it changes nothing (a fine-tune saved before it existed resumes)."""
     a, b = flat_keys(saved), flat_keys(now)
+    if not a.get("finetune.consistency") and not b.get("finetune.consistency"):
+        a.pop("finetune.fixed_at", None)
+        b.pop("finetune.fixed_at", None)
     return {k: (a.get(k), b.get(k)) for k in sorted(set(a) | set(b))
             if a.get(k) != b.get(k) and k not in RESUMABLE_CHANGES}
 

@@ -403,6 +403,13 @@ def config_from_dict(cls: type, values: dict[str, Any], prefix: str = "") -> Any
         antialias = values.pop("kernel_antialias")
         if antialias is not None:
             values.setdefault("kernel_resize", "bilinear_aa" if antialias else "bilinear")
+    if cls is FinetuneConfig and "consistency" not in values:  # saved before the term existed: it did not act
+        values = {**values, "consistency": 0.0}
+    if cls is Config and isinstance(values.get("finetune"), dict) and "fixed_at" not in values["finetune"]:
+        # Saved before finetune.fixed_at: a consistency term, if on, anchored at the default patch (fixed_size's P).
+        f = values["finetune"]
+        anchor = (values.get("patch") or {}).get("default") if f.get("consistency") else None
+        values = {**values, "finetune": {**f, "fixed_at": anchor}}
     for key in values:
         if key not in hints:
             raise _unknown_key(prefix + key, [prefix + k for k in hints])
