@@ -14,9 +14,11 @@ FORWARD = {2: 0.1165, 4: 0.0218, 7: 0.00666, 14: 0.00169}.__getitem__  # the mic
 
 
 def test_each_arm_resolves_to_the_fine_tune_it_names():
-    arms = ts.arm_runs(["train.seed=1"], KEEP, 2.0, [14, 7], [2, 4, 7, 14], 50)
+    arms = ts.arm_runs(["train.seed=1"], KEEP, [2.0, 1.0], [14, 7], [2, 4, 7, 14], 50)
     assert list(arms) == ["fixed-p2", "fixed-p4", "fixed-p7", "fixed-p14", "flexible", "keep-p14", "keep-p7",
-                          "cheap-p14"]
+                          "cheap-p14", "keep-p14-scale1", "keep-p7-scale1", "cheap-p14-scale1"]
+    assert ts.resolved(*arms["keep-p7-scale1"]).optim.lr == pytest.approx(4e-3)
+    assert ts.resolved(*arms["cheap-p14-scale1"]).optim.lr == pytest.approx(4e-3)
     for p in (2, 4, 7, 14):
         cfg = ts.resolved(*arms[f"fixed-p{p}"])
         assert cfg.patch.sizes == [p] and cfg.optim.lr == pytest.approx(ts.FIXED_LR[p])
@@ -32,7 +34,7 @@ def test_each_arm_resolves_to_the_fine_tune_it_names():
 
 
 def test_the_cheap_arm_takes_the_most_steps_within_a_quarter_of_the_fixed_fine_tune_at_7():
-    arms = ts.arm_runs(["train.seed=0"], KEEP, 2.0, [14], [2, 4, 7, 14], None)
+    arms = ts.arm_runs(["train.seed=0"], KEEP, [2.0], [14], [2, 4, 7, 14], None)
     steps = ts.cheap_steps(arms["keep-p14"][0], arms["fixed-p7"][0], FORWARD)
     budget = ts.finetune_gflops(ts.resolved(*arms["fixed-p7"]), FORWARD) / 4
     cost = lambda n: ts.finetune_gflops(ts.resolved([*arms["keep-p14"][0], f"train.steps={n}"], 14), FORWARD)  # noqa: E731
@@ -60,3 +62,12 @@ def test_the_targets_hold_each_arm_to_the_issues_bounds():
     assert checks["keep-p7", "own size minus plain fixed", 7]["value"] == pytest.approx(-0.5)
     assert checks["keep-p14", "own size minus plain fixed", 14]["met"] is True  # -0.9
     assert checks["cheap-p14", "own size minus plain fixed", 14]["met"] is False  # -3.5
+
+
+def test_each_kept_arm_takes_the_lr_with_the_better_worst_size_over_tasks_and_the_first_unless_beaten():
+    worst = {"tops": {"keep-p14": 66.0, "keep-p14-scale1": 67.5, "keep-p7": 70.0, "keep-p7-scale1": 70.2,
+                      "cheap-p14": 40.0, "cheap-p14-scale1": 45.0},
+             "digits": {"keep-p14": 88.0, "keep-p14-scale1": 87.0, "keep-p7": 85.0, "keep-p7-scale1": 85.3,
+                        "cheap-p14": 30.0, "cheap-p14-scale1": 29.0}}
+    # keep-p14: 77.0 vs 77.25 (+0.25 < 0.5: the first stays); keep-p7: +0.25, stays; cheap: 35.0 vs 37.0 -> 1
+    assert ts.choose_scales(worst, [2.0, 1.0]) == {"keep-p14": 2.0, "keep-p7": 2.0, "cheap-p14": 1.0}

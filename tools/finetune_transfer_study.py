@@ -1,7 +1,7 @@
 """Issue 27, part 3 (claim 21, cheap transfer): fine-tune at one patch size, deploy at every size.
 
     python tools/finetune_transfer_study.py --pretrained runs/qs-seed0 runs/qs-seed1 runs/qs-seed2 \\
-        --mnist5k data/mnist5k --keep finetune.fixed_others=0.5 finetune.consistency=1 --keep-scale 2 \\
+        --mnist5k data/mnist5k --keep finetune.consistency=1 finetune.consistency_share=1 --keep-scales 2 1 \\
         --jobs 2 --out runs/transfer --results docs/results/finetune_transfer
 
 For each task (``tops``: the recipe's four upper-body garments; ``digits``: the MNIST-5k folder, all classes)
@@ -10,10 +10,13 @@ and pretrained run ``i`` (fine-tuned with ``train.seed=i``), the arms are:
 - ``fixed-pP``: a plain fixed fine-tune at every trained size ``P`` (``--patch-size P``, nothing kept), at the
   learning rate docs/results/finetune.md chose for it on the validation split (``FIXED_LR``);
 - ``flexible``: the default fine-tune (sizes sampled), at the recipe's lr;
-- ``keep-pP``: ``--patch-size P`` with the ``--keep`` settings at ``finetune.fixed_lr_scale=--keep-scale``,
-  for each ``--keep-at`` size (14 and 7);
+- ``keep-pP``: ``--patch-size P`` with the ``--keep`` settings at ``finetune.fixed_lr_scale`` = each of
+  ``--keep-scales`` (``keep-pP`` at the first, ``keep-pP-scaleS`` at the others), for each ``--keep-at`` size;
 - ``cheap-p14``: ``keep-p14`` cut to the most steps whose fine-tuning GFLOPs stay within a quarter of the plain
-  fixed fine-tune at 7 (the issue's cost target for the cheap transfer).
+  fixed fine-tune at 7 (the issue's cost target for the cheap transfer), at each scale as well.
+
+Each kept arm's scale is chosen on validation (``choose_scales``, the rule in docs/LOG.md): the higher mean over
+tasks of the mean over seeds of each seed's worst size; under ``TIE`` points apart, the first scale stays.
 
 Every arm states images, fine-tuning GFLOPs (``FWD_BWD`` × forward GFLOPs per trained image, the consistency
 term's second forward included) and training minutes. Test is the reported split; validation is kept beside
@@ -50,6 +53,8 @@ PLAIN = ("finetune.fixed_lr_scale=1", "finetune.fixed_pull=0", "finetune.fixed_o
 CHEAP_SHARE = 0.25  # the cheap transfer may spend this share of the plain fixed fine-tune at 7's GFLOPs
 CHEAP_OF = 7
 KEEP_GAP, FLEX_GAP, OWN_GAP = 2.0, 3.0, 1.0  # the issue's targets, in test points
+TIE = 0.5  # validation points another lr scale must gain to replace the first (docs/LOG.md)
+KEPT = ("keep-p14", "keep-p7", "cheap-p14")  # arm families whose lr scale is chosen
 
 
 def task_sets(task: str, mnist5k: Path | None) -> list[str]:
@@ -60,17 +65,37 @@ def task_sets(task: str, mnist5k: Path | None) -> list[str]:
     return [f"data.source={mnist5k.resolve()}", "data.classes=null"]
 
 
-def arm_runs(base: Sequence[str], keep: Sequence[str], keep_scale: float, keep_at: Sequence[int],
+def scaled(family: str, scale: float, scales: Sequence[float]) -> str:
+    """The arm name of a kept ``family`` at lr ``scale``: the family itself at the first scale."""
+    return family if scale == scales[0] else f"{family}-scale{scale:g}"
+
+
+def arm_runs(base: Sequence[str], keep: Sequence[str], keep_scales: Sequence[float], keep_at: Sequence[int],
              sizes: Sequence[int], cheap_steps: int | None) -> dict[str, tuple[list[str], int | None]]:
     """``arm -> (--set values, --patch-size or None)`` for one task and seed (``base`` holds both)."""
     arms: dict[str, tuple[list[str], int | None]] = {
         f"fixed-p{p}": ([*base, *PLAIN, f"optim.lr={FIXED_LR[p]:g}"], p) for p in sizes}
     arms["flexible"] = (list(base), None)
-    kept = [*base, *keep, f"finetune.fixed_lr_scale={keep_scale:g}"]
-    arms |= {f"keep-p{p}": (kept, p) for p in keep_at}
-    if cheap_steps is not None:
-        arms["cheap-p14"] = ([*kept, f"train.steps={cheap_steps}"], 14)
+    for scale in keep_scales:
+        kept = [*base, *keep, f"finetune.fixed_lr_scale={scale:g}"]
+        arms |= {scaled(f"keep-p{p}", scale, keep_scales): (kept, p) for p in keep_at}
+        if cheap_steps is not None:
+            arms[scaled("cheap-p14", scale, keep_scales)] = ([*kept, f"train.steps={cheap_steps}"], 14)
     return arms
+
+
+def choose_scales(val_worst: dict[str, dict[str, float]], scales: Sequence[float]) -> dict[str, float]:
+    """Per kept family, the lr scale chosen on validation: ``val_worst[task][arm]`` is the mean over seeds of each
+    seed's worst validation top-1; the scale with the higher mean over tasks, the first unless beaten by ``TIE``."""
+    chosen = {}
+    for family in KEPT:
+        score = {s: statistics.fmean(t[scaled(family, s, scales)] for t in val_worst.values())
+                 for s in scales if all(scaled(family, s, scales) in t for t in val_worst.values())}
+        if not score:
+            continue
+        best = max(score, key=score.__getitem__)
+        chosen[family] = best if score[best] > score[scales[0]] + TIE else scales[0]
+    return chosen
 
 
 def resolved(sets: Sequence[str], patch: int | None) -> Config:
@@ -125,6 +150,10 @@ def _pm(s: dict[str, dict[str, float]], p: int) -> str:
     return f"{s['mean'][str(p)]:.2f} ± {s['std'][str(p)]:.2f}"
 
 
+def _bold(arm: str, chosen: set[str]) -> str:
+    return f"**{arm}**" if arm in chosen else arm
+
+
 def markdown(payload: dict[str, Any]) -> str:
     sizes = payload["sizes"]
     heads = " | ".join(f"p={p}" for p in sizes)
@@ -134,15 +163,22 @@ def markdown(payload: dict[str, Any]) -> str:
                  f"`{a}`: {d}" for a, d in payload["arms_about"].items()) + ". Top-1 (%) mean ± sample std over "
              "the seeds; GFLOPs = 3 × forward GFLOPs per trained image (the consistency term's extra forward "
              "included), mean per run; minutes = training loop, mean per run (runs shared the cores).", ""]
+    scales = payload["keep_scales"]
+    chosen = {scaled(f, s, scales) for f, s in payload["chosen_scales"].items()}
+    lines += ["Each kept arm's lr, chosen on validation (mean over tasks of the mean over seeds of each seed's worst "
+              f"size; the first scale stays unless another gains {TIE:g} point): " + ", ".join(
+                  f"{f}: scale {s:g}" for f, s in payload["chosen_scales"].items()) + ". The chosen arms are in "
+              "bold; the targets read them only.", ""]
     for task, t in payload["tasks"].items():
         rows = t["rows"]
         lines += [f"## {task}: {TASKS[task]}", "", "Test split:", "",
                   f"| arm | lr | {heads} | images | GFLOPs | minutes |", "|---|---:|" + "---:|" * (len(sizes) + 3)]
-        lines += [f"| {arm} | {r['lr']:g} | " + " | ".join(_pm(r["test"], p) for p in sizes)
+        lines += [f"| {_bold(arm, chosen)} | {r['lr']:g} | " + " | ".join(_pm(r["test"], p) for p in sizes)
                   + f" | {r['images']:.0f} | {r['gflops']:.0f} | {r['minutes']:.1f} |" for arm, r in rows.items()]
-        lines += ["", "Validation split, mean:", "", f"| arm | {heads} |", "|---|" + "---:|" * len(sizes)]
-        lines += [f"| {arm} | " + " | ".join(f"{r['val']['mean'][str(p)]:.2f}" for p in sizes) + " |"
-                  for arm, r in rows.items()]
+        lines += ["", "Validation split, mean (worst: the mean of each seed's worst size):", "",
+                  f"| arm | {heads} | worst |", "|---|" + "---:|" * (len(sizes) + 1)]
+        lines += [f"| {_bold(arm, chosen)} | " + " | ".join(f"{r['val']['mean'][str(p)]:.2f}" for p in sizes)
+                  + f" | {r['val_worst']:.2f} |" for arm, r in rows.items()]
         lines += ["", "Targets (test means, points; met when the value is at least the bound):", "",
                   "| arm | target | p | value | bound | met |", "|---|---|---:|---:|---:|---|"]
         lines += [f"| {c['arm']} | {c['target']} | {c['size']} | {c['value']:+.2f} | {c['bound']:g} | "
@@ -158,7 +194,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--tasks", nargs="+", choices=list(TASKS), default=list(TASKS))
     ap.add_argument("--keep", nargs="+", required=True, metavar="KEY=VALUE",
                     help="the settings of the kept fine-tune (part 2's choice), on top of --patch-size")
-    ap.add_argument("--keep-scale", type=float, required=True, help="its finetune.fixed_lr_scale (part 2's choice)")
+    ap.add_argument("--keep-scales", type=float, nargs="+", required=True,
+                    help="its finetune.fixed_lr_scale values, chosen among on validation (the first: part 2's choice)")
     ap.add_argument("--keep-at", type=int, nargs="+", default=[14, 7])
     ap.add_argument("--arms", nargs="+", help="train only these arms (the report needs them all)")
     ap.add_argument("--set", dest="sets", action="append", default=[], metavar="KEY=VALUE",
@@ -183,9 +220,9 @@ def main(argv: list[str] | None = None) -> None:
         plan[task] = {}
         for seed, run in enumerate(args.pretrained):
             base = [*task_sets(task, args.mnist5k), *args.sets, f"train.seed={seed}"]
-            arms = arm_runs(base, args.keep, args.keep_scale, args.keep_at, sizes, None)
+            arms = arm_runs(base, args.keep, args.keep_scales, args.keep_at, sizes, None)
             steps = cheap_steps(arms["keep-p14"][0], arms[f"fixed-p{CHEAP_OF}"][0], forward)
-            plan[task][seed] = arms = arm_runs(base, args.keep, args.keep_scale, args.keep_at, sizes, steps)
+            plan[task][seed] = arms = arm_runs(base, args.keep, args.keep_scales, args.keep_at, sizes, steps)
             specs += [run_spec(f"{task}/{arm}/seed{seed}", sets, recipe=RECIPE, init=str(run.resolve()),
                                args=["--patch-size", str(p)] if p else [])
                       for arm, (sets, p) in arms.items() if not args.arms or arm in args.arms]
@@ -195,10 +232,10 @@ def main(argv: list[str] | None = None) -> None:
     payload: dict[str, Any] = {
         "pretrained": [str(r) for r in args.pretrained], "seeds": list(range(len(args.pretrained))),
         "split": "test (validation beside it)", "sizes": sizes, "steps": load_recipe(RECIPE, args.sets).train.steps,
-        "keep": args.keep, "keep_scale": args.keep_scale, "fixed_lr": FIXED_LR,
+        "keep": args.keep, "keep_scales": args.keep_scales, "fixed_lr": FIXED_LR,
         "gflops_forward": {str(p): forward(p) for p in sizes},
         "arms_about": {"fixed-pP": "plain `--patch-size P` at its lr (FIXED_LR)", "flexible": "sizes sampled",
-                       "keep-pP": f"`--patch-size P` with {' '.join(args.keep)} at lr scale {args.keep_scale:g}",
+                       "keep-pP": f"`--patch-size P` with {' '.join(args.keep)} (`-scaleS`: at lr scale S)",
                        "cheap-p14": f"keep-p14 cut to ≤ {CHEAP_SHARE:g} × the GFLOPs of fixed-p{CHEAP_OF}"},
         "tasks": {}}
     for task, seeds in plan.items():
@@ -214,8 +251,16 @@ def main(argv: list[str] | None = None) -> None:
                          "per_seed": per_seed,
                          "images": statistics.fmean(per_seed[str(s)]["images_seen"] for s in seeds),
                          "gflops": statistics.fmean(finetune_gflops(cfgs[s], forward) for s in seeds),
-                         "minutes": statistics.fmean(per_seed[str(s)]["train_seconds"] for s in seeds) / 60}
-        payload["tasks"][task] = {"rows": rows, "targets": targets(rows, args.keep_at, sizes)}
+                         "minutes": statistics.fmean(per_seed[str(s)]["train_seconds"] for s in seeds) / 60,
+                         "val_worst": statistics.fmean(min(per_seed[str(s)]["val"].values()) for s in seeds)}
+        payload["tasks"][task] = {"rows": rows}
+    chosen = choose_scales({t: {a: r["val_worst"] for a, r in v["rows"].items()} for t, v in payload["tasks"].items()},
+                           args.keep_scales)
+    payload["chosen_scales"] = chosen
+    for t in payload["tasks"].values():  # the targets read each kept family at its chosen lr
+        picked = {a: r for a, r in t["rows"].items() if not a.startswith(KEPT)}
+        picked |= {family: t["rows"][scaled(family, scale, args.keep_scales)] for family, scale in chosen.items()}
+        t["targets"] = targets(picked, args.keep_at, sizes)
     files = write_result(args.results, payload, markdown(payload))
     print(f"wrote {', '.join(map(str, files))}")
 
