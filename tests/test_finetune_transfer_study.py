@@ -31,6 +31,7 @@ def test_each_arm_resolves_to_the_fine_tune_it_names():
         assert cfg.patch.weights[cfg.patch.sizes.index(p)] == 0.5 and cfg.finetune.consistency == 1
     cheap = ts.resolved(*arms["cheap-p14"])
     assert cheap.train.steps == 50 and cheap.patch.default == 14
+    assert cheap.optim.warmup_steps == round(50 * 50 / 400)  # the recipe's warm-up share of its 400 steps
 
 
 def test_the_cheap_arm_takes_the_most_steps_within_a_quarter_of_the_fixed_fine_tune_at_7():

@@ -80,8 +80,16 @@ def arm_runs(base: Sequence[str], keep: Sequence[str], keep_scales: Sequence[flo
         kept = [*base, *keep, f"finetune.fixed_lr_scale={scale:g}"]
         arms |= {scaled(f"keep-p{p}", scale, keep_scales): (kept, p) for p in keep_at}
         if cheap_steps is not None:
-            arms[scaled("cheap-p14", scale, keep_scales)] = ([*kept, f"train.steps={cheap_steps}"], 14)
+            arms[scaled("cheap-p14", scale, keep_scales)] = ([*kept, *cut_to(kept, cheap_steps)], 14)
     return arms
+
+
+def cut_to(sets: Sequence[str], steps: int) -> list[str]:
+    """The ``--set`` values that shorten the run of ``sets`` to ``steps``, its warm-up kept at the same share of
+    the steps (the recipe's 50 warm-up steps would otherwise outlast a 44-step run: it never reached its lr)."""
+    optim, train = load_recipe(RECIPE, list(sets)).optim, load_recipe(RECIPE, list(sets)).train
+    warmup = max(1, round(optim.warmup_steps * steps / train.steps)) if optim.warmup_steps else 0
+    return [f"train.steps={steps}", f"optim.warmup_steps={warmup}"]
 
 
 def choose_scales(val_worst: dict[str, dict[str, float]], scales: Sequence[float]) -> dict[str, float]:
@@ -108,7 +116,7 @@ def cheap_steps(kept: Sequence[str], fixed7: Sequence[str], forward: Callable[[i
     budget = CHEAP_SHARE * finetune_gflops(resolved(fixed7, CHEAP_OF), forward)
 
     def cost(steps: int) -> float:
-        return finetune_gflops(resolved([*kept, f"train.steps={steps}"], 14), forward)
+        return finetune_gflops(resolved([*kept, *cut_to(kept, steps)], 14), forward)
 
     low, high = 1, resolved(kept, 14).train.steps  # the cost grows with the steps: bisect for the last within budget
     while low < high:
@@ -236,7 +244,8 @@ def main(argv: list[str] | None = None) -> None:
         "gflops_forward": {str(p): forward(p) for p in sizes},
         "arms_about": {"fixed-pP": "plain `--patch-size P` at its lr (FIXED_LR)", "flexible": "sizes sampled",
                        "keep-pP": f"`--patch-size P` with {' '.join(args.keep)} (`-scaleS`: at lr scale S)",
-                       "cheap-p14": f"keep-p14 cut to ≤ {CHEAP_SHARE:g} × the GFLOPs of fixed-p{CHEAP_OF}"},
+                       "cheap-p14": f"keep-p14 cut to ≤ {CHEAP_SHARE:g} × the GFLOPs of fixed-p{CHEAP_OF}, its warm-up "
+                                    "cut in proportion"},
         "tasks": {}}
     for task, seeds in plan.items():
         arms = list(seeds[0])
