@@ -37,7 +37,7 @@ def test_a_tie_goes_to_fewer_gflops_then_fewer_changed_settings():
 
 @pytest.mark.parametrize("candidate", ks.CANDIDATES, ids=lambda c: c.name)
 def test_every_candidate_resolves_to_the_config_it_names(candidate):
-    sets = ks.run_sets(ks.task_sets(None), candidate, 0.25, 400, 50)
+    sets = ks.run_sets(ks.task_sets("tops", None), candidate, 0.25, 400, 50)
     cfg = ks.resolved(sets, candidate, 14)
     f = cfg.finetune
     assert cfg.train.steps == 400 and cfg.train.test_eval is False

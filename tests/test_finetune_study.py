@@ -77,7 +77,7 @@ def test_each_side_chooses_its_learning_rate_on_validation_and_the_incumbent_nee
 
 def test_plan_gives_every_run_its_seed_pretrained_model_size_and_own_directory(tmp_path):
     pretrained = [tmp_path / "qs-seed0", tmp_path / "qs-seed1"]
-    tasks = {"tops": fs.task_overrides("tops", None), "digits": fs.task_overrides("digits", tmp_path / "mnist5k")}
+    tasks = {"tops": fs.task_sets("tops", None), "digits": fs.task_sets("digits", tmp_path / "mnist5k")}
     runs = fs.plan(pretrained, tasks, SIZES, ["train.steps=5"])
     assert len(runs) == 2 * 2 * (1 + len(SIZES)) and len({r.path for r in runs}) == len(runs)
     recipe = load_recipe(fs.RECIPE)
@@ -99,7 +99,7 @@ def test_plan_gives_every_run_its_seed_pretrained_model_size_and_own_directory(t
             assert run.args() == ["--patch-size", str(run.patch)] and cfg.patch.sizes == [run.patch]
             assert sorted(cfg.patch.eval_sizes) == SIZES and run.label == f"fixed p={run.patch}"
     with pytest.raises(SearchError, match="--mnist5k"):
-        fs.task_overrides("digits", None)
+        fs.task_sets("digits", None)
     searched = fs.plan(pretrained, tasks, SIZES, ["optim.lr=2e-3"], "lr2e-3")  # a --lr value: its own directory
     assert [r.path.relative_to("lr2e-3") for r in searched] == [r.path for r in runs]
     assert all(r.config().optim.lr == pytest.approx(2e-3) for r in searched)
@@ -123,7 +123,7 @@ def _folder(root: Path, classes: int, per_class: int) -> Path:
 
 def test_digits_task_keeps_every_class_of_the_folder(tmp_path):
     folder = _folder(tmp_path / "digits", classes=3, per_class=20)
-    data = build_data(load_recipe(fs.RECIPE, fs.task_overrides("digits", folder)))
+    data = build_data(load_recipe(fs.RECIPE, fs.task_sets("digits", folder)))
     assert data.num_classes == 3 and len(data.train) + len(data.val) + len(data.test) == 60
     with pytest.raises(ValueError, match="data.classes"):  # the recipe alone asks the folder for its 4 garments
         build_data(load_recipe(fs.RECIPE, [f"data.source={folder}"]))

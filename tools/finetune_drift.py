@@ -22,16 +22,12 @@ from typing import Any
 from flexivit.eval.probe import parameter_drift
 from flexivit.experiments.results import eval_by_step
 from flexivit.experiments.runner import Study
-from flexivit.experiments.search import run_spec
+from flexivit.experiments.search import run_spec, task_sets
 from flexivit.provenance import write_result
 from flexivit.train.config import load_recipe
 from flexivit.train.finetune import fixed_size
 
 RECIPE = "fashion_mnist_finetune"
-
-
-def task_sets(mnist5k: Path | None) -> list[str]:
-    return [] if mnist5k is None else [f"data.source={mnist5k.resolve()}", "data.classes=null"]
 
 
 def run_sets(base: list[str], scale: float, steps: int, eval_every: int) -> list[str]:
@@ -75,7 +71,7 @@ def main(argv: list[str] | None = None) -> None:
                    help="another recipe override for every run (repeatable)")
     p.add_argument("--results", type=Path, required=True, help="result stem: writes STEM.json and STEM.md")
     args = p.parse_args(argv)
-    base = [*task_sets(args.mnist5k), *args.sets]
+    base = [*task_sets("digits" if args.mnist5k else "tops", args.mnist5k), *args.sets]
     specs, lrs = [], []
     for scale in args.lr_scales:
         sets = run_sets(base, scale, args.steps, args.eval_every)

@@ -32,7 +32,7 @@ from flexivit.eval.measure import count_gflops
 from flexivit.experiments.budget import FWD_BWD, images_by_patch
 from flexivit.experiments.results import eval_by_step, read_results
 from flexivit.experiments.runner import Study
-from flexivit.experiments.search import run_spec
+from flexivit.experiments.search import run_spec, task_sets
 from flexivit.model.weights import load_model
 from flexivit.provenance import write_result
 from flexivit.train.builders import load_splits
@@ -77,10 +77,6 @@ CANDIDATES = (
     Candidate("others0.25-consistency-all", ("finetune.fixed_others=0.25", "finetune.consistency=1",
                                              "finetune.consistency_share=1"), (1.0, 2.0), changes=3),
 )
-
-
-def task_sets(mnist5k: Path | None) -> list[str]:
-    return [] if mnist5k is None else [f"data.source={mnist5k.resolve()}", "data.classes=null"]
 
 
 def run_sets(base: Sequence[str], candidate: Candidate, scale: float, steps: int, eval_every: int) -> list[str]:
@@ -251,7 +247,7 @@ def main(argv: list[str] | None = None) -> None:
         return
     if args.pretrained is None or args.out is None:
         ap.error("--pretrained and --out are needed (or --combine)")
-    base = [*task_sets(args.mnist5k), *args.sets]
+    base = [*task_sets("digits" if args.mnist5k else "tops", args.mnist5k), *args.sets]
     plan = []
     for cand in CANDIDATES:
         if args.only and cand.name not in args.only and cand.name != "fixed":

@@ -40,7 +40,7 @@ from typing import Any, Sequence
 from flexivit.experiments.budget import trained_gflops
 from flexivit.experiments.results import RunResults, read_results, summarise
 from flexivit.experiments.runner import RunError, RunSpec, Study
-from flexivit.experiments.search import SearchError, check_data, check_init, run_spec
+from flexivit.experiments.search import SearchError, check_data, check_init, run_spec, task_sets
 from flexivit.train.config import Config, load_recipe
 from flexivit.train.finetune import fixed_size
 
@@ -92,21 +92,12 @@ def fixed_label(patch: int) -> str:
     return f"fixed p={patch}"
 
 
-def task_overrides(task: str, mnist5k: Path | None) -> list[str]:
-    """The ``--set`` values that make ``task`` out of the recipe."""
-    if task == "tops":
-        return []
-    if mnist5k is None:
-        raise SearchError("the digits task needs --mnist5k DIR (an image folder: python tools/make_mnist5k.py DIR)")
-    return [f"data.source={mnist5k.resolve()}", "data.classes=null"]
-
-
 def plan(pretrained: Sequence[Path], tasks: dict[str, list[str]], sizes: Sequence[int],
          extra: Sequence[str], variant: str = "") -> list[FineTune]:
     """Per task and pretrained run ``i`` (seed ``i``): the default fine-tune, then a plain fixed one per size."""
-    return [FineTune(task, seed, run, patch, (*task_sets, *extra, f"train.seed={seed}", *(PLAIN if patch else ())),
+    return [FineTune(task, seed, run, patch, (*sets, *extra, f"train.seed={seed}", *(PLAIN if patch else ())),
                      variant)
-            for task, task_sets in tasks.items() for seed, run in enumerate(pretrained)
+            for task, sets in tasks.items() for seed, run in enumerate(pretrained)
             for patch in (None, *sizes)]
 
 
@@ -294,10 +285,10 @@ def main(argv: list[str] | None = None) -> int:
             raise SearchError(f"--lr takes distinct positive numbers, got {' '.join(args.lr)}")
         for run in args.pretrained:
             check_init(str(run))
-        tasks = {task: task_overrides(task, args.mnist5k) for task in args.tasks}
-        for task_sets in tasks.values():
-            if task_sets:  # a folder: one clear error for a missing or too small one, before any run
-                check_data(RECIPE, [*task_sets, *extra])
+        tasks = {task: task_sets(task, args.mnist5k) for task in args.tasks}
+        for sets in tasks.values():
+            if sets:  # a folder: one clear error for a missing or too small one, before any run
+                check_data(RECIPE, [*sets, *extra])
         pretrained = [r.resolve() for r in args.pretrained]
         variants = ({lr: plan(pretrained, tasks, sizes, [*extra, f"optim.lr={lr}"], f"lr{lr}") for lr in lrs}
                     or {"": plan(pretrained, tasks, sizes, extra)})

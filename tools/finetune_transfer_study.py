@@ -39,7 +39,7 @@ from flexivit.eval.measure import count_gflops
 from flexivit.experiments.budget import finetune_gflops
 from flexivit.experiments.results import arms_over_seeds
 from flexivit.experiments.runner import Study
-from flexivit.experiments.search import run_spec
+from flexivit.experiments.search import SearchError, run_spec, task_sets
 from flexivit.model.weights import load_model
 from flexivit.provenance import write_result
 from flexivit.train.config import Config, load_recipe
@@ -55,14 +55,6 @@ CHEAP_OF = 7
 KEEP_GAP, FLEX_GAP, OWN_GAP = 2.0, 3.0, 1.0  # the targets, in test points
 TIE = 0.5  # validation points another lr scale must gain to replace the first (docs/LOG.md)
 KEPT = ("keep-p14", "keep-p7", "cheap-p14")  # arm families whose lr scale is chosen
-
-
-def task_sets(task: str, mnist5k: Path | None) -> list[str]:
-    if task == "tops":
-        return []
-    if mnist5k is None:
-        raise SystemExit("the digits task needs --mnist5k DIR (python tools/make_mnist5k.py DIR)")
-    return [f"data.source={mnist5k.resolve()}", "data.classes=null"]
 
 
 def scaled(family: str, scale: float, scales: Sequence[float]) -> str:
@@ -212,6 +204,10 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--out", type=Path, required=True)
     ap.add_argument("--results", type=Path, help="result stem: writes STEM.json and STEM.md")
     args = ap.parse_args(argv)
+    try:
+        tasks = {task: task_sets(task, args.mnist5k) for task in args.tasks}
+    except SearchError as err:
+        raise SystemExit(str(err)) from None
     sizes = load_recipe(RECIPE, args.sets).patch.sizes
     model, _ = load_model(args.pretrained[0])
     image = load_recipe(RECIPE, args.sets).data.image_size
@@ -224,10 +220,10 @@ def main(argv: list[str] | None = None) -> None:
 
     plan: dict[str, dict[int, dict[str, tuple[list[str], int | None]]]] = {}
     specs = []
-    for task in args.tasks:
+    for task, sets in tasks.items():
         plan[task] = {}
         for seed, run in enumerate(args.pretrained):
-            base = [*task_sets(task, args.mnist5k), *args.sets, f"train.seed={seed}"]
+            base = [*sets, *args.sets, f"train.seed={seed}"]
             arms = arm_runs(base, args.keep, args.keep_scales, args.keep_at, sizes, None)
             steps = cheap_steps(arms["keep-p14"][0], arms[f"fixed-p{CHEAP_OF}"][0], forward)
             plan[task][seed] = arms = arm_runs(base, args.keep, args.keep_scales, args.keep_at, sizes, steps)

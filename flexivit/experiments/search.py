@@ -28,7 +28,7 @@ from flexivit.train.config import ConfigError, apply_overrides, load_recipe, rec
 from flexivit.jsonl import read_jsonl
 
 __all__ = ["Trial", "SearchError", "parse_grid", "plan", "run_search", "run_spec", "check_data", "score_of",
-           "METRICS"]
+           "task_sets", "METRICS"]
 
 METRICS = ("worst", "mean")
 
@@ -234,6 +234,16 @@ def run_search(*, recipe: str, grid_specs: Sequence[str], seeds: Sequence[int], 
         raise SearchError(f"{len(failed)} of {len(trials)} trials failed ({', '.join(str(f.log) for f in failed)}); "
                           "the others are summarised in search.md; fix the cause and rerun to run only those")
     return best
+
+
+def task_sets(task: str, folder: Path | None) -> list[str]:
+    """The ``--set`` values that make ``task`` out of the fine-tune recipe the study tools share: ``tops`` is the
+    recipe's own task, ``digits`` every class of the image folder ``folder`` (``tools/make_mnist5k.py``)."""
+    if task == "tops":
+        return []
+    if folder is None:
+        raise SearchError(f"the {task} task needs --mnist5k DIR (an image folder: python tools/make_mnist5k.py DIR)")
+    return [f"data.source={folder.resolve()}", "data.classes=null"]
 
 
 def check_data(recipe: str, overrides: Sequence[str]) -> None:
