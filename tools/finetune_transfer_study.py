@@ -79,8 +79,8 @@ def arm_runs(base: Sequence[str], keep: Sequence[str], keep_scales: Sequence[flo
 def cut_to(sets: Sequence[str], steps: int) -> list[str]:
     """The ``--set`` values that shorten the run of ``sets`` to ``steps``, its warm-up kept at the same share of
     the steps (the recipe's 50 warm-up steps would otherwise outlast a 44-step run: it never reached its lr)."""
-    optim, train = load_recipe(RECIPE, list(sets)).optim, load_recipe(RECIPE, list(sets)).train
-    warmup = max(1, round(optim.warmup_steps * steps / train.steps)) if optim.warmup_steps else 0
+    cfg = load_recipe(RECIPE, list(sets))
+    warmup = max(1, round(cfg.optim.warmup_steps * steps / cfg.train.steps)) if cfg.optim.warmup_steps else 0
     return [f"train.steps={steps}", f"optim.warmup_steps={warmup}"]
 
 
@@ -208,9 +208,10 @@ def main(argv: list[str] | None = None) -> None:
         tasks = {task: task_sets(task, args.mnist5k) for task in args.tasks}
     except SearchError as err:
         raise SystemExit(str(err)) from None
-    sizes = load_recipe(RECIPE, args.sets).patch.sizes
+    recipe = load_recipe(RECIPE, args.sets)
+    sizes = recipe.patch.sizes
     model, _ = load_model(args.pretrained[0])
-    image = load_recipe(RECIPE, args.sets).data.image_size
+    image = recipe.data.image_size
     x = torch.zeros(1, model.config.in_chans, image, image)  # (1, C, H, W): FLOPs do not depend on values
 
     @functools.cache
@@ -235,7 +236,7 @@ def main(argv: list[str] | None = None) -> None:
         return
     payload: dict[str, Any] = {
         "pretrained": [str(r) for r in args.pretrained], "seeds": list(range(len(args.pretrained))),
-        "split": "test (validation beside it)", "sizes": sizes, "steps": load_recipe(RECIPE, args.sets).train.steps,
+        "split": "test (validation beside it)", "sizes": sizes, "steps": recipe.train.steps,
         "keep": args.keep, "keep_scales": args.keep_scales, "fixed_lr": FIXED_LR,
         "gflops_forward": {str(p): forward(p) for p in sizes},
         "arms_about": {"fixed-pP": "plain `--patch-size P` at its lr (FIXED_LR)", "flexible": "sizes sampled",
