@@ -173,7 +173,8 @@ def _eval_loaders(cfg: Config, data: RunData, accelerator: Accelerator) -> dict[
 def _model(cfg: Config, data: RunData, teacher: Teacher | None, init: Callable[[FlexiViT], FlexiViT] | None) -> FlexiViT:
     model = build_model(cfg, channels=data.channels, num_classes=data.num_classes)
     if teacher is not None and cfg.distill.init_from_teacher:
-        model = student_from_teacher(model.config, teacher.model, keep_student_base=cfg.distill.keep_student_base)
+        model = student_from_teacher(model.config, teacher.model, keep_student_base=cfg.distill.keep_student_base,
+                                     full_rank_base=cfg.distill.full_rank_base)
     if init is not None:
         model = init(model)
     if cfg.train.grad_checkpointing:

@@ -180,6 +180,9 @@ class DistillConfig:
     quantize: str = "none"  # "none" | "hard" | "topk:K" | "bits:B"
     init_from_teacher: bool = True  # the student starts from the teacher's weights
     keep_student_base: bool = False  # resize the teacher's kernel/grid into model.base_* (lossy)
+    # With keep_student_base: a base larger than the teacher's kernel also keeps the part of its fresh initialisation
+    # that no resized teacher kernel can reach (upsampled alone, a 14x14 base from a 4x4 kernel has rank <= 16).
+    full_rank_base: bool = False
 
 
 @dataclass
@@ -301,6 +304,10 @@ def check_config(config: Config) -> Config:
         value = getattr(getattr(config, section), name)
         if not ok(value):
             raise ConfigError(f"{key}={value!r}: must be {requirement}")
+    d = config.distill
+    if d.full_rank_base and not (d.init_from_teacher and d.keep_student_base):
+        raise ConfigError("distill.full_rank_base=true fills the student's own base: it needs distill.init_from_teacher=true "
+                          "and distill.keep_student_base=true")
     for option in registered():  # the keys options add (flexivit.model.options)
         try:
             option.check_run(config)

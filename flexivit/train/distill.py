@@ -16,6 +16,7 @@ from typing import Any
 import timm
 import torch
 import torch.nn.functional as F
+from einops import rearrange
 from safetensors import SafetensorError
 from safetensors.torch import load_file
 from timm.models.vision_transformer import VisionTransformer
@@ -26,7 +27,7 @@ from flexivit.model.vit import FlexiViT, FlexiViTConfig
 from flexivit.model.patch_embed import check_patch_sizes
 from flexivit.model.resize import pi_resize, resample_posemb
 
-__all__ = ["Teacher", "load_teacher", "quantize_targets", "distill_loss", "student_from_teacher"]
+__all__ = ["Teacher", "load_teacher", "quantize_targets", "distill_loss", "student_from_teacher", "beyond_reach"]
 
 
 @dataclass(frozen=True)
@@ -160,10 +161,27 @@ def distill_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, *, 
     return kl.mean() * t * t
 
 
-def student_from_teacher(student_config: FlexiViTConfig, teacher: nn.Module, *, keep_student_base: bool = False) -> FlexiViT:
+def beyond_reach(fresh: torch.Tensor, small_hw: tuple[int, int]) -> torch.Tensor:
+    """The part of ``fresh`` (D, C, H, W) that no kernel of size ``small_hw`` PI-resized to (H, W) can hold:
+    per (output, input) channel, its component orthogonal to the range of that resize. Zero when the
+    resize reaches every kernel (downsampling); otherwise what a resized teacher kernel lacks."""
+    h, w = small_hw
+    basis = torch.eye(h * w, dtype=torch.float64).reshape(h * w, 1, h, w)  # every small kernel's coordinates
+    reach = pi_resize(basis, fresh.shape[-2:]).reshape(h * w, -1).T  # (H*W, h*w): the resize's range
+    u, s, _ = torch.linalg.svd(reach, full_matrices=False)
+    q = u[:, s > s.max() * 1e-10]  # (H*W, rank): orthonormal basis of the range
+    flat = rearrange(fresh.double(), "d c hh ww -> (d c) (hh ww)")
+    outside = flat - flat @ q @ q.T
+    return rearrange(outside, "(d c) (hh ww) -> d c hh ww", d=fresh.shape[0], hh=fresh.shape[-2]).to(fresh.dtype)
+
+
+def student_from_teacher(student_config: FlexiViTConfig, teacher: nn.Module, *, keep_student_base: bool = False,
+                         full_rank_base: bool = False) -> FlexiViT:
     """A FlexiViT initialised from the teacher: blocks, norms and head copied; the teacher's patch kernel
     and position grid become the student's base (or are resized into the student's base when
-    ``keep_student_base``: round trips are lossy). Shapes that differ are listed in the error."""
+    ``keep_student_base``: round trips are lossy). With ``full_rank_base`` too, the resized kernel gains
+    the part of the student's fresh kernel it cannot reach (``beyond_reach``): an upsampled kernel alone
+    has at most the teacher's rank. Shapes that differ are listed in the error."""
     source = teacher if isinstance(teacher, FlexiViT) else FlexiViT.from_timm(teacher) if isinstance(teacher, VisionTransformer) else None
     if source is None:
         raise ValueError(f"the student can start only from a ViT teacher (timm VisionTransformer or FlexiViT), got {type(teacher).__name__}")
@@ -178,6 +196,11 @@ def student_from_teacher(student_config: FlexiViTConfig, teacher: nn.Module, *, 
         fields.update(base_patch_size=source.config.base_patch_size, base_grid=source.config.base_grid)
     student = FlexiViT(FlexiViTConfig.from_dict(fields))
     own = student.state_dict()
+    if full_rank_base:
+        teacher_kernel = source.state_dict()["patch_embed.weight"]
+        with torch.no_grad():
+            state["patch_embed.weight"] = state["patch_embed.weight"] + beyond_reach(
+                own["patch_embed.weight"], tuple(teacher_kernel.shape[-2:]))
     problems = [f"{k}: teacher {tuple(state[k].shape)} vs student {tuple(v.shape)}"
                 for k, v in own.items() if k in state and state[k].shape != v.shape]
     problems += [f"{k}: not in the teacher" for k in own if k not in state]

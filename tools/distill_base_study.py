@@ -1,0 +1,112 @@
+"""Why the distilled FlexiViT trails at patch 14 (issue 29): its base kernel's rank-≤16 start.
+
+    python tools/distill_base_study.py [--seeds 0,1,2] [--jobs 2] [--out runs/distill_base] [--report-only]
+
+The distillation recipe starts the student's 14×14 base kernel as the teacher's 4×4 kernel PI-resized up:
+a kernel of rank at most 16 (of 196), which the recipe's 0.02× kernel learning rate barely moves in 3600
+steps. The study trains the recipe's teacher once (seed 0), then distils it with the recipe as it is
+(``upsampled``) and with ``distill.full_rank_base=true`` (``full-rank``: the part of the student's fresh
+kernel that no resized 4×4 kernel can reach is kept), student seeds 0/1/2 at the full budget, and reports
+validation (decides) and test (reported) top-1 at every size. The rule, written before the runs
+(docs/LOG.md, 2026-12-06): the rank-≤16 start is a cause of the patch-14 shortfall if ``full-rank`` gains
+more than 1 point at patch 14 on validation over the 3 seeds; it replaces the recipe's start only if its
+validation worst size is higher by more than the larger of the two stds.
+
+Results: ``docs/results/distill_base.{md,json}``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+from pathlib import Path
+from typing import Any
+
+from flexivit.experiments.results import arms_over_seeds
+from flexivit.experiments.runner import RunSpec, Study
+from flexivit.provenance import write_result
+
+ROOT = Path(__file__).resolve().parent.parent
+TEACHER, STUDENT = "fashion_mnist_teacher", "fashion_mnist_distill"
+COMMON = ("data.num_workers=0",)
+TEACHER_RUN = "teacher/seed0"
+ARMS = {"upsampled": (), "full-rank": ("distill.full_rank_base=true",)}  # arm -> extra --set values
+
+
+def specs(out: Path, seeds: list[int]) -> list[RunSpec]:
+    """The teacher, then both arms seed by seed (a study cut short still has paired seeds)."""
+    teacher = RunSpec(name=TEACHER_RUN, recipe=TEACHER, sets=(*COMMON, "train.seed=0"))
+    students = [RunSpec(name=f"{arm}/seed{seed}", recipe=STUDENT, needs=(TEACHER_RUN,),
+                        sets=(*COMMON, f"train.seed={seed}", f"distill.teacher={out / TEACHER_RUN}", *extra))
+                for seed in seeds for arm, extra in ARMS.items()]
+    return [teacher, *students]
+
+
+def _cell(values: list[float]) -> str:
+    return f"{statistics.mean(values):.2f} ± {statistics.stdev(values) if len(values) > 1 else 0:.2f}"
+
+
+def verdict(arms: dict[str, Any], seeds: list[int]) -> dict[str, Any]:
+    """The rule written before the runs, applied to validation."""
+    def per_seed(arm: str, pick) -> list[float]:
+        return [pick(arms[arm][str(s)]["val"]) for s in seeds]
+
+    p14 = {arm: per_seed(arm, lambda v: v["14"]) for arm in ARMS}
+    worst = {arm: per_seed(arm, lambda v: min(v.values())) for arm in ARMS}
+    gain14 = statistics.mean(p14["full-rank"]) - statistics.mean(p14["upsampled"])
+    gain_worst = statistics.mean(worst["full-rank"]) - statistics.mean(worst["upsampled"])
+    margin = max(statistics.stdev(w) if len(w) > 1 else 0.0 for w in worst.values())
+    return {"gain_at_14": gain14, "cause": gain14 > 1.0, "gain_worst": gain_worst, "worst_std_margin": margin,
+            "adopt": gain_worst > margin}
+
+
+def markdown(arms: dict[str, Any], teacher: dict[str, Any], seeds: list[int], rule: dict[str, Any]) -> str:
+    sizes = sorted(next(iter(arms["upsampled"].values()))["val"], key=int)
+    lines = ["# The distilled student's base kernel: upsampled (rank ≤ 16) or full rank", "",
+             f"`python tools/distill_base_study.py`: one teacher (`{TEACHER}`, seed 0; validation top-1 at p=4 "
+             f"{teacher['val']['4']:.2f} %, {teacher['images_seen']:,} images), distilled by `{STUDENT}` as it is "
+             "(`upsampled`) and with `distill.full_rank_base=true` (`full-rank`), student seeds "
+             f"{', '.join(map(str, seeds))}, 3600 steps each. Top-1 (%), mean ± std over the student seeds; "
+             "validation decides, test is reported.", ""]
+    for split in ("val", "test"):
+        lines += [f"## {'Validation' if split == 'val' else 'Test'}", "",
+                  "| arm | worst size | " + " | ".join(f"p={p}" for p in sizes) + " | per seed at p=14 |",
+                  "|---|---:|" + "---:|" * len(sizes) + "---|"]
+        for arm, per_seed in arms.items():
+            rows = [per_seed[str(s)] for s in seeds]
+            lines.append(f"| {arm} | {_cell([min(r[split].values()) for r in rows])} | "
+                         + " | ".join(_cell([r[split][p] for r in rows]) for p in sizes)
+                         + " | " + " / ".join(f"{r[split]['14']:.2f}" for r in rows) + " |")
+        lines.append("")
+    lines += ["## The rule (validation)", "",
+              f"- `full-rank` minus `upsampled` at patch 14: {rule['gain_at_14']:+.2f} points: the rank-≤16 start "
+              f"{'is' if rule['cause'] else 'is not'} a cause (threshold +1).",
+              f"- At the worst size: {rule['gain_worst']:+.2f} points against a margin of {rule['worst_std_margin']:.2f} "
+              f"(the larger std): `full-rank` {'replaces' if rule['adopt'] else 'does not replace'} the recipe's start.",
+              ""]
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--seeds", default="0,1,2")
+    parser.add_argument("--jobs", type=int, default=2)
+    parser.add_argument("--out", type=Path, default=ROOT / "runs" / "distill_base")
+    parser.add_argument("--report-only", action="store_true", help="aggregate finished runs, train nothing")
+    args = parser.parse_args()
+    seeds = [int(s) for s in args.seeds.split(",")]
+    out = args.out.resolve()  # absolute: the teacher's path goes into the students' configs
+    if not args.report_only:
+        Study(out, jobs=args.jobs).run_all(specs(out, seeds))
+    arms = arms_over_seeds(out, list(ARMS), seeds)
+    teacher = arms_over_seeds(out, ["teacher"], [0])["teacher"]["0"]
+    rule = verdict(arms, seeds)
+    write_result(ROOT / "docs" / "results" / "distill_base",
+                 {"seeds": seeds, "split": "val (decides), test (reported)", "teacher": {"recipe": TEACHER, **teacher},
+                  "student_recipe": STUDENT, "arms": arms, "rule": rule},
+                 markdown(arms, teacher, seeds, rule), command=" ".join(sys.argv))
+
+
+if __name__ == "__main__":
+    main()
