@@ -35,15 +35,15 @@ ARMS = {"upsampled": (), "full-rank": ("distill.full_rank_base=true",)}  # arm -
 
 
 def specs(out: Path, seeds: list[int]) -> list[RunSpec]:
-    """Per seed its teacher, then both arms distilled from it (a study cut short still has paired seeds)."""
-    runs: list[RunSpec] = []
-    for seed in seeds:
-        teacher = f"teacher/seed{seed}"
-        runs.append(RunSpec(name=teacher, recipe=TEACHER, sets=(*COMMON, f"train.seed={seed}")))
-        runs += [RunSpec(name=f"{arm}/seed{seed}", recipe=STUDENT, needs=(teacher,),
-                         sets=(*COMMON, f"train.seed={seed}", f"distill.teacher={out / teacher}", *extra))
-                 for arm, extra in ARMS.items()]
-    return runs
+    """The teachers first (a run waiting for its teacher would hold a job slot), then both arms seed by seed,
+    each distilled from its seed's teacher (a study cut short still has paired seeds)."""
+    teachers = [RunSpec(name=f"teacher/seed{seed}", recipe=TEACHER, sets=(*COMMON, f"train.seed={seed}"))
+                for seed in seeds]
+    students = [RunSpec(name=f"{arm}/seed{seed}", recipe=STUDENT, needs=(f"teacher/seed{seed}",),
+                        sets=(*COMMON, f"train.seed={seed}", f"distill.teacher={out / 'teacher' / f'seed{seed}'}",
+                              *extra))
+                for seed in seeds for arm, extra in ARMS.items()]
+    return [*teachers, *students]
 
 
 def _cell(values: list[float]) -> str:
