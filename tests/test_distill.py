@@ -10,8 +10,10 @@ from timm.models.vision_transformer import VisionTransformer
 
 from flexivit import FlexiViT, FlexiViTConfig
 from flexivit.model.weights import CheckpointError, save_model
-from flexivit.train.distill import (Teacher, ViewSpec, convert_view, distill_loss, load_teacher, quantize_targets,
-                              student_from_teacher)
+from flexivit.model.resize import pi_resize
+from flexivit.train.config import ConfigError, check_config, load_recipe
+from flexivit.train.distill import (Teacher, ViewSpec, beyond_reach, convert_view, distill_loss, load_teacher,
+                                    quantize_targets, student_from_teacher)
 from flexivit.data.transforms import build_transform
 
 STUDENT = FlexiViTConfig(img_size=28, patch_size=7, base_patch_size=14, base_grid=7, in_chans=1, num_classes=10,
@@ -41,6 +43,55 @@ def test_student_from_teacher_reproduces_the_teacher_at_its_size():
 def test_student_base_kept_only_when_asked():
     student = student_from_teacher(STUDENT, _teacher_vit(), keep_student_base=True)
     assert student.patch_embed.weight.shape[-1] == 14
+
+
+def _rank(kernel: torch.Tensor) -> int:
+    s = torch.linalg.svdvals(kernel.detach().double().reshape(kernel.shape[0], -1))  # (D, C*h*w)
+    return int((s > s[0] * 1e-6).sum())
+
+
+def _range_projection(small: int, big: int) -> torch.Tensor:
+    """Orthogonal projection onto every kernel a ``small``-sized one PI-resizes to at ``big``: (big², big²)."""
+    reach = pi_resize(torch.eye(small * small, dtype=torch.float64).reshape(-1, 1, small, small), big)
+    q, _ = torch.linalg.qr(reach.reshape(small * small, -1).T)
+    return q @ q.T
+
+
+def test_full_rank_base_adds_only_what_the_upsampled_kernel_cannot_hold():
+    vit = _teacher_vit()
+    torch.manual_seed(3)
+    upsampled = student_from_teacher(STUDENT, vit, keep_student_base=True)
+    torch.manual_seed(3)
+    full = student_from_teacher(STUDENT, vit, keep_student_base=True, full_rank_base=True)
+    torch.manual_seed(3)
+    fresh = FlexiViT(STUDENT).patch_embed.weight.detach().double()  # the student's own initial kernel
+    up, filled = upsampled.patch_embed.weight.detach(), full.patch_embed.weight.detach()
+    assert _rank(up) <= 16 and _rank(filled) == 32  # (D=32, 196): the upsample caps the rank at 4x4=16
+    project = _range_projection(4, 14)
+    flat = lambda w: w.double().reshape(-1, 196)
+    torch.testing.assert_close(flat(filled) @ project, flat(up), atol=1e-5, rtol=0)  # the teacher's part is kept
+    added, fresh_outside = flat(filled) - flat(up), flat(fresh) - flat(fresh) @ project
+    assert 0.8 < added.norm() / fresh_outside.norm() < 1.25  # at a fresh initialisation's scale, nothing tuned
+    for name, value in full.state_dict().items():  # everything else is the teacher's, as without the option
+        if name != "patch_embed.weight":
+            torch.testing.assert_close(value, upsampled.state_dict()[name])
+
+
+def test_beyond_reach_is_zero_when_the_resize_reaches_every_kernel():
+    assert beyond_reach(torch.randn(5, 2, 4, 4), (14, 14)).abs().max() == 0  # 14 -> 4 reaches all of R^16
+    assert beyond_reach(torch.randn(5, 2, 8, 8), (8, 8)).abs().max() == 0  # same size: nothing to add
+    outside = beyond_reach(torch.randn(5, 2, 8, 8), (4, 4))
+    torch.testing.assert_close(outside.double().reshape(-1, 64) @ _range_projection(4, 8),
+                               torch.zeros(10, 64, dtype=torch.float64), atol=1e-6, rtol=0)
+
+
+def test_full_rank_base_needs_the_students_own_base():
+    cfg = load_recipe("fashion_mnist_distill", ["distill.full_rank_base=true"])
+    assert check_config(cfg) is cfg
+    for bad in ("distill.keep_student_base=false", "distill.init_from_teacher=false"):
+        with pytest.raises(ConfigError, match=r"distill\.full_rank_base=true .* needs distill\.init_from_teacher=true "
+                                              r"and distill\.keep_student_base=true"):
+            check_config(load_recipe("fashion_mnist_distill", ["distill.full_rank_base=true", bad]))
 
 
 def test_student_mismatch_lists_what_differs():
