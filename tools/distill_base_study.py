@@ -18,12 +18,12 @@ Results: ``docs/results/distill_base.{md,json}``.
 
 from __future__ import annotations
 
-import argparse
 import statistics
 import sys
 from pathlib import Path
 from typing import Any
 
+from flexivit.experiments.arms import COLUMNS, mean_std, split_tables, study_args
 from flexivit.experiments.results import arms_over_seeds
 from flexivit.experiments.runner import RunSpec, Study
 from flexivit.provenance import write_result
@@ -46,10 +46,6 @@ def specs(out: Path, seeds: list[int]) -> list[RunSpec]:
     return [*teachers, *students]
 
 
-def _cell(values: list[float]) -> str:
-    return f"{statistics.mean(values):.2f} ± {statistics.stdev(values) if len(values) > 1 else 0:.2f}"
-
-
 def verdict(arms: dict[str, Any], seeds: list[int]) -> dict[str, Any]:
     """The rule written before the runs, applied to validation."""
     def per_seed(arm: str, pick) -> list[float]:
@@ -65,41 +61,27 @@ def verdict(arms: dict[str, Any], seeds: list[int]) -> dict[str, Any]:
 
 
 def markdown(arms: dict[str, Any], teachers: dict[str, Any], seeds: list[int], rule: dict[str, Any]) -> str:
-    sizes = sorted(next(iter(arms["upsampled"].values()))["val"], key=int)
     at4 = [teachers[str(s)]["val"]["4"] for s in seeds]
+    per_seed_14 = {"per seed at p=14": lambda rows, split: " / ".join(f"{r[split]['14']:.2f}" for r in rows)}
     lines = ["# The distilled student's base kernel: upsampled (rank ≤ 16) or full rank", "",
              f"`python tools/distill_base_study.py`: per seed a teacher (`{TEACHER}`; validation top-1 at p=4 "
-             f"{_cell(at4)} %, {teachers[str(seeds[0])]['images_seen']:,} images each), distilled by `{STUDENT}` "
+             f"{mean_std(at4)} %, {teachers[str(seeds[0])]['images_seen']:,} images each), distilled by `{STUDENT}` "
              "as it is (`upsampled`) and with `distill.full_rank_base=true` (`full-rank`), seeds "
              f"{', '.join(map(str, seeds))}, 3600 steps each; both arms of a seed share its teacher. Top-1 (%), "
-             "mean ± std over the seeds; validation decides, test is reported.", ""]
-    for split in ("val", "test"):
-        lines += [f"## {'Validation' if split == 'val' else 'Test'}", "",
-                  "| arm | worst size | " + " | ".join(f"p={p}" for p in sizes) + " | per seed at p=14 |",
-                  "|---|---:|" + "---:|" * len(sizes) + "---|"]
-        for arm, per_seed in arms.items():
-            rows = [per_seed[str(s)] for s in seeds]
-            lines.append(f"| {arm} | {_cell([min(r[split].values()) for r in rows])} | "
-                         + " | ".join(_cell([r[split][p] for r in rows]) for p in sizes)
-                         + " | " + " / ".join(f"{r[split]['14']:.2f}" for r in rows) + " |")
-        lines.append("")
-    lines += ["## The rule (validation)", "",
-              f"- `full-rank` minus `upsampled` at patch 14: {rule['gain_at_14']:+.2f} points: the rank-≤16 start "
-              f"{'is' if rule['cause'] else 'is not'} a cause (threshold +1).",
-              f"- At the worst size: {rule['gain_worst']:+.2f} points against a margin of {rule['worst_std_margin']:.2f} "
-              f"(the larger std): `full-rank` {'replaces' if rule['adopt'] else 'does not replace'} the recipe's start.",
-              ""]
+             "mean ± std over the seeds; validation decides, test is reported.", "",
+             *split_tables(arms, seeds, columns={**per_seed_14, "train min": COLUMNS["train min"]}),
+             "## The rule (validation)", "",
+             f"- `full-rank` minus `upsampled` at patch 14: {rule['gain_at_14']:+.2f} points: the rank-≤16 start "
+             f"{'is' if rule['cause'] else 'is not'} a cause (threshold +1).",
+             f"- At the worst size: {rule['gain_worst']:+.2f} points against a margin of {rule['worst_std_margin']:.2f} "
+             f"(the larger std): `full-rank` {'replaces' if rule['adopt'] else 'does not replace'} the recipe's start.",
+             ""]
     return "\n".join(lines)
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--seeds", default="0,1,2")
-    parser.add_argument("--jobs", type=int, default=2)
-    parser.add_argument("--out", type=Path, default=ROOT / "runs" / "distill_base")
-    parser.add_argument("--report-only", action="store_true", help="aggregate finished runs, train nothing")
-    args = parser.parse_args()
-    seeds = [int(s) for s in args.seeds.split(",")]
+    args = study_args(__doc__, ROOT / "runs" / "distill_base")
+    seeds = args.seeds
     out = args.out.resolve()  # absolute: the teacher's path goes into the students' configs
     if not args.report_only:
         Study(out, jobs=args.jobs).run_all(specs(out, seeds))

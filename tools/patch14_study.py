@@ -16,12 +16,11 @@ the runner skips them when finished). Results: ``docs/results/patch14_kernel_lr.
 
 from __future__ import annotations
 
-import argparse
-import statistics
 import sys
 from pathlib import Path
 from typing import Any
 
+from flexivit.experiments.arms import COLUMNS, split_tables, study_args
 from flexivit.experiments.results import arms_over_seeds
 from flexivit.experiments.runner import RunSpec, Study
 from flexivit.provenance import write_result
@@ -42,37 +41,18 @@ def collect(out: Path, seeds: list[int]) -> dict[str, Any]:
     return arms_over_seeds(out, list(ARMS), seeds)
 
 
-def _cell(values: list[float]) -> str:
-    return f"{statistics.mean(values):.2f} ± {statistics.stdev(values) if len(values) > 1 else 0:.2f}"
-
-
 def markdown(arms: dict[str, Any], seeds: list[int]) -> str:
-    sizes = sorted(next(iter(arms["per-step"].values()))["val"], key=int)
     lines = ["# Patch 14 and the base kernel's learning rate (quickstart recipe, full budget)", "",
              "`python tools/patch14_study.py`: the recipe (kernel at 0.02x the lr) against the kernel at the full "
              f"rate, seeds {', '.join(map(str, seeds))}, 3600 steps each. Top-1 (%), mean ± std; validation "
-             "decides, test is reported.", ""]
-    for split in ("val", "test"):
-        lines += [f"## {'Validation' if split == 'val' else 'Test'}", "",
-                  "| arm | worst size | " + " | ".join(f"p={p}" for p in sizes) + " | images |",
-                  "|---|---:|" + "---:|" * len(sizes) + "---:|"]
-        for arm, per_seed in arms.items():
-            rows = [per_seed[str(s)] for s in seeds]
-            lines.append(f"| {arm} | {_cell([min(r[split].values()) for r in rows])} | "
-                         + " | ".join(_cell([r[split][p] for r in rows]) for p in sizes)
-                         + f" | {statistics.mean(r['images_seen'] for r in rows):,.0f} |")
-        lines.append("")
+             "decides, test is reported.", "",
+             *split_tables(arms, seeds, columns={"images": COLUMNS["images"]})]
     return "\n".join(lines)
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--seeds", default="0,1,2")
-    parser.add_argument("--jobs", type=int, default=2)
-    parser.add_argument("--out", type=Path, default=ROOT / "runs" / "per_image")
-    parser.add_argument("--report-only", action="store_true", help="aggregate finished runs, train nothing")
-    args = parser.parse_args()
-    seeds = [int(s) for s in args.seeds.split(",")]
+    args = study_args(__doc__, ROOT / "runs" / "per_image")
+    seeds = args.seeds
     if not args.report_only:
         Study(args.out, jobs=args.jobs).run_all(specs(seeds))
     arms = collect(args.out, seeds)

@@ -19,12 +19,11 @@ measures speed side by side). Results: ``docs/results/per_image.{md,json}`` thro
 
 from __future__ import annotations
 
-import argparse
-import statistics
 import sys
 from pathlib import Path
 from typing import Any
 
+from flexivit.experiments.arms import COLUMNS, split_tables, study_args
 from flexivit.experiments.results import arms_over_seeds
 from flexivit.experiments.runner import RunSpec, Study
 from flexivit.provenance import write_result
@@ -68,47 +67,22 @@ def collect(out: Path, seeds: list[int]) -> dict[str, Any]:
     return arms_over_seeds(out, list(ARMS), seeds)
 
 
-def _stats(values: list[float]) -> tuple[float, float]:
-    return statistics.mean(values), statistics.stdev(values) if len(values) > 1 else 0.0
-
-
 def markdown(arms: dict[str, Any], seeds: list[int]) -> str:
-    sizes = sorted(next(iter(arms["per-step"].values()))["val"], key=int)
     lines = [
         "# A patch size per image vs one per step (quickstart recipe, equal images)", "",
         "`python tools/per_image_study.py`: the quickstart recipe per step (as it is) and with `patch.per_image=true`, "
         "the per-image arm run for as many steps as take the per-step arm's images. Top-1 (%), mean ± std over "
         f"seeds {', '.join(map(str, seeds))}; validation decides, test is reported. Two runs at a time on 2 shared "
         "cores, one torch thread each.", "",
+        *split_tables(arms, seeds, columns={k: COLUMNS[k] for k in ("steps", "images", "train min")}),
+        "Per-seed values are in the json.", "",
     ]
-    for split in ("val", "test"):
-        lines += [f"## {'Validation' if split == 'val' else 'Test'}", "",
-                  "| arm | worst size | " + " | ".join(f"p={p}" for p in sizes) + " | steps | images | train min |",
-                  "|---|---:|" + "---:|" * len(sizes) + "---:|---:|---:|"]
-        for arm, per_seed in arms.items():
-            rows = [per_seed[str(s)] for s in seeds]
-            if not rows[0][split]:
-                continue
-            cells = [_stats([r[split][p] for r in rows]) for p in sizes]
-            worst = _stats([min(r[split].values()) for r in rows])
-            lines.append(f"| {arm} | {worst[0]:.2f} ± {worst[1]:.2f} | "
-                         + " | ".join(f"{m:.2f} ± {s:.2f}" for m, s in cells)
-                         + f" | {statistics.mean(r['steps'] for r in rows):.0f} | "
-                         f"{statistics.mean(r['images_seen'] for r in rows):,.0f} | "
-                         f"{statistics.mean(r['train_seconds'] for r in rows) / 60:.1f} |")
-        lines.append("")
-    lines += ["Per-seed values are in the json.", ""]
     return "\n".join(lines)
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--seeds", default="0,1,2")
-    parser.add_argument("--jobs", type=int, default=2)
-    parser.add_argument("--out", type=Path, default=ROOT / "runs" / "per_image")
-    parser.add_argument("--report-only", action="store_true", help="aggregate finished runs, train nothing")
-    args = parser.parse_args()
-    seeds = [int(s) for s in args.seeds.split(",")]
+    args = study_args(__doc__, ROOT / "runs" / "per_image")
+    seeds = args.seeds
     if not args.report_only:
         Study(args.out, jobs=args.jobs).run_all(specs(seeds))
     arms = collect(args.out, seeds)
