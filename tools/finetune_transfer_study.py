@@ -37,7 +37,7 @@ import torch
 
 from flexivit.eval.measure import count_gflops
 from flexivit.experiments.budget import finetune_gflops
-from flexivit.experiments.results import arms_over_seeds
+from flexivit.experiments.results import arms_over_seeds, mean_std_by_key
 from flexivit.experiments.runner import Study
 from flexivit.experiments.search import SearchError, run_spec, task_sets
 from flexivit.model.weights import load_model
@@ -115,12 +115,6 @@ def cheap_steps(kept: Sequence[str], fixed7: Sequence[str], forward: Callable[[i
         mid = (low + high + 1) // 2
         low, high = (mid, high) if cost(mid) <= budget else (low, mid - 1)
     return low
-
-
-def summary(values: Sequence[dict[str, float]]) -> dict[str, dict[str, float]]:
-    sizes = values[0].keys()
-    return {"mean": {p: statistics.fmean(v[p] for v in values) for p in sizes},
-            "std": {p: statistics.stdev([v[p] for v in values]) if len(values) > 1 else 0.0 for p in sizes}}
 
 
 def targets(rows: dict[str, dict[str, Any]], keep_at: Sequence[int], sizes: Sequence[int]) -> list[dict[str, Any]]:
@@ -252,8 +246,8 @@ def main(argv: list[str] | None = None) -> None:
             per_seed = table[arm]
             cfgs = {s: resolved(*seeds[s][arm]) for s in seeds}
             rows[arm] = {"lr": cfgs[0].optim.lr, "steps": cfgs[0].train.steps,
-                         "test": summary([per_seed[str(s)]["test"] for s in seeds]),
-                         "val": summary([per_seed[str(s)]["val"] for s in seeds]),
+                         "test": mean_std_by_key([per_seed[str(s)]["test"] for s in seeds]),
+                         "val": mean_std_by_key([per_seed[str(s)]["val"] for s in seeds]),
                          "per_seed": per_seed,
                          "images": statistics.fmean(per_seed[str(s)]["images_seen"] for s in seeds),
                          "gflops": statistics.fmean(finetune_gflops(cfgs[s], forward) for s in seeds),

@@ -18,12 +18,14 @@ import json
 import statistics
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Mapping, Sequence, TypeVar
 
 from flexivit.jsonl import read_jsonl  # one reader of JSON lines (a torn last line is dropped with a message)
 
+K = TypeVar("K")
+
 __all__ = ["RunResults", "ResultsError", "EVAL_FILE", "read_results", "maybe_results", "read_jsonl",
-           "eval_by_step", "summarise", "arms_over_seeds"]
+           "eval_by_step", "mean_std_by_key", "summarise", "arms_over_seeds"]
 
 EVAL_FILE = "eval.json"
 SPLITS = ("val", "test", "scored")  # "scored": the split eval.json's "results" holds
@@ -111,17 +113,20 @@ def eval_by_step(run: str | Path, split: str = "val") -> dict[str, dict[str, flo
             for r in read_jsonl(Path(run) / "log.jsonl") if r.get("split") == split}
 
 
+def mean_std_by_key(values: Sequence[Mapping[K, float]]) -> dict[str, dict[K, float]]:
+    """``mean`` and sample ``std`` (0 for one value) per key over ``values`` (e.g. one run's top-1 per size
+    per seed); every mapping has the keys of the first."""
+    keys = list(values[0])
+    return {"mean": {k: statistics.mean(v[k] for v in values) for k in keys},
+            "std": {k: statistics.stdev([v[k] for v in values]) if len(values) > 1 else 0.0 for k in keys}}
+
+
 def summarise(results: Sequence[RunResults], split: str) -> dict[str, dict[int, float]] | None:
     """Top-1 in percent per patch size (int) over ``results`` (the seeds of one setting): ``mean`` and the
     sample ``std`` (0 for one run); None if a run did not score ``split``."""
     if any(not r.top1(split) for r in results):
         return None
-    per: dict[int, list[float]] = {}
-    for r in results:
-        for p, value in r.percent(split).items():
-            per.setdefault(int(p), []).append(value)
-    return {"mean": {p: statistics.mean(v) for p, v in per.items()},
-            "std": {p: statistics.stdev(v) if len(v) > 1 else 0.0 for p, v in per.items()}}
+    return mean_std_by_key([{int(p): value for p, value in r.percent(split).items()} for r in results])
 
 
 def arms_over_seeds(out: str | Path, arms: Sequence[str], seeds: Sequence[int]) -> dict[str, dict[str, dict[str, Any]]]:
