@@ -69,6 +69,7 @@ def test_fixed_vits_are_plain_and_see_the_flexivits_images(tmp_path):
         d = run.config().distill
         assert run.teacher == "fixed-p4" and d.teacher == teacher_dir and d.init_from_teacher
         assert d.keep_student_base  # every student keeps its own base: the FlexiViT its 14x14, a ViT/p its p
+        assert d.full_rank_base  # ...and the recipe's full-rank start (a no-op where the base is the teacher's size)
     assert runs["fixed-p4-seed0"].config().distill.teacher is None
     # Every teacher is listed (and so trained) before the runs that distil from it.
     order = list(runs)
