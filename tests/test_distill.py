@@ -11,7 +11,7 @@ from timm.models.vision_transformer import VisionTransformer
 from flexivit import FlexiViT, FlexiViTConfig
 from flexivit.model.weights import CheckpointError, save_model
 from flexivit.model.resize import pi_resize
-from flexivit.train.config import ConfigError, check_config, load_recipe
+from flexivit.train.config import check_config, load_recipe
 from flexivit.train.distill import (Teacher, ViewSpec, beyond_reach, convert_view, distill_loss, load_teacher,
                                     quantize_targets, student_from_teacher)
 from flexivit.data.transforms import build_transform
@@ -85,13 +85,19 @@ def test_beyond_reach_is_zero_when_the_resize_reaches_every_kernel():
                                torch.zeros(10, 64, dtype=torch.float64), atol=1e-6, rtol=0)
 
 
-def test_full_rank_base_needs_the_students_own_base():
-    cfg = load_recipe("fashion_mnist_distill", ["distill.full_rank_base=true"])
-    assert check_config(cfg) is cfg
-    for bad in ("distill.keep_student_base=false", "distill.init_from_teacher=false"):
-        with pytest.raises(ConfigError, match=r"distill\.full_rank_base=true .* needs distill\.init_from_teacher=true "
-                                              r"and distill\.keep_student_base=true"):
-            check_config(load_recipe("fashion_mnist_distill", ["distill.full_rank_base=true", bad]))
+def test_full_rank_base_adds_nothing_where_the_base_is_the_teachers_size():
+    vit = _teacher_vit()
+    states = []
+    for full_rank_base in (False, True):
+        torch.manual_seed(5)
+        states.append(student_from_teacher(STUDENT, vit, full_rank_base=full_rank_base).state_dict())
+    assert states[0].keys() == states[1].keys()
+    for name, value in states[0].items():
+        torch.testing.assert_close(states[1][name], value, rtol=0, atol=0)
+    # So the recipe's full-rank start stays valid whatever the student's init is set to.
+    for other in ("distill.keep_student_base=false", "distill.init_from_teacher=false"):
+        cfg = load_recipe("fashion_mnist_distill", [other])
+        assert cfg.distill.full_rank_base and check_config(cfg) is cfg
 
 
 def test_student_mismatch_lists_what_differs():

@@ -177,8 +177,9 @@ class DistillConfig:
     quantize: str = "none"  # "none" | "hard" | "topk:K" | "bits:B"
     init_from_teacher: bool = True  # the student starts from the teacher's weights
     keep_student_base: bool = False  # resize the teacher's kernel/grid into model.base_* (lossy)
-    # With keep_student_base: a base larger than the teacher's kernel also keeps the part of its fresh initialisation
-    # that no resized teacher kernel can reach (upsampled alone, a 14x14 base from a 4x4 kernel has rank <= 16).
+    # A student base larger than the teacher's kernel (keep_student_base) also keeps the part of its fresh
+    # initialisation that no resized teacher kernel can reach (upsampled alone, a 14x14 base from a 4x4 kernel has
+    # rank <= 16); where the base is the teacher's own size nothing is out of reach and nothing changes.
     full_rank_base: bool = False
 
 

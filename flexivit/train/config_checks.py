@@ -67,10 +67,6 @@ def check_config(config: Config) -> Config:
         value = getattr(getattr(config, section), name)
         if not ok(value):
             raise ConfigError(f"{key}={value!r}: must be {requirement}")
-    d = config.distill
-    if d.full_rank_base and not (d.init_from_teacher and d.keep_student_base):
-        raise ConfigError("distill.full_rank_base=true fills the student's own base: it needs distill.init_from_teacher=true "
-                          "and distill.keep_student_base=true")
     for option in registered():  # the keys options add (flexivit.model.options)
         try:
             option.check_run(config)

@@ -170,6 +170,8 @@ def beyond_reach(fresh: torch.Tensor, small_hw: tuple[int, int]) -> torch.Tensor
     reach = pi_resize(basis, fresh.shape[-2:]).reshape(h * w, -1).T  # (H*W, h*w): the resize's range
     u, s, _ = torch.linalg.svd(reach, full_matrices=False)
     q = u[:, s > s.max() * 1e-10]  # (H*W, rank): orthonormal basis of the range
+    if q.shape[1] == q.shape[0]:  # every kernel is reachable: exactly nothing to add, not rounding noise
+        return torch.zeros_like(fresh)
     flat = rearrange(fresh.double(), "d c hh ww -> (d c) (hh ww)")
     outside = flat - flat @ q @ q.T
     return rearrange(outside, "(d c) (hh ww) -> d c hh ww", d=fresh.shape[0], hh=fresh.shape[-2]).to(fresh.dtype)
@@ -181,7 +183,8 @@ def student_from_teacher(student_config: FlexiViTConfig, teacher: nn.Module, *, 
     and position grid become the student's base (or are resized into the student's base when
     ``keep_student_base``: round trips are lossy). With ``full_rank_base`` too, the resized kernel gains
     the part of the student's fresh kernel it cannot reach (``beyond_reach``): an upsampled kernel alone
-    has at most the teacher's rank. Shapes that differ are listed in the error."""
+    has at most the teacher's rank (a base of the teacher's size, or smaller, gains nothing). Shapes that
+    differ are listed in the error."""
     source = teacher if isinstance(teacher, FlexiViT) else FlexiViT.from_timm(teacher) if isinstance(teacher, VisionTransformer) else None
     if source is None:
         raise ValueError(f"the student can start only from a ViT teacher (timm VisionTransformer or FlexiViT), got {type(teacher).__name__}")
