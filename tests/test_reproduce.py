@@ -173,6 +173,28 @@ def test_smoke_reproduction_writes_all_three_files_and_resumes(tmp_path):
     other = _run("--smoke", "--steps", "31", "--out", str(out), "--results", str(results))
     assert other.returncode == 2 and "fixed-p4-seed0 was made with other settings (train.steps: " in other.stderr
 
+    # --rerun: only the named row and its teacher train again, into the report in place of their old values.
+    for gone in ("fixed-p4-seed0", "flexi-distilled-seed0"):
+        __import__("shutil").rmtree(out / gone)
+    rerun = _run("--smoke", "--rerun", "flexi-distilled", "--out", str(out), "--results", str(results))
+    assert rerun.returncode == 0, rerun.stderr[-3000:]
+    assert sorted(l.split(":")[0] for l in rerun.stdout.splitlines() if ": started, log" in l) == [
+        "fixed-p4-seed0", "flexi-distilled-seed0"]
+    merged = json.loads((results / "flexibility.json").read_text())
+    assert [r["rows"] for r in merged["reruns"]] == [["flexi-distilled"]] and merged["reruns"][0]["git"]["commit"]
+    assert list(merged["curves"]) == list(report["curves"])  # the table keeps its order
+    assert {k: v for k, v in merged["curves"].items() if k != "flexi-distilled"} == {
+        k: v for k, v in report["curves"].items() if k != "flexi-distilled"}
+    assert merged["budgets"]["flexi-distilled"]["per_seed"][0]["train_seconds"] != \
+        report["budgets"]["flexi-distilled"]["per_seed"][0]["train_seconds"]  # a new run's own record
+    assert "Rerun: flexi-distilled" in (results / "flexibility.md").read_text()
+    assert _run("--rederive", "--results", str(results)).returncode == 0  # still re-derivable from its records
+    for bad, said in ((["--steps", "31"], "--steps differ"), (["--out", str(tmp_path / "elsewhere")], "--out differ"),
+                      (["--rerun", "flexi-typo"], "not a row of the plan")):
+        args = ["--smoke", "--rerun", "flexi-distilled", "--out", str(out), "--results", str(results), *bad]
+        refused = _run(*args)
+        assert refused.returncode == 2 and said in refused.stderr, refused.stderr[-2000:]
+
     # An interim report while a run still trains: the finished ones are reported, the unfinished one is named.
     (out / "flexi-equal-flops-seed0" / "eval.json").rename(out / "flexi-equal-flops-seed0" / "eval.json.bak")
     interim = _run("--smoke", "--finished-only", "--out", str(out), "--results", str(results))
@@ -180,7 +202,9 @@ def test_smoke_reproduction_writes_all_three_files_and_resumes(tmp_path):
     assert "finished already" not in interim.stdout and ": started, log" not in interim.stdout  # nothing trained
     partial = json.loads((results / "flexibility.json").read_text())
     assert partial["unfinished"] == ["flexi-equal-flops-seed0"] and "flexi-equal-flops" not in partial["curves"]
-    assert {k: v for k, v in report["curves"].items() if k != "flexi-equal-flops"} == partial["curves"]
+    # (The rerun above retrained two runs: the same top-1 on this deterministic CPU, other wall times.)
+    assert {k: v["top1_mean"] for k, v in report["curves"].items() if k != "flexi-equal-flops"} == {
+        k: v["top1_mean"] for k, v in partial["curves"].items()}
     assert [r["labels"] for r in partial["distill_vs_labels"]] == [
         r["labels"] for r in report["distill_vs_labels"] if r["labels"] != "flexi-equal-flops"]
     assert "Interim report" in (results / "flexibility.md").read_text()
@@ -290,3 +314,26 @@ def test_rederive_rebuilds_the_committed_report(tmp_path):
     (tmp_path / "flexibility.json").write_text(json.dumps(stored))
     done = _run("--rederive", "--results", str(tmp_path))
     assert done.returncode == 1 and "budgets.fixed-p14.per_seed[2].train_gflops" in done.stdout
+
+
+def test_a_rerun_replaces_only_its_rows_and_records_itself():
+    def curve(run: str, top1: float) -> dict:
+        return {"kind": "flexi", "run": run, "budget": "images", "supervision": "labels", "resize": None,
+                "top1_mean": {"4": top1}, "top1_std": {"4": None}, "images_seen": 1.0, "train_gflops": 1.0,
+                "train_seconds": 60.0}
+
+    def budgets(*names: str, seconds: float) -> dict:
+        return {n: {"per_seed": [{"seed": 0, "train_seconds": seconds}]} for n in names}
+
+    stored = {"patch_sizes": [4], "curves": {"a": curve("a", 0.5), "b": curve("b", 0.6), "c": curve("c", 0.7)},
+              "budgets": budgets("a", "b", "c", seconds=60.0), "targets": [], "distill_vs_labels": []}
+    fresh = {"curves": {"b": curve("b", 0.9)}, "budgets": budgets("b", seconds=120.0)}
+    merged = fr.merge_rerun(stored, fresh, ["b"], {"command": "x --rerun b"}, [])
+    assert list(merged["curves"]) == ["a", "b", "c"] and merged["curves"]["b"]["top1_mean"]["4"] == 0.9
+    assert merged["curves"]["a"] == stored["curves"]["a"] and merged["budgets"]["b"]["per_seed"][0]["train_seconds"] == 120
+    assert merged["train_minutes"] == 4.0 and merged["reruns"] == [{"command": "x --rerun b", "rows": ["b"]}]
+    assert stored["curves"]["b"]["top1_mean"]["4"] == 0.6  # the stored report is not modified
+    again = fr.merge_rerun(merged, fresh, ["b"], {"command": "y"}, [])
+    assert [r["command"] for r in again["reruns"]] == ["x --rerun b", "y"]
+    with pytest.raises(ValueError, match=r"did not finish \['c'\]"):
+        fr.merge_rerun(stored, fresh, ["c"], {}, [])

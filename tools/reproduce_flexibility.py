@@ -32,6 +32,13 @@ from the command recorded in ``flexibility.json``, checks each seed's steps, ima
 against the plan, rebuilds every mean, target and comparison from the per-seed records, rewrites the
 report and exits 1 naming any value that differs.
 
+``--rerun ROW ...`` retrains only those rows (run names such as ``flexi-distilled``, every seed) and the
+teachers they distil from, into ``--out``, and puts them into the stored ``flexibility.json`` in place of
+their old values; targets and comparisons are recomputed, every other row stays as first measured, and the
+rerun's command, code revision and machine are listed under ``reruns``. It must plan as the stored report
+was planned (same seeds, sizes, steps, ``--set`` and ``--out``: the teachers' paths are part of the students'
+configs), so ``--rederive`` still applies; the rows' old run folders must be gone or moved.
+
 Resumable (``flexivit.experiments.runner``): a finished run is not trained again, an interrupted one
 continues from its last checkpoint, and evaluations are cached per run (``flexibility_eval.json``). A run
 directory made with other settings (other ``--set`` values, a recipe changed since) is refused before
@@ -53,9 +60,10 @@ import torch.nn.functional as F
 
 from flexivit.eval.evaluate import evaluate_schemes
 from flexivit.files import atomic_write_text
+from flexivit.provenance import provenance
 from flexivit.experiments.budget import ForwardCounter, GFlops
 from flexivit.experiments.flexibility import Run, comparisons, plan
-from flexivit.experiments.flexibility_report import (distill_vs_labels, planned_budget, rederive, run_record,
+from flexivit.experiments.flexibility_report import (distill_vs_labels, merge_rerun, planned_budget, rederive, run_record,
                                                      summarise, target_checks)
 from flexivit.experiments.results import maybe_results, read_results
 from flexivit.experiments.runner import RunError, Study
@@ -156,6 +164,12 @@ def write_markdown(result: dict[str, Any], path: Path) -> None:
     ]
     if result.get("records_note"):
         lines += [f"Records: {result['records_note']}", ""]
+    for rerun in result.get("reruns", []):
+        git, where = rerun["git"], rerun["machine"]
+        state = {True: "clean", False: "uncommitted changes"}.get(git["clean"], "state unknown")
+        lines += [f"Rerun: {', '.join(rerun['rows'])} (every seed, with the teachers they distil from) retrained by "
+                  f"`{rerun['command']}` at {git['commit']} ({state}) on {where['cpu']}, torch {where['torch']}; "
+                  "the other rows are as first measured.", ""]
     if result.get("unfinished"):
         lines += [f"**Interim report** (`--finished-only`): not finished yet, so absent from every table: "
                   f"{', '.join(result['unfinished'])}. A curve's mean is over its own finished seeds (column "
@@ -247,6 +261,9 @@ def parser() -> argparse.ArgumentParser:
                                                         "300 test images")
     p.add_argument("--finished-only", action="store_true",
                    help="train nothing: report the runs that have finished, name the others (an interim report)")
+    p.add_argument("--rerun", nargs="+", metavar="ROW",
+                   help="retrain only these rows (run names, e.g. flexi-distilled) and their teachers, and put them "
+                        "into --results/flexibility.json in place of their old values")
     p.add_argument("--rederive", action="store_true",
                    help="train and evaluate nothing: rebuild --results/flexibility.{json,md} from the per-run "
                         "records it holds and the plan of its recorded command; exit 1 naming what differs")
@@ -299,6 +316,61 @@ def rederive_files(results: Path, p: argparse.ArgumentParser) -> int:
     return 0
 
 
+def evaluate_all(runs: list[Run], by_dir: dict[str, Run], out: Path, sizes: list[int],
+                 gflops: GFlops) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Each run's top-1 per curve and size, and what it spent."""
+    per_run, spent = {}, {}
+    for i, run in enumerate(runs, 1):
+        print(f"[eval {i}/{len(runs)}] {run.dir_name} at patch sizes {sizes}", flush=True)
+        per_run[run.dir_name] = evaluate_run(run, out, sizes)
+        spent[run.dir_name] = run_budget(run, by_dir, out, gflops)
+    return per_run, spent
+
+
+PLAN_ARGS = ("seeds", "sizes", "small", "large", "steps", "eval_limit", "overrides", "smoke")
+
+
+def rerun_rows(args: argparse.Namespace, p: argparse.ArgumentParser, runs: list[Run], sizes: list[int],
+               gflops: GFlops, command: str) -> int:
+    """``--rerun``: train the named rows and their teachers, then merge them into the stored report."""
+    results, out = args.results.resolve(), args.out.resolve()
+    path = results / "flexibility.json"
+    if not path.exists():
+        p.error(f"--rerun replaces rows of {path}, which does not exist; point --results at its folder")
+    stored = json.loads(path.read_text())
+    recorded = p.parse_args(shlex.split(stored["command"])[2:])
+    differ = [f"--{k.replace('_', '-')}" for k in PLAN_ARGS if getattr(recorded, k) != getattr(args, k)]
+    differ += ["--out"] * (recorded.out.resolve() != out)  # the teachers' paths are in the students' configs
+    if differ:
+        p.error(f"--rerun must plan as {path.name} was planned (`{stored['command']}`); {', '.join(differ)} differ")
+    names = list(dict.fromkeys(args.rerun))
+    rows = list(dict.fromkeys(run.name for run in runs))
+    unknown = [n for n in names if n not in rows]
+    if unknown:
+        p.error(f"--rerun {' '.join(unknown)}: not a row of the plan ({', '.join(rows)})")
+    by_dir = {run.dir_name: run for run in runs}
+    chosen = [run for run in runs if run.name in names]
+    teachers = [by_dir[f"{run.teacher}-seed{run.seed}"] for run in chosen if run.teacher]
+    todo = list({run.dir_name: run for run in [*teachers, *chosen]}.values())  # teachers first, once each
+    out.mkdir(parents=True, exist_ok=True)
+    study = Study(out, jobs=args.jobs)
+    try:
+        study.check([run.spec() for run in todo])
+        study.run_all([run.spec() for run in todo])
+    except ValueError as e:  # RunError too
+        raise SystemExit(f"reproduce_flexibility: {e}") from None
+    per_run, spent = evaluate_all(chosen, by_dir, out, sizes, gflops)
+    seeds = list(dict.fromkeys(run.seed for run in runs))
+    fresh = summarise(chosen, per_run, spent, sizes, seeds)
+    merged = merge_rerun(stored, fresh, names, provenance(command=command, root=ROOT),
+                         comparisons(args.small, args.large))
+    atomic_write_text(path, json.dumps(merged, indent=2) + "\n")
+    write_markdown(merged, results / "flexibility.md")
+    write_plot(merged, results / "flexibility.png")
+    print((results / "flexibility.md").read_text())
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     p = parser()
     args = p.parse_args(argv)
@@ -306,6 +378,11 @@ def main(argv: list[str] | None = None) -> int:
     if args.rederive:
         return rederive_files(results, p)
     runs, sizes, gflops = planned_runs(args, p)
+    if args.jobs > 1:  # concurrent runs share the cores: one torch thread each unless the caller chose otherwise
+        os.environ.setdefault("OMP_NUM_THREADS", "1")
+    command = " ".join(["python tools/reproduce_flexibility.py", *(sys.argv[1:] if argv is None else argv)])
+    if args.rerun:
+        return rerun_rows(args, p, runs, sizes, gflops, command)
     seeds, out = list(dict.fromkeys(run.seed for run in runs)), args.out.resolve()  # in --seeds order
     try:  # run directories made with other settings
         study = Study(out, jobs=args.jobs)
@@ -316,8 +393,6 @@ def main(argv: list[str] | None = None) -> int:
     results.mkdir(parents=True, exist_ok=True)
 
     by_dir = {run.dir_name: run for run in runs}
-    if args.jobs > 1:  # concurrent runs share the cores: one torch thread each unless the caller chose otherwise
-        os.environ.setdefault("OMP_NUM_THREADS", "1")
     if not args.finished_only:
         try:  # a distilled run starts once its teacher has finished
             study.run_all([run.spec() for run in runs])
@@ -326,15 +401,10 @@ def main(argv: list[str] | None = None) -> int:
     finished = [run for run in runs if maybe_results(out / run.dir_name) is not None]
     if not finished:
         p.error(f"no run under {out} has finished yet; run without --finished-only to train them")
-    per_run, spent = {}, {}
-    for i, run in enumerate(finished, 1):
-        print(f"[eval {i}/{len(finished)}] {run.dir_name} at patch sizes {sizes}", flush=True)
-        per_run[run.dir_name] = evaluate_run(run, out, sizes)
-        spent[run.dir_name] = run_budget(run, by_dir, out, gflops)
+    per_run, spent = evaluate_all(finished, by_dir, out, sizes, gflops)
 
     result = summarise(finished, per_run, spent, sizes, seeds)
     flexi = next(run for run in runs if run.name == "flexi")  # the FlexiViTs' steps, from the plan
-    command = " ".join(["python tools/reproduce_flexibility.py", *(sys.argv[1:] if argv is None else argv)])
     eval_images = read_results(out / finished[0].dir_name).images("scored")
     result.update(steps=flexi.config().train.steps, eval_images=eval_images,
                   train_minutes=sum(b["train_seconds"] for b in spent.values()) / 60, command=command,

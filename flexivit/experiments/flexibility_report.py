@@ -20,7 +20,7 @@ from flexivit.experiments.budget import GFlops, images_by_patch, run_gflops
 from flexivit.experiments.flexibility import Run, comparisons
 
 __all__ = ["BASE_KEYS", "BUDGET_KEYS", "run_record", "planned_budget", "summarise", "target_checks",
-           "distill_vs_labels", "rederive", "differences"]
+           "distill_vs_labels", "merge_rerun", "rederive", "differences"]
 
 BUDGET_KEYS = ("steps", "images_seen", "train_gflops", "train_seconds")
 
@@ -139,6 +139,30 @@ def distill_vs_labels(result: dict[str, Any], pairs: list[tuple[str, str, str]])
                      "train_gflops_ratio_with_teacher": None if teacher is None
                      else (d["train_gflops"] + teacher) / lab["train_gflops"]})
     return rows
+
+
+def merge_rerun(stored: dict[str, Any], fresh: dict[str, Any], names: list[str], record: dict[str, Any],
+                pairs: list[tuple[str, str, str]]) -> dict[str, Any]:
+    """``stored`` with the rows of the run names ``names`` (their budgets and curves) taken from ``fresh``, a
+    report of those runs retrained; targets, comparisons and training minutes recomputed, and ``record``
+    (command, code revision, machine) listed under ``reruns`` with the rows it replaced. Every other row
+    stays as it was measured."""
+    missing = [n for n in names if n not in fresh["budgets"]]
+    if missing:
+        raise ValueError(f"the rerun did not finish {missing}: nothing merged")
+    result = copy.deepcopy(stored)
+    result["budgets"] = {k: fresh["budgets"][k] if k in names else v for k, v in stored["budgets"].items()}
+    result["budgets"].update({k: fresh["budgets"][k] for k in names if k not in stored["budgets"]})
+    curves = {k: v for k, v in stored["curves"].items() if v["run"] not in names}
+    order = list(stored["curves"]) + [k for k in fresh["curves"] if k not in stored["curves"]]
+    curves.update({k: v for k, v in fresh["curves"].items() if v["run"] in names})
+    result["curves"] = {k: curves[k] for k in order if k in curves}
+    rows = [r for b in result["budgets"].values() for r in b["per_seed"]]
+    result["train_minutes"] = sum(r["train_seconds"] for r in rows) / 60
+    result["targets"] = target_checks(result)
+    result["distill_vs_labels"] = distill_vs_labels(result, pairs)
+    result["reruns"] = [*stored.get("reruns", []), {**record, "rows": list(names)}]
+    return result
 
 
 def rederive(stored: dict[str, Any], runs: list[Run], gflops: GFlops, small: int,
