@@ -246,25 +246,6 @@ def test_flexivit_launch_names_a_missing_command_and_a_failed_rank_in_one_line(c
     assert capsys.readouterr().err == "flexivit launch: error: rank 0 exited with status -9: see its output above\n"
 
 
-def test_a_rank_of_several_records_its_error_then_waits_for_the_others_to_print(tmp_path, monkeypatch):
-    from flexivit.cli import errors
-
-    slept: list[float] = []
-    monkeypatch.setattr(errors.time, "sleep", slept.append)
-    record = tmp_path / "error.json"
-    monkeypatch.setenv("TORCHELASTIC_ERROR_FILE", str(record))
-    monkeypatch.setenv("WORLD_SIZE", "1")
-    errors.record_for_launcher("flexivit train: error: x")
-    assert json.loads(record.read_text())["message"]["message"] == "flexivit train: error: x" and slept == []
-    monkeypatch.setenv("WORLD_SIZE", "2")  # the launcher stops the other ranks once this one exits
-    errors.record_for_launcher("flexivit train: error: y")
-    assert json.loads(record.read_text())["message"]["message"] == "flexivit train: error: y"
-    assert slept == [errors.LAUNCHER_GRACE_S] and errors.LAUNCHER_GRACE_S >= 1
-    monkeypatch.delenv("TORCHELASTIC_ERROR_FILE")  # no launcher: nothing written, no wait
-    errors.record_for_launcher("flexivit train: error: z")
-    assert slept == [errors.LAUNCHER_GRACE_S]
-
-
 # ---- export ------------------------------------------------------------------------------------------
 def test_export_into_a_run_folder_is_refused_unless_overwrite(trained, tmp_path, capsys):
     run = tmp_path / "run"
