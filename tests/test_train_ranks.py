@@ -27,6 +27,11 @@ def _printed(result: subprocess.CompletedProcess, text: str) -> int:
     return sum(text in line for line in printed)
 
 
+def _reported(result: subprocess.CompletedProcess, text: str) -> int:
+    """How many ranks the launcher's report names with the error line holding ``text`` (their error files)."""
+    return sum(text in line for line in re.findall(r"traceback : flexivit train: error: [^\n]*", result.stderr))
+
+
 def _cli_on_two_ranks(*args: str) -> tuple[subprocess.CompletedProcess, float]:
     start = time.perf_counter()
     result = _launch("-m", "flexivit", *args)
@@ -68,7 +73,11 @@ def test_resume_with_a_changed_config_stops_both_ranks_naming_the_field(tmp_path
     changed, seconds = _cli_on_two_ranks("train", "fashion_mnist:smoke", "--out", str(out), "--resume",
                                          *_sets(TINY + ["train.token_budget=1568"]))
     assert changed.returncode != 0
-    assert _printed(changed, "train.token_budget: 0 -> 1568") == 2, changed.stderr[-3000:]
+    # Both ranks stop with the line: each records it for the launcher's report. The printed lines: in 3 of about 12
+    # runs on the development machine (and at the last landed revision too) one rank's printed line did not reach
+    # the launcher's stderr after torchrun stopped that rank; the cause is not found (docs/safety.md).
+    assert _reported(changed, "train.token_budget: 0 -> 1568") == 2, changed.stderr[-3000:]
+    assert _printed(changed, "train.token_budget: 0 -> 1568") >= 1, changed.stderr[-3000:]
     assert seconds < 120
     longer, _ = _cli_on_two_ranks("train", "fashion_mnist:smoke", "--out", str(out), "--resume", *_sets(TINY))
     assert longer.returncode == 0, longer.stderr[-3000:]  # more steps and another cadence are allowed
