@@ -293,14 +293,30 @@ def planned_runs(args: argparse.Namespace, p: argparse.ArgumentParser) -> tuple[
         p.error(str(e))
 
 
+def stored_report(results: Path, p: argparse.ArgumentParser,
+                  missing: str) -> tuple[Path, dict[str, Any], argparse.Namespace]:
+    """``results/flexibility.json``, what it holds and the arguments of the command recorded in it;
+    ``missing`` (with ``{path}``) is the error when there is none."""
+    path = results / "flexibility.json"
+    if not path.exists():
+        p.error(missing.format(path=path))
+    stored = json.loads(path.read_text())
+    return path, stored, p.parse_args(shlex.split(stored["command"])[2:])  # "python tools/reproduce_flexibility.py ARGS"
+
+
+def write_report(result: dict[str, Any], results: Path) -> None:
+    """``flexibility.{json,md,png}`` under ``results``; the markdown is printed too."""
+    atomic_write_text(results / "flexibility.json", json.dumps(result, indent=2) + "\n")
+    write_markdown(result, results / "flexibility.md")
+    write_plot(result, results / "flexibility.png")
+    print((results / "flexibility.md").read_text())
+
+
 def rederive_files(results: Path, p: argparse.ArgumentParser) -> int:
     """``--rederive``: check ``results/flexibility.json`` against its own records, then rewrite it and its
     markdown (the records the plan adds included); nothing is written when a value differs."""
-    path = results / "flexibility.json"
-    if not path.exists():
-        p.error(f"{path} does not exist; point --results at the folder holding flexibility.json")
-    stored = json.loads(path.read_text())
-    recorded = p.parse_args(shlex.split(stored["command"])[2:])  # "python tools/reproduce_flexibility.py ARGS"
+    path, stored, recorded = stored_report(
+        results, p, "{path} does not exist; point --results at the folder holding flexibility.json")
     runs, _, gflops = planned_runs(recorded, p)
     try:
         result, diffs = rederive(stored, runs, gflops, recorded.small, recorded.large)
@@ -334,11 +350,8 @@ def rerun_rows(args: argparse.Namespace, p: argparse.ArgumentParser, runs: list[
                gflops: GFlops, command: str) -> int:
     """``--rerun``: train the named rows and their teachers, then merge them into the stored report."""
     results, out = args.results.resolve(), args.out.resolve()
-    path = results / "flexibility.json"
-    if not path.exists():
-        p.error(f"--rerun replaces rows of {path}, which does not exist; point --results at its folder")
-    stored = json.loads(path.read_text())
-    recorded = p.parse_args(shlex.split(stored["command"])[2:])
+    path, stored, recorded = stored_report(
+        results, p, "--rerun replaces rows of {path}, which does not exist; point --results at its folder")
     differ = [f"--{k.replace('_', '-')}" for k in PLAN_ARGS if getattr(recorded, k) != getattr(args, k)]
     differ += ["--out"] * (recorded.out.resolve() != out)  # the teachers' paths are in the students' configs
     if differ:
@@ -364,10 +377,7 @@ def rerun_rows(args: argparse.Namespace, p: argparse.ArgumentParser, runs: list[
     fresh = summarise(chosen, per_run, spent, sizes, seeds)
     merged = merge_rerun(stored, fresh, names, provenance(command=command, root=ROOT),
                          comparisons(args.small, args.large))
-    atomic_write_text(path, json.dumps(merged, indent=2) + "\n")
-    write_markdown(merged, results / "flexibility.md")
-    write_plot(merged, results / "flexibility.png")
-    print((results / "flexibility.md").read_text())
+    write_report(merged, results)
     return 0
 
 
@@ -411,10 +421,7 @@ def main(argv: list[str] | None = None) -> int:
                   unfinished=[run.dir_name for run in runs if run not in finished])
     result["targets"] = target_checks(result)
     result["distill_vs_labels"] = distill_vs_labels(result, comparisons(args.small, args.large))
-    atomic_write_text(results / "flexibility.json", json.dumps(result, indent=2) + "\n")
-    write_markdown(result, results / "flexibility.md")
-    write_plot(result, results / "flexibility.png")
-    print((results / "flexibility.md").read_text())
+    write_report(result, results)
     return 0
 
 

@@ -189,6 +189,7 @@ def student_from_teacher(student_config: FlexiViTConfig, teacher: nn.Module, *, 
     if source is None:
         raise ValueError(f"the student can start only from a ViT teacher (timm VisionTransformer or FlexiViT), got {type(teacher).__name__}")
     state = source.state_dict()
+    teacher_hw = tuple(state["patch_embed.weight"].shape[-2:])  # the teacher's own kernel, before any resize
     fields = student_config.to_dict()
     if keep_student_base:
         with torch.no_grad():
@@ -200,10 +201,9 @@ def student_from_teacher(student_config: FlexiViTConfig, teacher: nn.Module, *, 
     student = FlexiViT(FlexiViTConfig.from_dict(fields))
     own = student.state_dict()
     if full_rank_base:
-        teacher_kernel = source.state_dict()["patch_embed.weight"]
         with torch.no_grad():
-            state["patch_embed.weight"] = state["patch_embed.weight"] + beyond_reach(
-                own["patch_embed.weight"], tuple(teacher_kernel.shape[-2:]))
+            state["patch_embed.weight"] = state["patch_embed.weight"] + beyond_reach(own["patch_embed.weight"],
+                                                                                     teacher_hw)
     problems = [f"{k}: teacher {tuple(state[k].shape)} vs student {tuple(v.shape)}"
                 for k, v in own.items() if k in state and state[k].shape != v.shape]
     problems += [f"{k}: not in the teacher" for k in own if k not in state]
