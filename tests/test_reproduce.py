@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 
 from flexivit.experiments import budget
+from flexivit.experiments import flexibility_files as files
 from flexivit.experiments.flexibility import plan
 from flexivit.experiments.runner import RECORD, RunError, Study
 
@@ -222,7 +223,7 @@ def test_one_seed_reports_no_spread_and_several_seeds_their_sample_std(tmp_path)
     assert one["top1_mean"]["4"] == 0.5 and one["top1_std"]["4"] is None and one["seeds"] == [0]
     assert two["top1_mean"]["4"] == pytest.approx(0.6) and two["top1_std"]["4"] == pytest.approx(0.02 ** 0.5)
     assert two["seeds"] == [0, 1]
-    assert fr._pm(0.5, None) == "50.0" and fr._pm(0.6, 0.1414) == "60.0 ± 14.1"
+    assert files._pm(0.5, None) == "50.0" and files._pm(0.6, 0.1414) == "60.0 ± 14.1"
 
 
 def _report(tmp_path, seeds=(0, 1)):
@@ -309,6 +310,7 @@ def test_rederive_rebuilds_the_committed_report(tmp_path):
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
     assert json.loads((tmp_path / "flexibility.json").read_text()) == json.loads(source.read_text())
     assert (tmp_path / "flexibility.md").read_text() == (ROOT / "docs" / "results" / "flexibility.md").read_text()
+    assert (tmp_path / "flexibility.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"  # the plot is redrawn too
     stored = json.loads(source.read_text())
     stored["budgets"]["fixed-p14"]["per_seed"][2]["train_gflops"] *= 1.01
     (tmp_path / "flexibility.json").write_text(json.dumps(stored))
