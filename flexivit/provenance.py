@@ -72,27 +72,33 @@ def provenance_markdown(record: dict[str, Any], *, seeds: Sequence[int], split: 
     git, m = record["git"], record["machine"]
     state = {True: "clean", False: "uncommitted changes", None: "unknown"}[git["clean"]]
     device = m["gpu"] or f"CPU only: {m['cpu']}, {m['logical_cpus']} logical CPUs, {m['torch_threads']} torch threads"
+    trained = record.get("trained_at")
     return "\n".join([
         f"- command: `{record['command']}`",
         f"- code: {git['commit'] or 'not a git checkout'} ({state})",
+        *(["- runs trained at: " + "; ".join(f"{code} ({len(runs)} runs)" for code, runs in trained.items())]
+          if trained else []),
         f"- machine: {device}; torch {m['torch']}, Python {m['python']}",
         f"- seeds: {', '.join(map(str, seeds)) or 'none'}; split: {split}",
     ])
 
 
 def write_result(stem: str | Path, payload: dict[str, Any], markdown: str, *,
-                 command: Sequence[str] | str | None = None, root: str | Path | None = None) -> tuple[Path, Path]:
+                 command: Sequence[str] | str | None = None, root: str | Path | None = None,
+                 trained_at: dict[str, list[str]] | None = None) -> tuple[Path, Path]:
     """Write ``stem.json`` (``payload`` + ``provenance``) and ``stem.md`` (``markdown`` + how it was made).
 
     ``payload`` must say which ``seeds`` and which ``split`` its numbers come from (an empty list of seeds
     for a measurement without randomness); per-seed values belong in it, not only their means.
+    ``trained_at`` (a study's ``Study.trained_at``: code revision -> the runs it trained) goes into the
+    provenance beside the revision that wrote the file, which may be a later one (a report of finished runs).
     """
     missing = [k for k in REQUIRED if k not in payload]
     if missing:
         raise ValueError(f"a result payload must state {', '.join(missing)}; add them before writing {stem}")
     stem = Path(stem)
     stem.parent.mkdir(parents=True, exist_ok=True)
-    record = provenance(command=command, root=root)
+    record = {**provenance(command=command, root=root), **({"trained_at": trained_at} if trained_at else {})}
     data = {**payload, "provenance": record}
     json_path, md_path = stem.with_suffix(".json"), stem.with_suffix(".md")
     atomic_write_text(json_path, json.dumps(data, indent=2, default=str) + "\n")

@@ -43,3 +43,5 @@ def test_two_learning_rates_give_curves_and_a_drift_that_grows_with_the_rate(tmp
         if a["rel_change"] is not None and a["group"] != "head":
             assert b["rel_change"] > a["rel_change"] > 0, a["group"]
     assert "Parameter drift" in (tmp_path / "r.md").read_text()
+    (trained,) = payload["provenance"]["trained_at"].values()  # both runs, trained by this checkout's code
+    assert trained == ["ft-p14-scale0.1", "ft-p14-scale1"] and "runs trained at:" in (tmp_path / "r.md").read_text()

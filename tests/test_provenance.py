@@ -20,6 +20,15 @@ def test_write_result_records_provenance(tmp_path):
     assert text.startswith("# A result") and "seeds: 0, 1, 2; split: val" in text and "`tool --x 'a b'`" in text
 
 
+def test_write_result_names_the_revisions_that_trained_the_runs(tmp_path):
+    trained = {"1111111": ["a/seed0", "a/seed1"], "2222222+uncommitted": ["b/seed0"]}
+    js, md = write_result(tmp_path / "r", {"seeds": [0], "split": "val"}, "# x\n", trained_at=trained)
+    assert json.loads(js.read_text())["provenance"]["trained_at"] == trained
+    assert "- runs trained at: 1111111 (2 runs); 2222222+uncommitted (1 runs)" in md.read_text()
+    js, md = write_result(tmp_path / "s", {"seeds": [0], "split": "val"}, "# x\n")
+    assert "trained_at" not in json.loads(js.read_text())["provenance"] and "trained at" not in md.read_text()
+
+
 def test_write_result_refuses_a_payload_without_seeds_or_split(tmp_path):
     with pytest.raises(ValueError, match="seeds, split"):
         write_result(tmp_path / "r", {"values": {}}, "# x")

@@ -3,6 +3,7 @@ other settings refused naming the change, a failure is one line naming the run a
 stand-in for the flexivit CLI (tests/scripts/fake_flexivit.py), then (slow) with real tiny training runs."""
 
 import json
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -139,6 +140,40 @@ def test_a_folder_made_before_the_runner_is_skipped_when_finished_and_resumed_ot
     study.run_all([_spec("old")])
     assert calls() == [] and "old: finished already, skipped (made before the runner kept records: settings not " \
                              "checked)" in lines
+
+
+def test_each_run_records_the_code_revisions_that_trained_it(tmp_path, calls, monkeypatch):
+    from flexivit.experiments import runner
+    from flexivit.provenance import git_revision
+
+    here = git_revision(runner.Study._root())
+    study = _study(tmp_path)
+    study.run_all([_spec("a")])
+    record = json.loads((tmp_path / "study" / "a" / RECORD).read_text())
+    assert record["code"] == [here] and read_jsonl(tmp_path / "study" / RUNS_LOG)[-1]["code"] == here
+    label = here["commit"][:7] + ("+uncommitted" if here["clean"] is False else "") if here["commit"] else "not recorded"
+    assert study.trained_at([_spec("a")]) == {label: ["a"]}
+
+    # b is interrupted at one revision and resumed at another: both trained it, in that order
+    revisions = iter([{"commit": "1" * 40, "clean": True}, {"commit": "2" * 40, "clean": False}])
+    monkeypatch.setattr(runner, "git_revision", lambda root: next(revisions))
+    monkeypatch.setenv("FAKE_INTERRUPT", "b")
+    with pytest.raises(RunError):
+        study.run_all([_spec("b")])
+    monkeypatch.delenv("FAKE_INTERRUPT")
+    study.run_all([_spec("b")])
+    assert [c["commit"][0] for c in json.loads((tmp_path / "study" / "b" / RECORD).read_text())["code"]] == ["1", "2"]
+    old = tmp_path / "study" / "old"  # a finished folder from before the runner kept records
+    old.mkdir()
+    assert study.trained_at([_spec("a"), _spec("b"), _spec("old")]) == {
+        label: ["a"], "1111111": ["b"], "2222222+uncommitted": ["b"], "not recorded": ["old"]}
+
+    # a fresh start in the same folder (no checkpoints left) begins a new list
+    monkeypatch.setattr(runner, "git_revision", lambda root: {"commit": "3" * 40, "clean": True})
+    (tmp_path / "study" / "b" / "model.safetensors").unlink()
+    shutil.rmtree(tmp_path / "study" / "b" / "state")
+    study.run_all([_spec("b")])
+    assert study.trained_at([_spec("b")]) == {"3333333": ["b"]}
 
 
 @pytest.mark.parametrize("kw,message", [

@@ -78,7 +78,8 @@ def main(argv: list[str] | None = None) -> None:
         specs.append(run_spec(f"ft-p{args.patch_size}-scale{scale:g}", sets, recipe=RECIPE,
                               init=str(args.pretrained), args=["--patch-size", str(args.patch_size)]))
         lrs.append(fixed_size(load_recipe(RECIPE, sets), args.patch_size).optim.lr)
-    Study(args.out, jobs=1).run_all(specs)
+    study = Study(args.out, jobs=1)
+    study.run_all(specs)
     runs = [{"run": str(args.out / s.name), "scale": scale, "lr": lr,
              "val_by_step": eval_by_step(args.out / s.name),
              "drift": parameter_drift(args.pretrained, args.out / s.name)}
@@ -86,7 +87,7 @@ def main(argv: list[str] | None = None) -> None:
     payload = {"pretrained": str(args.pretrained), "task": "MNIST-5k digits" if args.mnist5k else "tops",
                "patch_size": args.patch_size, "steps": args.steps, "eval_every": args.eval_every,
                "seeds": [0], "split": "val", "runs": runs}
-    files = write_result(args.results, payload, markdown(payload))
+    files = write_result(args.results, payload, markdown(payload), trained_at=study.trained_at(specs))
     print(f"wrote {', '.join(map(str, files))}")
 
 

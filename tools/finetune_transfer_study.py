@@ -225,7 +225,8 @@ def main(argv: list[str] | None = None) -> None:
             specs += [run_spec(f"{task}/{arm}/seed{seed}", sets, recipe=RECIPE, init=str(run.resolve()),
                                args=["--patch-size", str(p)] if p else [])
                       for arm, (sets, p) in arms.items() if not args.arms or arm in args.arms]
-    Study(args.out, jobs=args.jobs).run_all(specs)
+    study = Study(args.out, jobs=args.jobs)
+    study.run_all(specs)
     if args.arms or args.results is None:
         return
     payload: dict[str, Any] = {
@@ -261,7 +262,7 @@ def main(argv: list[str] | None = None) -> None:
         picked = {a: r for a, r in t["rows"].items() if not a.startswith(KEPT)}
         picked |= {family: t["rows"][scaled(family, scale, args.keep_scales)] for family, scale in chosen.items()}
         t["targets"] = targets(picked, args.keep_at, sizes)
-    files = write_result(args.results, payload, markdown(payload))
+    files = write_result(args.results, payload, markdown(payload), trained_at=study.trained_at(specs))
     print(f"wrote {', '.join(map(str, files))}")
 
 

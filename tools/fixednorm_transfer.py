@@ -217,7 +217,11 @@ def main() -> None:
         except (RunError, SearchError) as err:
             parser.exit(1, f"{parser.prog}: error: {err}\n")
     result = collect(args)
-    json_path, md_path = write_result(args.results, result, markdown(result))
+    try:  # the winners' runs (each search's trials keep theirs in their own folders)
+        trained = Study(args.out).trained_at(winner_specs(args))
+    except SearchError:  # no search has finished: no winner ran
+        trained = None
+    json_path, md_path = write_result(args.results, result, markdown(result), trained_at=trained)
     print(f"wrote {json_path} and {md_path}")
 
 

@@ -8,7 +8,9 @@ time, and treats every run the same way:
   (``done``: the model and ``eval.json`` of a training run) and the settings it recorded equal the ones it
   would be run with now. The runner records them in ``study_run.json`` in the run folder when it starts
   the command: the command, its checkpoint inputs, its other arguments and the run config the recipe and
-  ``--set`` values resolve to (so a recipe whose defaults moved since counts as a change too).
+  ``--set`` values resolve to (so a recipe whose defaults moved since counts as a change too), and the code
+  revision of every attempt that trained the folder (``code``; ``Study.trained_at`` reads them back, so a
+  result written later names the code its runs were trained with).
 - **interrupted → resumed.** A run folder with checkpoints (``state/step_N``) is continued with ``--resume``.
 - **made with other settings → refused**, before anything runs, in one line naming every changed field
   (``train.steps: 5 there, 6 now``). Fields that change how a run logs or checkpoints, not what it
@@ -45,6 +47,7 @@ from typing import Any, Callable, Sequence
 import flexivit
 from flexivit.experiments.results import read_jsonl
 from flexivit.files import atomic_write_text
+from flexivit.provenance import git_revision
 from flexivit.train.config import Config, ConfigError, config_from_dict, flat_keys, load_recipe
 from flexivit.train.state import find_states
 
@@ -185,6 +188,19 @@ class Study:
         """Every run's ``status``, refusing (``RunError``) a folder made with other settings before any runs."""
         return {spec.name: self.status(spec) for spec in specs}
 
+    def trained_at(self, specs: Sequence[RunSpec]) -> dict[str, list[str]]:
+        """The code revisions that trained the runs of ``specs``, each with the runs it trained: ``"abc1234"``,
+        ``"abc1234+uncommitted"`` (a tree with uncommitted changes) or ``"not recorded"`` (a folder made before
+        the runner recorded revisions, or outside a git checkout). A run resumed at another revision is
+        listed under both."""
+        found: dict[str, list[str]] = {}
+        for spec in specs:
+            record = self.run_dir(spec) / RECORD
+            codes = json.loads(record.read_text()).get("code") if record.is_file() else None
+            for label in [_label(c) for c in codes] if codes else ["not recorded"]:
+                found.setdefault(label, []).append(spec.name)
+        return found
+
     def attempts(self, name: str) -> list[dict[str, Any]]:
         """The lines of ``runs.jsonl`` about run ``name``, oldest first."""
         return [r for r in read_jsonl(self.folder / RUNS_LOG) if r["run"] == name]
@@ -246,7 +262,9 @@ class Study:
         run, log = self.run_dir(spec), self.log_file(spec)
         run.mkdir(parents=True, exist_ok=True)
         log.parent.mkdir(parents=True, exist_ok=True)
-        atomic_write_text(run / RECORD, json.dumps(self.record(spec), indent=2) + "\n")
+        revision = git_revision(self._root())
+        atomic_write_text(run / RECORD, json.dumps({**self.record(spec), "code": self._codes(run, resume, revision)},
+                                                   indent=2) + "\n")
         command = self.command(spec, resume=resume)
         self.say(f"{spec.name}: {'resuming' if resume else 'started'}, log {log}")
         try:
@@ -265,21 +283,40 @@ class Study:
         outcome = Outcome(name=spec.name, status="failed" if error else "finished", log=log, exit_code=code,
                           wall_s=wall, cpu_s=cpu, error=error)
         self.say(error or f"{spec.name}: finished in {wall / 60:.1f} min")
-        self._log(outcome, command)
+        self._log(outcome, command, revision)
         return outcome
 
+    @staticmethod
+    def _root() -> Path:
+        """The folder holding the ``flexivit`` this process imports, which the runs import too."""
+        return Path(flexivit.__file__).resolve().parent.parent
+
+    @staticmethod
+    def _codes(run: Path, resume: bool, revision: dict[str, Any]) -> list[dict[str, Any]]:
+        """The revisions that trained ``run`` so far, with ``revision`` added: a resume adds to the folder's
+        list; a fresh start begins a new one."""
+        before = json.loads((run / RECORD).read_text()).get("code", []) if resume and (run / RECORD).is_file() else []
+        return before if revision in before else [*before, revision]
+
     def _env(self) -> dict[str, str]:
-        root = str(Path(flexivit.__file__).resolve().parent.parent)
-        path = os.pathsep.join(p for p in (root, os.environ.get("PYTHONPATH")) if p)
+        path = os.pathsep.join(p for p in (str(self._root()), os.environ.get("PYTHONPATH")) if p)
         return {**os.environ, "PYTHONPATH": path, "PYTHONUNBUFFERED": "1"}
 
-    def _log(self, outcome: Outcome, command: list[str] | None) -> None:
+    def _log(self, outcome: Outcome, command: list[str] | None, revision: dict[str, Any] | None = None) -> None:
         line = {"time": datetime.now().isoformat(timespec="seconds"), "run": outcome.name, "status": outcome.status,
                 "command": command, "exit": outcome.exit_code, "log": str(outcome.log), "wall_s": outcome.wall_s,
-                "cpu_s": outcome.cpu_s, **({"error": outcome.error} if outcome.error else {})}
+                "cpu_s": outcome.cpu_s, **({"code": revision} if revision else {}),
+                **({"error": outcome.error} if outcome.error else {})}
         self.folder.mkdir(parents=True, exist_ok=True)
         with self._log_lock, open(self.folder / RUNS_LOG, "a") as f:
             f.write(json.dumps(line) + "\n")  # one whole line per write
+
+
+def _label(code: dict[str, Any]) -> str:
+    """``abc1234``, ``abc1234+uncommitted`` or ``not recorded`` for a ``git_revision`` record."""
+    if not code.get("commit"):
+        return "not recorded"
+    return code["commit"][:7] + ("+uncommitted" if code.get("clean") is False else "")
 
 
 def _call(command: list[str], log: Path, env: dict[str, str]) -> tuple[int, float, float]:
