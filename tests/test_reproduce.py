@@ -183,6 +183,7 @@ def test_smoke_reproduction_writes_all_three_files_and_resumes(tmp_path):
         "fixed-p4-seed0", "flexi-distilled-seed0"]
     merged = json.loads((results / "flexibility.json").read_text())
     assert [r["rows"] for r in merged["reruns"]] == [["flexi-distilled"]] and merged["reruns"][0]["git"]["commit"]
+    assert sorted(*merged["reruns"][0]["trained_at"].values()) == ["fixed-p4-seed0", "flexi-distilled-seed0"]
     assert list(merged["curves"]) == list(report["curves"])  # the table keeps its order
     assert {k: v for k, v in merged["curves"].items() if k != "flexi-distilled"} == {
         k: v for k, v in report["curves"].items() if k != "flexi-distilled"}

@@ -259,7 +259,8 @@ def rerun_rows(args: argparse.Namespace, p: argparse.ArgumentParser, runs: list[
     per_run, spent = evaluate_all(chosen, by_dir, out, sizes, gflops)
     seeds = list(dict.fromkeys(run.seed for run in runs))
     fresh = summarise(chosen, per_run, spent, sizes, seeds)
-    merged = merge_rerun(stored, fresh, names, provenance(command=command, root=ROOT),
+    record = {**provenance(command=command, root=ROOT), "trained_at": study.trained_at([run.spec() for run in todo])}
+    merged = merge_rerun(stored, fresh, names, record,
                          comparisons(args.small, args.large))
     write_report(merged, results)
     print((results / "flexibility.md").read_text())
