@@ -61,7 +61,10 @@ def test_existing_checkpoints_stop_both_ranks_with_the_message(tmp_path):
     assert first.returncode == 0, first.stderr[-3000:]
     again, seconds = _cli_on_two_ranks("train", "fashion_mnist:smoke", "--out", str(out), *_sets(TINY))
     assert again.returncode != 0
-    assert _printed(again, "already holds checkpoints; pass --resume") == 2, again.stderr[-3000:]  # each rank
+    # Each rank stops with the line and records it for the launcher's report; a printed line can go missing
+    # (the flake of the next test, docs/safety.md).
+    assert _reported(again, "already holds checkpoints; pass --resume") == 2, again.stderr[-3000:]
+    assert _printed(again, "already holds checkpoints; pass --resume") >= 1, again.stderr[-3000:]
     assert seconds < 120
 
 
