@@ -56,7 +56,8 @@ def report_markdown(result: dict[str, Any]) -> str:
         state = {True: "clean", False: "uncommitted changes"}.get(git["clean"], "state unknown")
         lines += [f"Rerun: {', '.join(rerun['rows'])} (every seed, with the teachers they distil from) retrained by "
                   f"`{rerun['command']}` at {git['commit']} ({state}) on {where['cpu']}, torch {where['torch']}; "
-                  "the other rows are as first measured.", ""]
+                  "the other rows are as first measured. The rerun rows' training minutes come from that machine and the "
+                  "other rows' from the first, so minutes and time × are not comparable between the two.", ""]
     if result.get("unfinished"):
         lines += [f"**Interim report** (`--finished-only`): not finished yet, so absent from every table: "
                   f"{', '.join(result['unfinished'])}. A curve's mean is over its own finished seeds (column "
