@@ -246,6 +246,25 @@ def test_flexivit_launch_names_a_missing_command_and_a_failed_rank_in_one_line(c
     assert capsys.readouterr().err == "flexivit launch: error: rank 0 exited with status -9: see its output above\n"
 
 
+def test_a_ranks_error_line_goes_out_in_one_write(monkeypatch):
+    """Ranks under a launcher share one stderr: a line written as text, then newline, ran into another rank's."""
+    from flexivit.cli.errors import print_line
+
+    writes: list[str] = []
+
+    class Stderr:
+        def write(self, text: str) -> int:
+            writes.append(text)
+            return len(text)
+
+        def flush(self) -> None:
+            writes.append("<flush>")
+
+    monkeypatch.setattr(sys, "stderr", Stderr())
+    print_line("flexivit train: error: x")
+    assert writes == ["flexivit train: error: x\n", "<flush>"]
+
+
 # ---- export ------------------------------------------------------------------------------------------
 def test_export_into_a_run_folder_is_refused_unless_overwrite(trained, tmp_path, capsys):
     run = tmp_path / "run"

@@ -4,7 +4,8 @@
   whole worker traceback as its message ("Caught X in DataLoader worker process 0. Original Traceback
   ..."); ``one_line`` gives back the worker's own message, the last line of that text.
 - Under ``accelerate launch`` / ``torchrun`` every rank prints the line and exits 2, and the launcher then
-  reports the failed ranks itself. ``record_for_launcher`` writes the line where the launcher looks for a
+  reports the failed ranks itself. The ranks share one stderr, so ``print_line`` writes each line whole:
+  ``print`` writes the text and its newline separately, and two ranks' lines then ran together as one. ``record_for_launcher`` writes the line where the launcher looks for a
   rank's error (``TORCHELASTIC_ERROR_FILE``), so its report names the cause instead of a documentation
   link. The launcher's own exit status (1) and its report are its own: a rank cannot change them.
 """
@@ -14,9 +15,10 @@ from __future__ import annotations
 import json
 import os
 import re
+import sys
 import time
 
-__all__ = ["one_line", "record_for_launcher"]
+__all__ = ["one_line", "print_line", "record_for_launcher"]
 
 _WORKER_TRACEBACK = "\nOriginal Traceback (most recent call last):"
 _QUALIFIED_NAME = re.compile(r"^[\w.]+: ")  # "flexivit.transforms.CorruptImageError: " before the message
@@ -29,6 +31,15 @@ def one_line(err: BaseException) -> str:
         return text
     last = [line for line in text.splitlines() if line.strip()][-1].strip()
     return _QUALIFIED_NAME.sub("", last, count=1)
+
+
+def print_line(message: str) -> None:
+    """``message`` and its newline on stderr in one write. ``print`` makes two writes, and with stderr
+    unbuffered (``PYTHONUNBUFFERED``, as under the study runner) each is its own system call: ranks erring
+    at once then wrote ``line0line1\n\n``. One write of a line under ``PIPE_BUF`` (4096 bytes) is never
+    interleaved with another process's."""
+    sys.stderr.write(message + "\n")
+    sys.stderr.flush()
 
 
 def record_for_launcher(message: str) -> None:

@@ -29,7 +29,7 @@ from pathlib import Path
 from typing import Any
 
 from flexivit.cli.args import add_run_args, build_parser, option_commands, recipe_help
-from flexivit.cli.errors import one_line, record_for_launcher
+from flexivit.cli.errors import one_line, print_line, record_for_launcher
 from flexivit.outdir import check_folder_target
 
 __all__ = ["main"]
@@ -273,7 +273,7 @@ def main(argv: list[str] | None = None) -> int:
             _driver(args.command).run(args, cli)
     except _user_errors(args.command) as err:
         message = f"flexivit {args.command}: error: {one_line(err)}"
-        print(message, file=sys.stderr)
+        print_line(message)
         record_for_launcher(message)
         return 2
     return 0
