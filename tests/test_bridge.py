@@ -9,8 +9,8 @@ from torch import nn
 
 from flexivit.ext.lutq import make_lutq
 from flexivit import FlexiViT, FlexiViTConfig, PatchScheme
-from flexivit.ext.bridge import (Bridge, block_origins, bridge_fallback, derived_state_dict, fit_bridge, insert_bridges,
-                             record_segment)
+from flexivit.ext.bridge import Bridge, block_origins, bridge_fallback, derived_state_dict
+from flexivit.ext.bridge_fit import fit_bridge, insert_bridges, record_segment
 from flexivit.model.weights import load_model, save_model
 from flexivit.cli.main import main
 from flexivit.eval.evaluate import evaluate_schemes

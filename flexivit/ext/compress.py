@@ -19,7 +19,8 @@ from typing import Any
 import torch
 from torch.utils.data import DataLoader
 
-from flexivit.ext.bridge import BRIDGE_INITS, insert_bridges, parse_spans
+from flexivit.ext.bridge import parse_spans
+from flexivit.ext.bridge_fit import BRIDGE_INITS, insert_bridges
 from flexivit.train.builders import load_splits, preprocess_meta, schemes_of
 from flexivit.model.weights import MODEL_FILE, CheckpointError, atomic_write_text, load_model, read_model_meta
 from flexivit.ext.bridge import CompressConfig
