@@ -165,7 +165,7 @@ def test_each_run_records_the_code_revisions_that_trained_it(tmp_path, calls, mo
     assert [c["commit"][0] for c in json.loads((tmp_path / "study" / "b" / RECORD).read_text())["code"]] == ["1", "2"]
     old = tmp_path / "study" / "old"  # a finished folder from before the runner kept records
     old.mkdir()
-    assert study.trained_at([_spec("a"), _spec("b"), _spec("old")]) == {
+    assert study.trained_at([_spec("a"), _spec("b"), _spec("old"), _spec("never")]) == {
         label: ["a"], "1111111": ["b"], "2222222+uncommitted": ["b"], "not recorded": ["old"]}
 
     # a fresh start in the same folder (no checkpoints left) begins a new list

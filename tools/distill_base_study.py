@@ -83,17 +83,16 @@ def main() -> None:
     args = study_args(__doc__, ROOT / "runs" / "distill_base")
     seeds = args.seeds
     out = args.out.resolve()  # absolute: the teacher's path goes into the students' configs
-    study = Study(out, jobs=args.jobs)
+    study, runs = Study(out, jobs=args.jobs), specs(out, seeds)
     if not args.report_only:
-        study.run_all(specs(out, seeds))
+        study.run_all(runs)
     arms = arms_over_seeds(out, list(ARMS), seeds)
     teachers = arms_over_seeds(out, ["teacher"], seeds)["teacher"]
     rule = verdict(arms, seeds)
     write_result(ROOT / "docs" / "results" / "distill_base",
                  {"seeds": seeds, "split": "val (decides), test (reported)", "teacher_recipe": TEACHER,
                   "teachers": teachers, "student_recipe": STUDENT, "arms": arms, "rule": rule},
-                 markdown(arms, teachers, seeds, rule), command=" ".join(sys.argv),
-                 trained_at=study.trained_at(specs(out, seeds)))
+                 markdown(arms, teachers, seeds, rule), command=" ".join(sys.argv), trained_at=study.trained_at(runs))
 
 
 if __name__ == "__main__":

@@ -258,8 +258,8 @@ def main(argv: list[str] | None = None) -> None:
             extra = ["--patch-size", str(args.patch_size)] if cand.fixed else []
             plan.append((cand, scale, run_spec(name, sets, recipe=RECIPE, init=str(args.pretrained), args=extra),
                          resolved(sets, cand, args.patch_size)))
-    study = Study(args.out, jobs=args.jobs)
-    study.run_all([spec for _, _, spec, _ in plan])
+    study, runs = Study(args.out, jobs=args.jobs), [spec for _, _, spec, _ in plan]
+    study.run_all(runs)
     model, _ = load_model(args.out / plan[0][2].name)
     size = plan[0][3].data.image_size
     x = torch.zeros(1, model.config.in_chans, size, size)  # (1, C, H, W): FLOPs do not depend on values
@@ -288,8 +288,7 @@ def main(argv: list[str] | None = None) -> None:
         s: compute(resolved(run_sets(base, fixed, 1.0, args.steps, args.eval_every), fixed, int(s)), forward)["gflops"]
         for s in payload["gflops_forward"]}
     payload["selection"] = select(rows, patch_size=args.patch_size, margin=args.margin, tie=args.tie)
-    files = write_result(args.results, payload, markdown(payload),
-                         trained_at=study.trained_at([spec for _, _, spec, _ in plan]))
+    files = write_result(args.results, payload, markdown(payload), trained_at=study.trained_at(runs))
     print(f"wrote {', '.join(map(str, files))}")
 
 

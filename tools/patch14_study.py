@@ -53,13 +53,13 @@ def markdown(arms: dict[str, Any], seeds: list[int]) -> str:
 def main() -> None:
     args = study_args(__doc__, ROOT / "runs" / "per_image")
     seeds = args.seeds
-    study = Study(args.out, jobs=args.jobs)
+    study, runs = Study(args.out, jobs=args.jobs), specs(seeds)
     if not args.report_only:
-        study.run_all(specs(seeds))
+        study.run_all(runs)
     arms = collect(args.out, seeds)
     write_result(ROOT / "docs" / "results" / "patch14_kernel_lr",
                  {"seeds": seeds, "split": "val (decides), test (reported)", "recipe": RECIPE, "arms": arms},
-                 markdown(arms, seeds), command=" ".join(sys.argv), trained_at=study.trained_at(specs(seeds)))
+                 markdown(arms, seeds), command=" ".join(sys.argv), trained_at=study.trained_at(runs))
 
 
 if __name__ == "__main__":

@@ -249,19 +249,18 @@ def rerun_rows(args: argparse.Namespace, p: argparse.ArgumentParser, runs: list[
     chosen = [run for run in runs if run.name in names]
     teachers = [by_dir[f"{run.teacher}-seed{run.seed}"] for run in chosen if run.teacher]
     todo = list({run.dir_name: run for run in [*teachers, *chosen]}.values())  # teachers first, once each
+    specs = [run.spec() for run in todo]
     out.mkdir(parents=True, exist_ok=True)
     study = Study(out, jobs=args.jobs)
-    try:
-        study.check([run.spec() for run in todo])
-        study.run_all([run.spec() for run in todo])
+    try:  # run_all checks every folder's settings before anything trains
+        study.run_all(specs)
     except ValueError as e:  # RunError too
         raise SystemExit(f"reproduce_flexibility: {e}") from None
     per_run, spent = evaluate_all(chosen, by_dir, out, sizes, gflops)
     seeds = list(dict.fromkeys(run.seed for run in runs))
     fresh = summarise(chosen, per_run, spent, sizes, seeds)
-    record = {**provenance(command=command, root=ROOT), "trained_at": study.trained_at([run.spec() for run in todo])}
-    merged = merge_rerun(stored, fresh, names, record,
-                         comparisons(args.small, args.large))
+    record = {**provenance(command=command, root=ROOT), "trained_at": study.trained_at(specs)}
+    merged = merge_rerun(stored, fresh, names, record, comparisons(args.small, args.large))
     write_report(merged, results)
     print((results / "flexibility.md").read_text())
     return 0

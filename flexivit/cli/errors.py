@@ -5,9 +5,10 @@
   ..."); ``one_line`` gives back the worker's own message, the last line of that text.
 - Under ``accelerate launch`` / ``torchrun`` every rank prints the line and exits 2, and the launcher then
   reports the failed ranks itself. The ranks share one stderr, so ``print_line`` writes each line whole:
-  ``print`` writes the text and its newline separately, and two ranks' lines then ran together as one. ``record_for_launcher`` writes the line where the launcher looks for a
-  rank's error (``TORCHELASTIC_ERROR_FILE``), so its report names the cause instead of a documentation
-  link. The launcher's own exit status (1) and its report are its own: a rank cannot change them.
+  ``print`` writes the text and its newline separately, and two ranks' lines then ran together as one.
+  ``record_for_launcher`` writes the line where the launcher looks for a rank's error
+  (``TORCHELASTIC_ERROR_FILE``), so its report names the cause instead of a documentation link. The
+  launcher's own exit status (1) and its report are its own: a rank cannot change them.
 """
 
 from __future__ import annotations

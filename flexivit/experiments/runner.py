@@ -192,9 +192,11 @@ class Study:
         """The code revisions that trained the runs of ``specs``, each with the runs it trained: ``"abc1234"``,
         ``"abc1234+uncommitted"`` (a tree with uncommitted changes) or ``"not recorded"`` (a folder made before
         the runner recorded revisions, or outside a git checkout). A run resumed at another revision is
-        listed under both."""
+        listed under both; a run without a folder (never started) under none."""
         found: dict[str, list[str]] = {}
         for spec in specs:
+            if not self.run_dir(spec).is_dir():
+                continue
             record = self.run_dir(spec) / RECORD
             codes = json.loads(record.read_text()).get("code") if record.is_file() else None
             for label in [_label(c) for c in codes] if codes else ["not recorded"]:

@@ -19,11 +19,10 @@ from typing import Any
 import torch
 from torch.utils.data import DataLoader
 
-from flexivit.ext.bridge import parse_spans
+from flexivit.ext.bridge import CompressConfig, parse_spans
 from flexivit.ext.bridge_fit import BRIDGE_INITS, insert_bridges
 from flexivit.train.builders import load_splits, preprocess_meta, schemes_of
 from flexivit.model.weights import MODEL_FILE, CheckpointError, atomic_write_text, load_model, read_model_meta
-from flexivit.ext.bridge import CompressConfig
 from flexivit.train.config import Config, ConfigError
 from flexivit.data.sources import TransformedDataset
 from flexivit.ext.lutq import LUTQ_SCOPES, check_k, lutq_layers, make_lutq
